@@ -1,0 +1,386 @@
+//! The `ferry` command line: argument definitions, wiring of the parts for `ferry run`, and the
+//! readable (or `--json`) rendering of answers. `main.rs` only calls [`main`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::control::{self, Context, Request};
+use crate::service::{self, LoadedService, Running, RunnerConfig};
+use crate::store::{MessageStore, SledStore, StoreError};
+use crate::wasm::{Limits, Runtime};
+
+/// Ferry: event-driven services as sandboxed Wasm components.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about)]
+pub struct Cli {
+    /// Data folder: the embedded store, the precompiled-code cache and the control socket.
+    #[arg(long, global = true, default_value = "./data", env = "FERRY_DATA")]
+    pub data: PathBuf,
+    /// Services folder: one `.wasm` component per service.
+    #[arg(long, global = true, default_value = "./services", env = "FERRY_SERVICES")]
+    pub services: PathBuf,
+    /// Print answers as JSON, for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the services of the services folder until interrupted.
+    Run {
+        /// Longest time one call into a guest may run, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        guest_timeout_ms: u64,
+        /// Largest memory a guest may grow to, in MiB.
+        #[arg(long, default_value_t = 64)]
+        guest_memory_mib: usize,
+        /// Deliveries of a transiently failing message before it is parked.
+        #[arg(long, default_value_t = 5)]
+        max_deliveries: u32,
+        /// First retry delay after a transient failure, in milliseconds (doubles each time).
+        #[arg(long, default_value_t = 100)]
+        retry_base_ms: u64,
+    },
+    /// Append a message (normally a command) to a stream.
+    Send {
+        /// Target stream, such as `user:command.42`.
+        stream: String,
+        /// Message type, such as `RegisterUser`.
+        #[arg(value_name = "TYPE")]
+        message_type: String,
+        /// The data, a JSON object.
+        data: String,
+        /// Metadata, a JSON object (`originEntity`, `correlationId`, ...).
+        #[arg(long)]
+        metadata: Option<String>,
+        /// Message id (default: a new UUID). Sending the same id twice stores it once.
+        #[arg(long)]
+        id: Option<String>,
+        /// Refuse unless the stream holds exactly this many messages.
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
+    /// Read a stream (`user.42`, from a position) or a category (`user`, past a global position).
+    Read {
+        #[arg(value_name = "STREAM|CATEGORY")]
+        target: String,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// List consumers with their positions and lag.
+    Consumers {
+        /// Only the consumers of this category.
+        category: Option<String>,
+    },
+    /// List parked (dead-letter) messages with the reason.
+    Parked,
+    /// Hand parked messages back to their consumers.
+    Replay {
+        /// The parked message's id.
+        id: Option<String>,
+        /// Replay every parked message of this consumer (with --category).
+        #[arg(long, requires = "category")]
+        consumer: Option<String>,
+        #[arg(long, requires = "consumer")]
+        category: Option<String>,
+    },
+    /// Show a stream's projected state, folded by the owning service's `project`.
+    Project { stream: String },
+    /// Load a component and print its manifest, or why it cannot run.
+    Inspect { component: PathBuf },
+}
+
+/// Runs the command line.
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run {
+            guest_timeout_ms,
+            guest_memory_mib,
+            max_deliveries,
+            retry_base_ms,
+        } => {
+            let limits = Limits {
+                call_timeout: Duration::from_millis(guest_timeout_ms),
+                memory_bytes: guest_memory_mib * 1024 * 1024,
+            };
+            let config = RunnerConfig {
+                max_deliveries: max_deliveries.max(1),
+                retry_base: Duration::from_millis(retry_base_ms),
+                ..RunnerConfig::default()
+            };
+            run(&cli.data, &cli.services, limits, config).await
+        }
+        Command::Inspect { component } => {
+            let runtime = Runtime::new(Some(cache_dir(&cli.data)))?;
+            let loaded = runtime
+                .load_file(&component, Limits::default())
+                .with_context(|| format!("{} cannot run", component.display()))?;
+            let manifest = loaded.manifest();
+            let answer = serde_json::json!({
+                "name": manifest.name,
+                "version": loaded.hash(),
+                "handlesCommands": manifest.handles_commands,
+                "subscriptions": manifest.subscriptions.iter().map(|s| serde_json::json!({
+                    "category": s.category, "originPrefix": s.origin_prefix })).collect::<Vec<_>>(),
+                "views": manifest.views,
+            });
+            print(cli.json, "inspect", &answer);
+            Ok(())
+        }
+        command => {
+            let request = request_of(command).context("this command is not a store request")?;
+            let answer = answer(&cli.data, &cli.services, request.clone()).await?;
+            print(cli.json, kind_of(&request), &answer);
+            Ok(())
+        }
+    }
+}
+
+/// The store request a command stands for; `None` for `run` and `inspect`.
+fn request_of(command: Command) -> Option<Request> {
+    Some(match command {
+        Command::Send {
+            stream,
+            message_type,
+            data,
+            metadata,
+            id,
+            expected_version,
+        } => Request::Send {
+            stream,
+            message_type,
+            data,
+            metadata,
+            id,
+            expected_version,
+        },
+        Command::Read {
+            target,
+            from,
+            limit,
+        } => Request::Read {
+            target,
+            from,
+            limit,
+        },
+        Command::Consumers { category } => Request::Consumers { category },
+        Command::Parked => Request::Parked,
+        Command::Replay {
+            id,
+            consumer,
+            category,
+        } => Request::Replay {
+            id,
+            consumer,
+            category,
+        },
+        Command::Project { stream } => Request::Project { stream },
+        Command::Run { .. } | Command::Inspect { .. } => return None,
+    })
+}
+
+fn kind_of(request: &Request) -> &'static str {
+    match request {
+        Request::Send { .. } => "send",
+        Request::Read { .. } => "read",
+        Request::Consumers { .. } => "consumers",
+        Request::Parked => "parked",
+        Request::Replay { .. } => "replay",
+        Request::Project { .. } => "project",
+    }
+}
+
+fn store_dir(data: &Path) -> PathBuf {
+    data.join("store")
+}
+
+fn cache_dir(data: &Path) -> PathBuf {
+    data.join("cache")
+}
+
+fn open_store(data: &Path) -> anyhow::Result<Arc<dyn MessageStore>> {
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("cannot create the data folder {}", data.display()))?;
+    Ok(Arc::new(SledStore::open(store_dir(data))?))
+}
+
+/// Runs a request in the running host when one listens, otherwise on the store directly. A host
+/// that is starting holds the store before it listens: wait for it a little.
+async fn answer(data: &Path, services: &Path, request: Request) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(answer) = control::try_remote(data, &request).await? {
+            return Ok(answer);
+        }
+        match execute_locally(data, services, request.clone()).await {
+            Err(e)
+                if matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Locked { .. }))
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn execute_locally(data: &Path, services: &Path, request: Request) -> anyhow::Result<Value> {
+    let store = open_store(data)?;
+    let mut components = Default::default();
+    if matches!(request, Request::Project { .. }) {
+        let runtime = Runtime::new(Some(cache_dir(data)))?;
+        let (loaded, _) = service::load_folder(&runtime, services, Limits::default())?;
+        components = service::by_name(&service::admit(loaded).0);
+    }
+    let context = Context {
+        store,
+        services: components,
+    };
+    control::execute(&context, request).await
+}
+
+/// `ferry run`: opens the store, loads and admits the services, starts their consumers and the
+/// control socket, and runs until SIGINT or SIGTERM.
+pub async fn run(
+    data: &Path,
+    services: &Path,
+    limits: Limits,
+    config: RunnerConfig,
+) -> anyhow::Result<()> {
+    let store = open_store(data)?;
+    let runtime = Runtime::new(Some(cache_dir(data)))?;
+    std::fs::create_dir_all(services)
+        .with_context(|| format!("cannot create the services folder {}", services.display()))?;
+    let (loaded, failed) = service::load_folder(&runtime, services, limits)?;
+    for (path, error) in &failed {
+        tracing::error!(path = %path.display(), "component refused: {error:#}");
+    }
+    let (admitted, refused) = service::admit(loaded);
+    for (path, error) in &refused {
+        tracing::error!(path = %path.display(), "component refused: {error:#}");
+    }
+    let running = Running::start(store.clone(), &admitted, config)?;
+    let context = Arc::new(Context {
+        store,
+        services: service::by_name(&admitted),
+    });
+    let server = control::serve(data, context).await?;
+    tracing::info!(
+        services = admitted.len(),
+        data = %data.display(),
+        "ferry is running"
+    );
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    server.abort();
+    running.shutdown().await;
+    let _ = std::fs::remove_file(control::socket_path(data));
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+/// Loaded services, for callers that wire the parts themselves (tests, benchmarks).
+pub fn load_services(
+    runtime: &Runtime,
+    services: &Path,
+    limits: Limits,
+) -> anyhow::Result<Vec<LoadedService>> {
+    let (loaded, failed) = service::load_folder(runtime, services, limits)?;
+    if let Some((path, error)) = failed.into_iter().next() {
+        return Err(error.context(format!("{} cannot run", path.display())));
+    }
+    Ok(service::admit(loaded).0)
+}
+
+fn print(json: bool, kind: &str, answer: &Value) {
+    if json {
+        println!("{answer}");
+        return;
+    }
+    match kind {
+        "send" => {
+            if let Some(m) = answer.get("written") {
+                println!(
+                    "appended {} {} to {} at position {} (global {})",
+                    m["type"].as_str().unwrap_or("?"),
+                    m["id"].as_str().unwrap_or("?"),
+                    m["stream"].as_str().unwrap_or("?"),
+                    m["position"],
+                    m["global_position"]
+                );
+            } else if let Some(m) = answer.get("duplicate") {
+                println!(
+                    "already stored: {} (position {}, global {}); nothing written",
+                    m["id"].as_str().unwrap_or("?"),
+                    m["position"],
+                    m["global_position"]
+                );
+            }
+        }
+        "read" => {
+            for m in answer["messages"].as_array().into_iter().flatten() {
+                println!(
+                    "{:>8}  {}@{}  {}  {}  {}",
+                    m["global_position"],
+                    m["stream"].as_str().unwrap_or("?"),
+                    m["position"],
+                    m["type"].as_str().unwrap_or("?"),
+                    m["data"],
+                    m["metadata"]
+                );
+            }
+        }
+        "consumers" => {
+            println!("{:<32} {:<24} {:>10} {:>10} {:>8}", "CONSUMER", "CATEGORY", "POSITION", "HEAD", "LAG");
+            for c in answer["consumers"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<32} {:<24} {:>10} {:>10} {:>8}",
+                    c["consumer"]["name"].as_str().unwrap_or("?"),
+                    c["consumer"]["category"].as_str().unwrap_or("?"),
+                    c["position"],
+                    c["category_head"],
+                    c["lag"]
+                );
+            }
+        }
+        "parked" => {
+            for p in answer["parked"].as_array().into_iter().flatten() {
+                let m = &p["message"];
+                println!(
+                    "{}  {}@{}  {}  by {} on {}  after {} attempt(s): {}",
+                    m["id"].as_str().unwrap_or("?"),
+                    m["stream"].as_str().unwrap_or("?"),
+                    m["position"],
+                    m["type"].as_str().unwrap_or("?"),
+                    p["consumer"]["name"].as_str().unwrap_or("?"),
+                    p["consumer"]["category"].as_str().unwrap_or("?"),
+                    p["attempts"],
+                    p["reason"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        "replay" => println!("replayed {} message(s)", answer["replayed"]),
+        _ => match serde_json::to_string_pretty(answer) {
+            Ok(text) => println!("{text}"),
+            Err(_) => println!("{answer}"),
+        },
+    }
+}

@@ -1,0 +1,275 @@
+//! Operator requests (send, read, consumers, parked, replay, project) and where they run.
+//!
+//! sled lets one process open a data folder. So a running `ferry run` listens on a Unix socket in
+//! its data folder, and the CLI sends its request there; with no host running, the CLI opens the
+//! store itself. Either way the same [`execute`] runs the request against a [`MessageStore`], so
+//! the checks and answers are the same. Requests and answers are JSON, one per line.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::service;
+use crate::store::{Category, Commit, MessageStore, NewMessage, StoreError, StreamName};
+use crate::wasm::ServiceComponent;
+
+/// Most bytes one control connection may send (requests are small; this bounds a bad client).
+const MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+
+/// An operator request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case")]
+pub enum Request {
+    /// Append one message (normally a command) to a stream.
+    Send {
+        stream: String,
+        message_type: String,
+        data: String,
+        metadata: Option<String>,
+        id: Option<String>,
+        expected_version: Option<u64>,
+    },
+    /// Read a stream (`user.42`) from a position, or a category (`user`) past a global position.
+    Read {
+        target: String,
+        from: u64,
+        limit: usize,
+    },
+    /// List consumers with their positions and lag.
+    Consumers { category: Option<String> },
+    /// List parked messages.
+    Parked,
+    /// Hand parked messages back to their consumers.
+    Replay {
+        id: Option<String>,
+        consumer: Option<String>,
+        category: Option<String>,
+    },
+    /// Fold a stream through the `project` of the service owning its category.
+    Project { stream: String },
+}
+
+/// What a request needs besides the store.
+pub struct Context {
+    pub store: Arc<dyn MessageStore>,
+    /// Components by service name (for `project`).
+    pub services: HashMap<String, Arc<ServiceComponent>>,
+}
+
+/// A refused request: the message says why; nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+fn refuse(text: impl Into<String>) -> anyhow::Error {
+    Refused(text.into()).into()
+}
+
+fn parse_object(text: &str, what: &str) -> anyhow::Result<Map<String, Value>> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(refuse(format!("{what} must be a JSON object"))),
+        Err(e) => Err(refuse(format!("{what} is not valid JSON: {e}"))),
+    }
+}
+
+/// Runs a request against a store. Returns its answer as JSON.
+pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Value> {
+    let store = &context.store;
+    match request {
+        Request::Send {
+            stream,
+            message_type,
+            data,
+            metadata,
+            id,
+            expected_version,
+        } => {
+            let stream = StreamName::parse(&stream)?;
+            if message_type.trim().is_empty() {
+                return Err(refuse("the message type is empty"));
+            }
+            let data = parse_object(&data, "data")?;
+            let metadata = match metadata {
+                Some(text) => parse_object(&text, "metadata")?,
+                None => Map::new(),
+            };
+            let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let new = NewMessage {
+                id: id.clone(),
+                message_type,
+                data: Value::Object(data),
+                metadata,
+                not_before_ms: None,
+            };
+            let committed = store
+                .commit(Commit::append(stream, expected_version, vec![new]))
+                .await?;
+            match committed.written.first() {
+                Some(message) => Ok(json!({ "written": message })),
+                None => Ok(json!({ "duplicate": store.message(&id).await? })),
+            }
+        }
+        Request::Read {
+            target,
+            from,
+            limit,
+        } => {
+            let messages = if target.contains('.') {
+                store
+                    .read_stream(&StreamName::parse(&target)?, from, limit)
+                    .await?
+            } else {
+                store
+                    .read_category(&Category::parse(&target)?, from, None, limit)
+                    .await?
+                    .messages
+            };
+            Ok(json!({ "messages": messages }))
+        }
+        Request::Consumers { category } => {
+            let category = category.as_deref().map(Category::parse).transpose()?;
+            Ok(json!({ "consumers": store.consumers(category.as_ref()).await? }))
+        }
+        Request::Parked => Ok(json!({ "parked": store.parked(None).await? })),
+        Request::Replay {
+            id,
+            consumer,
+            category,
+        } => {
+            let consumer = match (consumer, category) {
+                (Some(name), Some(category)) => Some(crate::store::ConsumerId::new(
+                    Category::parse(&category)?,
+                    name,
+                )),
+                (None, None) => None,
+                _ => return Err(refuse("a consumer is named by both its name and category")),
+            };
+            if id.is_none() && consumer.is_none() {
+                return Err(refuse("name a parked message id, or a consumer to replay all of its parked messages"));
+            }
+            let replayed = store.replay(id.as_deref(), consumer.as_ref()).await?;
+            if replayed == 0 {
+                return Err(refuse("no parked message matches"));
+            }
+            Ok(json!({ "replayed": replayed }))
+        }
+        Request::Project { stream } => {
+            let stream = StreamName::parse(&stream)?;
+            let owner = stream.service();
+            let component = context.services.get(owner).cloned().ok_or_else(|| {
+                refuse(format!(
+                    "no loaded service named {owner} owns the category of {stream}"
+                ))
+            })?;
+            // `ferry project user:command.42` shows what a handler of that command would see.
+            let stream = if stream.is_command() {
+                stream.entity_stream()
+            } else {
+                stream
+            };
+            let (state, version) = service::project(component, store.clone(), stream.clone()).await?;
+            let state = state.map(|text| serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)));
+            Ok(json!({ "stream": stream, "version": version, "state": state }))
+        }
+    }
+}
+
+/// The control socket's path in a data folder.
+pub fn socket_path(data: &Path) -> PathBuf {
+    data.join("ferry.sock")
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Answer {
+    Ok(Value),
+    Refused(String),
+    Error(String),
+}
+
+/// Serves requests on the data folder's socket until the task is dropped.
+pub async fn serve(data: &Path, context: Arc<Context>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let path = socket_path(data);
+    // A socket file left by a killed host: nobody listens on it any more (we hold the store lock).
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((connection, _)) = listener.accept().await else {
+                continue;
+            };
+            let context = context.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_connection(connection, &context).await {
+                    tracing::debug!("control connection ended: {e:#}");
+                }
+            });
+        }
+    }))
+}
+
+async fn serve_connection(connection: UnixStream, context: &Context) -> anyhow::Result<()> {
+    let (reader, mut writer) = connection.into_split();
+    let mut lines = BufReader::new(reader.take(MAX_REQUEST_BYTES as u64)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => answer_of(execute(context, request).await),
+            Err(e) => Answer::Refused(format!("malformed request: {e}")),
+        };
+        let mut text = serde_json::to_string(&answer)?;
+        text.push('\n');
+        writer.write_all(text.as_bytes()).await?;
+    }
+    Ok(())
+}
+
+fn answer_of(result: anyhow::Result<Value>) -> Answer {
+    match result {
+        Ok(value) => Answer::Ok(value),
+        Err(e) if is_refusal(&e) => Answer::Refused(format!("{e:#}")),
+        Err(e) => Answer::Error(format!("{e:#}")),
+    }
+}
+
+/// Whether an error is the request's fault (bad input, conflict) rather than the host's.
+pub fn is_refusal(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<Refused>().is_some()
+        || matches!(
+            error.downcast_ref::<StoreError>(),
+            Some(
+                StoreError::Name(_)
+                    | StoreError::Conflict { .. }
+                    | StoreError::InvalidMessage { .. }
+                    | StoreError::NotFound(_)
+            )
+        )
+}
+
+/// Sends a request to a running host, if one listens in this data folder.
+pub async fn try_remote(data: &Path, request: &Request) -> anyhow::Result<Option<Value>> {
+    let Ok(connection) = UnixStream::connect(socket_path(data)).await else {
+        return Ok(None);
+    };
+    let (reader, mut writer) = connection.into_split();
+    let mut text = serde_json::to_string(request)?;
+    text.push('\n');
+    writer.write_all(text.as_bytes()).await?;
+    let mut lines = BufReader::new(reader).lines();
+    let line = lines
+        .next_line()
+        .await?
+        .context("the running host closed the connection without answering")?;
+    match serde_json::from_str::<Answer>(&line).context("unreadable answer from the running host")? {
+        Answer::Ok(value) => Ok(Some(value)),
+        Answer::Refused(reason) => Err(refuse(reason)),
+        Answer::Error(reason) => Err(anyhow::anyhow!(reason)),
+    }
+}

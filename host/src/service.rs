@@ -1,0 +1,732 @@
+//! The service runner: turns loaded components into running durable consumers.
+//!
+//! For each service it runs one consumer on its command category (when the manifest says it
+//! handles commands) and one per subscribed event category. For every delivered message it folds
+//! the concerned entity's stream through the guest's `project`, calls the handler in a fresh
+//! instance, checks the outcome, and commits the outcome together with the consumer's new position.
+//! Transient failures are retried with backoff in place (keeping the entity's order); permanent
+//! failures, traps, timeouts, invalid outcomes and messages past the maximum number of deliveries
+//! are parked and the consumer moves on. Messages whose not-before time lies ahead are deferred.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{Map, Value};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::store::{
+    Category, Commit, ConsumerId, DeferredMessage, Message, MessageStore, NewMessage,
+    ParkedMessage, Settle, StoreError, StreamAppend, StreamName, ViewWrite, now_ms,
+    validate_table_name,
+};
+use crate::wasm::{GuestError, GuestHost, Outcome, ServiceComponent};
+
+/// Upper bounds on what one outcome may hold.
+const MAX_OUTCOME_MESSAGES: usize = 1000;
+const MAX_OUTCOME_BYTES: usize = 4 * 1024 * 1024;
+/// How often an outcome is recomputed on fresh state after an expected-version conflict.
+const CONFLICT_RETRIES: u32 = 10;
+const READ_BATCH: usize = 256;
+/// Namespace of the deterministic ids Ferry derives (a fixed, random UUID).
+const ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a0f_9a7e_52c4_4f0e_9c1e_2b7d_f1a3_c5e9);
+
+/// How consumers retry.
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerConfig {
+    /// Deliveries of a message that fails transiently before it is parked.
+    pub max_deliveries: u32,
+    /// First retry delay; doubles per delivery.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            max_deliveries: 5,
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The consumer name a service uses on every category it reads, as in the article.
+pub fn consumer_name(service: &str) -> String {
+    format!("microservice:{service}")
+}
+
+/// A deterministic id: the same inputs always give the same UUID.
+pub fn derived_id(parts: &[&str]) -> String {
+    uuid::Uuid::new_v5(&ID_NAMESPACE, parts.join("\u{1f}").as_bytes()).to_string()
+}
+
+/// A component read from the services folder.
+#[derive(Debug, Clone)]
+pub struct LoadedService {
+    pub path: PathBuf,
+    pub component: ServiceComponent,
+}
+
+/// Checks that a set of components can run together: valid names, one service per name (so one
+/// consumer per command category), valid subscriptions and view names. Returns the usable ones and
+/// a clear reason for each refused one.
+pub fn admit(
+    candidates: Vec<LoadedService>,
+) -> (Vec<LoadedService>, Vec<(PathBuf, anyhow::Error)>) {
+    let mut admitted: Vec<LoadedService> = Vec::new();
+    let mut refused = Vec::new();
+    for candidate in candidates {
+        match check_manifest(&candidate.component)
+            .and_then(|()| check_unique(&admitted, &candidate))
+        {
+            Ok(()) => admitted.push(candidate),
+            Err(e) => refused.push((candidate.path, e)),
+        }
+    }
+    (admitted, refused)
+}
+
+fn check_manifest(component: &ServiceComponent) -> anyhow::Result<()> {
+    let manifest = component.manifest();
+    Category::events_of(&manifest.name).context("the manifest's service name")?;
+    for subscription in &manifest.subscriptions {
+        let category = Category::parse(&subscription.category)
+            .context("a subscription in the manifest")?;
+        anyhow::ensure!(
+            !category.is_command(),
+            "service {} subscribes to the command category {category}; a command category is \
+             consumed only by its own service (set handles-commands instead)",
+            manifest.name
+        );
+    }
+    for view in &manifest.views {
+        validate_table_name(view).context("a view in the manifest")?;
+    }
+    Ok(())
+}
+
+fn check_unique(admitted: &[LoadedService], candidate: &LoadedService) -> anyhow::Result<()> {
+    let name = &candidate.component.manifest().name;
+    if let Some(other) = admitted
+        .iter()
+        .find(|a| &a.component.manifest().name == name)
+    {
+        anyhow::bail!(
+            "service {name} is already provided by {}; only one service may consume {name}:command",
+            other.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Loads every `*.wasm` file of a folder, in file name order. Components that fail to load come
+/// back as errors beside the loaded ones.
+pub fn load_folder(
+    runtime: &crate::wasm::Runtime,
+    folder: &Path,
+    limits: crate::wasm::Limits,
+) -> anyhow::Result<(Vec<LoadedService>, Vec<(PathBuf, anyhow::Error)>)> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(folder)
+        .with_context(|| format!("cannot read the services folder {}", folder.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
+        .collect();
+    paths.sort();
+    let mut loaded = Vec::new();
+    let mut failed = Vec::new();
+    for path in paths {
+        match runtime.load_file(&path, limits) {
+            Ok(component) => loaded.push(LoadedService { path, component }),
+            Err(e) => failed.push((path, anyhow::Error::new(e))),
+        }
+    }
+    Ok((loaded, failed))
+}
+
+/// Running services; dropping it without [`Running::shutdown`] aborts the consumers.
+#[derive(Debug)]
+pub struct Running {
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Starts the consumers of every service.
+    pub fn start(
+        store: Arc<dyn MessageStore>,
+        services: &[LoadedService],
+        config: RunnerConfig,
+    ) -> anyhow::Result<Self> {
+        let (shutdown, _) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for service in services {
+            let manifest = service.component.manifest();
+            let component = Arc::new(service.component.clone());
+            let mut categories = Vec::new();
+            if manifest.handles_commands {
+                categories.push((Category::commands_of(&manifest.name)?, None));
+            }
+            for subscription in &manifest.subscriptions {
+                categories.push((
+                    Category::parse(&subscription.category)?,
+                    subscription.origin_prefix.clone(),
+                ));
+            }
+            tracing::info!(
+                service = %manifest.name,
+                version = %&component.hash()[..12],
+                path = %service.path.display(),
+                consumers = categories.len(),
+                "service started"
+            );
+            for (category, origin_prefix) in categories {
+                let consumer = Consumer {
+                    id: ConsumerId::new(category, consumer_name(&manifest.name)),
+                    origin_prefix,
+                    component: component.clone(),
+                    store: store.clone(),
+                    config,
+                    shutdown: shutdown.subscribe(),
+                };
+                tasks.spawn(consumer.run());
+            }
+        }
+        Ok(Self { shutdown, tasks })
+    }
+
+    /// Stops every consumer between two messages and waits for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Where a handled message came from, which decides how it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Category,
+    Deferred,
+}
+
+struct Consumer {
+    id: ConsumerId,
+    origin_prefix: Option<String>,
+    component: Arc<ServiceComponent>,
+    store: Arc<dyn MessageStore>,
+    config: RunnerConfig,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Why handling stopped without settling the message; it is delivered again later.
+enum Interrupted {
+    Shutdown,
+    Store(StoreError),
+}
+
+impl From<StoreError> for Interrupted {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl Consumer {
+    async fn run(mut self) {
+        tracing::debug!(consumer = %self.id, "consumer started");
+        loop {
+            match self.poll().await {
+                Ok(()) => {}
+                Err(Interrupted::Shutdown) => break,
+                Err(Interrupted::Store(e)) => {
+                    tracing::error!(consumer = %self.id, "store error, retrying in 1s: {e}");
+                    if self.sleep(Duration::from_secs(1)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            if *self.shutdown.borrow() {
+                break;
+            }
+        }
+        tracing::debug!(consumer = %self.id, "consumer stopped");
+    }
+
+    /// Handles what is due, then waits for more.
+    async fn poll(&mut self) -> Result<(), Interrupted> {
+        let mut next_due = None;
+        for deferred in self.store.deferred(&self.id).await? {
+            if deferred.due_ms > now_ms() {
+                next_due = Some(deferred.due_ms);
+                break;
+            }
+            self.handle(deferred.message, Source::Deferred).await?;
+        }
+
+        let position = self.store.consumer_position(&self.id).await?;
+        let page = self
+            .store
+            .read_category(
+                &self.id.category,
+                position,
+                self.origin_prefix.as_deref(),
+                READ_BATCH,
+            )
+            .await?;
+        let idle = page.messages.is_empty();
+        for message in page.messages {
+            self.handle(message, Source::Category).await?;
+        }
+        if page.scanned_to > position && idle {
+            // Everything scanned was filtered out: remember that, so a restart does not rescan.
+            self.settle_only(Settle::Advance {
+                consumer: self.id.clone(),
+                position: page.scanned_to,
+            })
+            .await?;
+        }
+        if !idle {
+            return Ok(());
+        }
+        let wait_for_due = async {
+            match next_due {
+                Some(due) => {
+                    tokio::time::sleep(Duration::from_millis(due.saturating_sub(now_ms()))).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let store = self.store.clone();
+        tokio::select! {
+            () = store.wait_for_category(&self.id.category, page.scanned_to.max(position)) => Ok(()),
+            () = wait_for_due => Ok(()),
+            _ = self.shutdown.changed() => Err(Interrupted::Shutdown),
+        }
+    }
+
+    async fn sleep(&mut self, duration: Duration) -> Result<(), Interrupted> {
+        tokio::select! {
+            () = tokio::time::sleep(duration) => Ok(()),
+            _ = self.shutdown.changed() => Err(Interrupted::Shutdown),
+        }
+    }
+
+    fn settle(&self, message: &Message, source: Source) -> Settle {
+        match source {
+            Source::Category => Settle::Advance {
+                consumer: self.id.clone(),
+                position: message.global_position,
+            },
+            Source::Deferred => Settle::ClearDeferred {
+                consumer: self.id.clone(),
+                global_position: message.global_position,
+            },
+        }
+    }
+
+    async fn settle_only(&self, settle: Settle) -> Result<(), Interrupted> {
+        self.store
+            .commit(Commit {
+                settle: Some(settle),
+                ..Commit::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Handles one message to the end: its outcome committed, or it deferred or parked.
+    async fn handle(&mut self, message: Message, source: Source) -> Result<(), Interrupted> {
+        let settle = self.settle(&message, source);
+        if source == Source::Category
+            && let Some(due_ms) = message.not_before_ms
+            && due_ms > now_ms()
+        {
+            tracing::debug!(consumer = %self.id, id = %message.id, due_ms, "deferred");
+            self.store
+                .commit(Commit {
+                    settle: Some(settle),
+                    defer: Some(DeferredMessage {
+                        consumer: self.id.clone(),
+                        message,
+                        due_ms,
+                    }),
+                    ..Commit::default()
+                })
+                .await?;
+            return Ok(());
+        }
+
+        let mut deliveries = 0;
+        let mut conflicts = 0;
+        loop {
+            deliveries += 1;
+            let decided = decide(
+                self.component.clone(),
+                self.store.clone(),
+                message.clone(),
+            )
+            .await;
+            let failure = match decided {
+                Ok(decision) => match self.outcome_commit(&message, decision, settle.clone()) {
+                    Ok(commit) => match self.store.commit(commit).await {
+                        Ok(committed) => {
+                            tracing::debug!(
+                                consumer = %self.id, id = %message.id,
+                                written = committed.written.len(),
+                                duplicates = committed.duplicates.len(),
+                                "handled"
+                            );
+                            return Ok(());
+                        }
+                        Err(StoreError::Conflict { .. }) if conflicts < CONFLICT_RETRIES => {
+                            // Someone wrote to the entity meanwhile: decide again on fresh state.
+                            conflicts += 1;
+                            deliveries -= 1;
+                            continue;
+                        }
+                        Err(e @ StoreError::Conflict { .. }) => {
+                            format!("the entity kept changing while handling: {e}")
+                        }
+                        Err(e @ (StoreError::Name(_) | StoreError::InvalidMessage { .. })) => {
+                            format!("invalid outcome: {e}")
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
+                    Err(reason) => format!("invalid outcome: {reason}"),
+                },
+                Err(Decline::Store(e)) => return Err(e.into()),
+                Err(Decline::Guest(GuestError::Transient(reason)))
+                    if deliveries < self.config.max_deliveries =>
+                {
+                    let delay = self.retry_delay(deliveries);
+                    tracing::warn!(
+                        consumer = %self.id, id = %message.id, deliveries,
+                        "transient failure, retrying in {delay:?}: {reason}"
+                    );
+                    self.sleep(delay).await?;
+                    continue;
+                }
+                Err(Decline::Guest(e @ GuestError::Transient(_))) => {
+                    format!("{e} (gave up after {deliveries} deliveries)")
+                }
+                Err(Decline::Guest(e)) => e.to_string(),
+            };
+            tracing::warn!(consumer = %self.id, id = %message.id, "parked: {failure}");
+            self.store
+                .commit(Commit {
+                    settle: Some(settle),
+                    park: Some(ParkedMessage {
+                        consumer: self.id.clone(),
+                        message,
+                        reason: failure,
+                        attempts: deliveries,
+                        parked_at_ms: now_ms(),
+                    }),
+                    ..Commit::default()
+                })
+                .await?;
+            return Ok(());
+        }
+    }
+
+    fn retry_delay(&self, deliveries: u32) -> Duration {
+        let factor = 2u32.saturating_pow(deliveries.saturating_sub(1).min(16));
+        self.config
+            .retry_base
+            .saturating_mul(factor)
+            .min(self.config.retry_max)
+    }
+
+    /// Checks a guest's outcome and turns it into the commit that settles the message.
+    fn outcome_commit(
+        &self,
+        handled: &Message,
+        decision: Decision,
+        settle: Settle,
+    ) -> Result<Commit, String> {
+        let manifest = self.component.manifest();
+        let Decision {
+            outcome,
+            entity,
+            version,
+        } = decision;
+        if outcome.messages.len() > MAX_OUTCOME_MESSAGES {
+            return Err(format!(
+                "{} messages, more than the limit of {MAX_OUTCOME_MESSAGES}",
+                outcome.messages.len()
+            ));
+        }
+        let bytes: usize = outcome
+            .messages
+            .iter()
+            .map(|m| m.data.len() + m.metadata.as_ref().map_or(0, String::len))
+            .chain(outcome.views.iter().map(|v| v.value.as_ref().map_or(0, String::len)))
+            .sum();
+        if bytes > MAX_OUTCOME_BYTES {
+            return Err(format!(
+                "{bytes} bytes of JSON, more than the limit of {MAX_OUTCOME_BYTES}"
+            ));
+        }
+
+        let mut propagated = Map::new();
+        for key in ["originEntity", "correlationId"] {
+            if let Some(value) = handled.metadata.get(key) {
+                propagated.insert(key.to_owned(), value.clone());
+            }
+        }
+        propagated.insert("causationId".into(), Value::String(handled.id.clone()));
+
+        let mut appends: BTreeMap<StreamName, Vec<NewMessage>> = BTreeMap::new();
+        let mut order = Vec::new();
+        for (index, outgoing) in outcome.messages.into_iter().enumerate() {
+            let stream = StreamName::parse(&outgoing.stream).map_err(|e| e.to_string())?;
+            if !stream.is_command() && stream.category_str() != manifest.name {
+                return Err(format!(
+                    "service {} may write events only to its own category {}, not to {stream}",
+                    manifest.name, manifest.name
+                ));
+            }
+            let data = json_object(&outgoing.data, "data")?;
+            let mut metadata = propagated.clone();
+            if let Some(extra) = &outgoing.metadata {
+                metadata.extend(json_object(extra, "metadata")?);
+            }
+            if outgoing.message_type.is_empty() {
+                return Err("a message has an empty type".into());
+            }
+            let id = derived_id(&[&manifest.name, &handled.id, &index.to_string()]);
+            if !appends.contains_key(&stream) {
+                order.push(stream.clone());
+            }
+            appends.entry(stream).or_default().push(NewMessage {
+                id,
+                message_type: outgoing.message_type,
+                data: Value::Object(data),
+                metadata,
+                not_before_ms: outgoing.not_before_ms,
+            });
+        }
+
+        let mut views = Vec::with_capacity(outcome.views.len());
+        for change in outcome.views {
+            if !manifest.views.contains(&change.table) {
+                return Err(format!(
+                    "view table {} is not declared in the manifest of {}",
+                    change.table, manifest.name
+                ));
+            }
+            let value = match change.value {
+                Some(text) => Some(
+                    serde_json::from_str::<Value>(&text)
+                        .map_err(|e| format!("view row {}/{}: invalid JSON: {e}", change.table, change.key))?,
+                ),
+                None => None,
+            };
+            views.push(ViewWrite {
+                table: change.table,
+                key: change.key,
+                value,
+                seq: handled.global_position,
+            });
+        }
+
+        Ok(Commit {
+            appends: order
+                .into_iter()
+                .map(|stream| {
+                    let expected_version = (entity.as_ref() == Some(&stream)).then_some(version);
+                    let messages = appends.remove(&stream).unwrap_or_default();
+                    StreamAppend {
+                        stream,
+                        expected_version,
+                        messages,
+                    }
+                })
+                .collect(),
+            views,
+            settle: Some(settle),
+            park: None,
+            defer: None,
+        })
+    }
+}
+
+fn json_object(text: &str, what: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(format!("{what} must be a JSON object")),
+        Err(e) => Err(format!("{what} is not valid JSON: {e}")),
+    }
+}
+
+/// A handler's decision and the entity version it was made on.
+struct Decision {
+    outcome: Outcome,
+    entity: Option<StreamName>,
+    version: u64,
+}
+
+enum Decline {
+    Guest(GuestError),
+    Store(StoreError),
+}
+
+/// The entity whose projection a handler receives: for a command, the stream it targets; for an
+/// event, its own stream when it lies in the service's category, or else its `originEntity` when
+/// that does.
+pub fn entity_of(service: &str, message: &Message) -> Option<StreamName> {
+    if message.stream.is_command() {
+        return Some(message.stream.entity_stream());
+    }
+    if message.stream.category_str() == service {
+        return Some(message.stream.clone());
+    }
+    message
+        .origin_entity()
+        .and_then(|origin| StreamName::parse(origin).ok())
+        .filter(|origin| !origin.is_command() && origin.category_str() == service)
+}
+
+/// Runs the guest for one message on a blocking thread: a fresh instance, the projection, the
+/// handler.
+async fn decide(
+    component: Arc<ServiceComponent>,
+    store: Arc<dyn MessageStore>,
+    message: Message,
+) -> Result<Decision, Decline> {
+    let runtime = Handle::current();
+    let joined = tokio::task::spawn_blocking(move || {
+        let service = component.manifest().name.clone();
+        let entity = entity_of(&service, &message);
+        let host = StoreHost {
+            runtime: runtime.clone(),
+            store: store.clone(),
+            service,
+            handled_id: message.id.clone(),
+        };
+        let mut instance = component.instantiate(Box::new(host)).map_err(Decline::Guest)?;
+        let (state, version) = match &entity {
+            Some(stream) => fold(&runtime, store.as_ref(), &mut instance, stream)?,
+            None => (None, 0),
+        };
+        let outcome = if message.stream.is_command() {
+            instance.handle_command(&message, state.as_deref())
+        } else {
+            instance.handle_event(&message, state.as_deref())
+        }
+        .map_err(Decline::Guest)?;
+        Ok(Decision {
+            outcome,
+            entity,
+            version,
+        })
+    });
+    match joined.await {
+        Ok(result) => result,
+        Err(e) => Err(Decline::Guest(GuestError::Trap(format!(
+            "the handler thread failed: {e}"
+        )))),
+    }
+}
+
+/// Folds a stream through an instance's `project`; returns the state (none for an empty stream)
+/// and the stream's version.
+fn fold(
+    runtime: &Handle,
+    store: &dyn MessageStore,
+    instance: &mut crate::wasm::GuestInstance,
+    stream: &StreamName,
+) -> Result<(Option<String>, u64), Decline> {
+    let mut state: Option<String> = None;
+    let mut version = 0;
+    loop {
+        let page = runtime
+            .block_on(store.read_stream(stream, version, READ_BATCH))
+            .map_err(Decline::Store)?;
+        if page.is_empty() {
+            return Ok((state, version));
+        }
+        for event in &page {
+            state = Some(
+                instance
+                    .project(state.as_deref(), event)
+                    .map_err(Decline::Guest)?,
+            );
+            version = event.position + 1;
+        }
+    }
+}
+
+/// Projects a stream with a service's component, as `ferry project` shows it.
+pub async fn project(
+    component: Arc<ServiceComponent>,
+    store: Arc<dyn MessageStore>,
+    stream: StreamName,
+) -> anyhow::Result<(Option<String>, u64)> {
+    let runtime = Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let host = StoreHost {
+            runtime: runtime.clone(),
+            store: store.clone(),
+            service: component.manifest().name.clone(),
+            handled_id: String::new(),
+        };
+        let mut instance = component.instantiate(Box::new(host))?;
+        fold(&runtime, store.as_ref(), &mut instance, &stream).map_err(|e| match e {
+            Decline::Guest(e) => anyhow::Error::new(e),
+            Decline::Store(e) => anyhow::Error::new(e),
+        })
+    })
+    .await
+    .context("the projection thread failed")?
+}
+
+/// The guest's view of the store while it handles one message.
+struct StoreHost {
+    runtime: Handle,
+    store: Arc<dyn MessageStore>,
+    service: String,
+    handled_id: String,
+}
+
+impl GuestHost for StoreHost {
+    fn read_stream(&mut self, stream: &str, from_position: u64) -> Result<Vec<Message>, String> {
+        let stream = StreamName::parse(stream).map_err(|e| e.to_string())?;
+        self.runtime
+            .block_on(self.store.read_stream(
+                &stream,
+                from_position,
+                crate::wasm::READ_STREAM_LIMIT,
+            ))
+            .map_err(|e| e.to_string())
+    }
+
+    fn view_get(&mut self, table: &str, key: &str) -> Result<Option<String>, String> {
+        validate_table_name(table).map_err(|e| e.to_string())?;
+        self.runtime
+            .block_on(self.store.view_get(table, key))
+            .map(|row| row.map(|row| row.value.to_string()))
+            .map_err(|e| e.to_string())
+    }
+
+    fn new_id(&mut self, name: &str) -> String {
+        derived_id(&[&self.service, &self.handled_id, "new-id", name])
+    }
+}
+
+/// Services by name, for commands that need a component (such as `ferry project`).
+pub fn by_name(services: &[LoadedService]) -> HashMap<String, Arc<ServiceComponent>> {
+    services
+        .iter()
+        .map(|s| {
+            (
+                s.component.manifest().name.clone(),
+                Arc::new(s.component.clone()),
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,306 @@
+//! The message store: streams, categories, consumer positions, view tables, parked and deferred
+//! messages. Owns the [`MessageStore`] trait, the types that cross it, and its backends; it is the
+//! only part of Ferry that touches sled (and, later, NATS).
+//!
+//! The unit of writing is a [`Commit`]: messages for several streams (each with an optional
+//! expected version), view changes, and what happened to the message a consumer handled (its new
+//! position, or it parked or deferred). A backend applies a commit atomically and durably, or not
+//! at all.
+
+mod names;
+mod sled;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use self::names::{
+    COMMAND_SUFFIX, Category, NameError, StreamName, validate_service_name, validate_table_name,
+};
+pub use self::sled::SledStore;
+
+/// A stored message. See the WIT `message` record for the meaning of each field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub id: String,
+    pub stream: StreamName,
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub data: Value,
+    pub metadata: Map<String, Value>,
+    /// 0-based index within the stream.
+    pub position: u64,
+    /// Store-wide sequence number, 1-based.
+    pub global_position: u64,
+    pub time_ms: u64,
+    /// Consumers hold the message back until this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
+}
+
+impl Message {
+    /// The `originEntity` metadata, when it is a string.
+    pub fn origin_entity(&self) -> Option<&str> {
+        self.metadata.get("originEntity").and_then(Value::as_str)
+    }
+}
+
+/// A message to append; the store assigns positions and time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewMessage {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub data: Value,
+    #[serde(default)]
+    pub metadata: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
+}
+
+/// Messages for one stream within a commit.
+#[derive(Debug, Clone)]
+pub struct StreamAppend {
+    pub stream: StreamName,
+    /// The number of messages the stream must hold before this append (its version); `Some(0)`
+    /// means the stream must be empty, `None` means no check.
+    pub expected_version: Option<u64>,
+    pub messages: Vec<NewMessage>,
+}
+
+/// A change to one view row, made by the message at global position `seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewWrite {
+    pub table: String,
+    pub key: String,
+    /// The new row; `None` deletes it.
+    pub value: Option<Value>,
+    /// The global position of the message that caused the change (`lastUpdateSeq`). A write whose
+    /// `seq` is not past the row's `lastUpdateSeq` is ignored.
+    pub seq: u64,
+}
+
+/// A view row as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViewRow {
+    pub value: Value,
+    #[serde(rename = "lastUpdateSeq")]
+    pub last_update_seq: u64,
+}
+
+/// A durable consumer: a name and a position in a category (`microservice:email` on
+/// `email:command`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConsumerId {
+    pub category: Category,
+    pub name: String,
+}
+
+impl ConsumerId {
+    pub fn new(category: Category, name: impl Into<String>) -> Self {
+        Self {
+            category,
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConsumerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} on {}", self.name, self.category)
+    }
+}
+
+/// A consumer as listed: its position and how far behind the category it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerInfo {
+    pub consumer: ConsumerId,
+    /// Global position of the last message the consumer dealt with (0: none yet).
+    pub position: u64,
+    /// Global position of the category's last message.
+    pub category_head: u64,
+    /// Messages of the category past the consumer's position.
+    pub lag: u64,
+}
+
+/// A message a consumer gave up on, with the reason. Replaying it hands it back to the consumer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParkedMessage {
+    pub consumer: ConsumerId,
+    pub message: Message,
+    pub reason: String,
+    pub attempts: u32,
+    pub parked_at_ms: u64,
+}
+
+/// A message a consumer set aside to handle later: not yet due (`not_before_ms`), or replayed
+/// from the parked place (due at once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeferredMessage {
+    pub consumer: ConsumerId,
+    pub message: Message,
+    pub due_ms: u64,
+}
+
+/// What happens to the message a consumer handled, in the same commit as its outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    /// The consumer read it from its category: move the consumer's position to it.
+    Advance { consumer: ConsumerId, position: u64 },
+    /// The consumer took it from its deferred set: remove it from there.
+    ClearDeferred {
+        consumer: ConsumerId,
+        global_position: u64,
+    },
+}
+
+/// One atomic, durable unit of writing.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    pub appends: Vec<StreamAppend>,
+    pub views: Vec<ViewWrite>,
+    pub settle: Option<Settle>,
+    pub park: Option<ParkedMessage>,
+    pub defer: Option<DeferredMessage>,
+}
+
+impl Commit {
+    /// A commit that only appends messages to one stream.
+    pub fn append(stream: StreamName, expected_version: Option<u64>, messages: Vec<NewMessage>) -> Self {
+        Self {
+            appends: vec![StreamAppend {
+                stream,
+                expected_version,
+                messages,
+            }],
+            ..Self::default()
+        }
+    }
+}
+
+/// What a commit wrote.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Committed {
+    /// The messages appended, with their positions, in commit order.
+    pub written: Vec<Message>,
+    /// Ids of messages skipped because a message with that id was already stored.
+    pub duplicates: Vec<String>,
+}
+
+/// A page of a category read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CategoryPage {
+    /// Messages past the requested position that passed the filter, in global order.
+    pub messages: Vec<Message>,
+    /// The global position up to which the category was scanned (filtered-out messages included);
+    /// read again from here.
+    pub scanned_to: u64,
+}
+
+/// Errors callers branch on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("stream {stream} is at version {actual}, not the expected {expected}")]
+    Conflict {
+        stream: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("invalid message {id:?}: {reason}")]
+    InvalidMessage { id: String, reason: String },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("the data folder {path} is in use by another Ferry process")]
+    Locked { path: String },
+    #[error("the data folder {path} cannot be used: {reason}")]
+    Unusable { path: String, reason: String },
+    #[error("the store is closed")]
+    Closed,
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+/// The message store. Every backend passes the conformance suite in `tests/store_conformance.rs`.
+#[async_trait]
+pub trait MessageStore: Send + Sync + 'static {
+    /// Applies a commit atomically; returns after it is durable. A conflict on any expected
+    /// version fails the whole commit with [`StoreError::Conflict`]; messages whose id is already
+    /// stored are skipped (and reported), the rest of the commit still applies.
+    async fn commit(&self, commit: Commit) -> Result<Committed, StoreError>;
+
+    /// Messages of a stream from a 0-based position, at most `limit`.
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from_position: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError>;
+
+    /// The number of messages in a stream.
+    async fn stream_version(&self, stream: &StreamName) -> Result<u64, StoreError>;
+
+    /// Messages of a category with a global position past `after`, at most `limit`, keeping only
+    /// those whose `originEntity` starts with `origin_prefix` when one is given.
+    async fn read_category(
+        &self,
+        category: &Category,
+        after: u64,
+        origin_prefix: Option<&str>,
+        limit: usize,
+    ) -> Result<CategoryPage, StoreError>;
+
+    /// Returns once the category may hold a message past `after`, or its consumers' deferred sets
+    /// changed. May return early; callers read again.
+    async fn wait_for_category(&self, category: &Category, after: u64);
+
+    /// The message with this id.
+    async fn message(&self, id: &str) -> Result<Option<Message>, StoreError>;
+
+    /// The global position of the last message written (0 when empty).
+    async fn head(&self) -> Result<u64, StoreError>;
+
+    /// A consumer's position (0 when it never advanced).
+    async fn consumer_position(&self, consumer: &ConsumerId) -> Result<u64, StoreError>;
+
+    /// The consumers with a stored position, of one category or of all.
+    async fn consumers(&self, category: Option<&Category>)
+    -> Result<Vec<ConsumerInfo>, StoreError>;
+
+    /// A view row.
+    async fn view_get(&self, table: &str, key: &str) -> Result<Option<ViewRow>, StoreError>;
+
+    /// Rows of a view table in key order, starting after `after_key`.
+    async fn view_rows(
+        &self,
+        table: &str,
+        after_key: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, ViewRow)>, StoreError>;
+
+    /// Parked messages, of one consumer or all.
+    async fn parked(&self, consumer: Option<&ConsumerId>)
+    -> Result<Vec<ParkedMessage>, StoreError>;
+
+    /// A consumer's deferred messages in order of due time.
+    async fn deferred(&self, consumer: &ConsumerId) -> Result<Vec<DeferredMessage>, StoreError>;
+
+    /// Moves parked messages back to their consumers, due at once: every parked copy of the
+    /// message with `message_id` when given, otherwise all of `consumer`'s. Returns how many.
+    async fn replay(
+        &self,
+        message_id: Option<&str>,
+        consumer: Option<&ConsumerId>,
+    ) -> Result<usize, StoreError>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,172 @@
+//! Shared test set-up: the real guest components, a real `ferry` process on a real data folder,
+//! and the CLI.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
+}
+
+/// Builds the guest workspace once per test binary and returns the path of a component.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
+            .current_dir(repo_root().join("guests"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "the guests build");
+    });
+    let path = repo_root()
+        .join("guests/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} was built", path.display());
+    path
+}
+
+/// A data folder and a services folder holding the named guests.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn new(guests: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("services")).expect("services folder");
+        let setup = Self { dir };
+        for name in guests {
+            setup.install(name);
+        }
+        setup
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn services(&self) -> PathBuf {
+        self.dir.path().join("services")
+    }
+
+    pub fn install(&self, name: &str) {
+        std::fs::copy(guest(name), self.services().join(format!("{name}.wasm")))
+            .expect("copy component");
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        command
+            .arg("--data")
+            .arg(self.data())
+            .arg("--services")
+            .arg(self.services())
+            .env("RUST_LOG", "info,ferry=debug");
+        command
+    }
+
+    /// Runs a CLI command to the end.
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("ferry runs")
+    }
+
+    /// Runs a CLI command that must succeed and returns its `--json` answer.
+    pub fn ferry_json(&self, args: &[&str]) -> Value {
+        let output = self.command().arg("--json").args(args).output().expect("ferry runs");
+        assert!(
+            output.status.success(),
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("JSON answer")
+    }
+
+    /// Starts `ferry run` and waits until it listens.
+    pub fn start(&self, extra: &[&str]) -> Host {
+        let log = self.dir.path().join("host.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = self
+            .command()
+            .arg("run")
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("ferry run starts");
+        let host = Host { child, log };
+        let socket = self.data().join("ferry.sock");
+        wait_until(Duration::from_secs(60), "the host listens", || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        host
+    }
+
+    pub fn read(&self, target: &str) -> Vec<Value> {
+        self.ferry_json(&["read", target])["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn parked(&self) -> Vec<Value> {
+        self.ferry_json(&["parked"])["parked"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// A running `ferry run` process; killed when dropped.
+pub struct Host {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Host {
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean stop.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls until `done` holds; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
