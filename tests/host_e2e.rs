@@ -47,12 +47,26 @@ fn handles_a_command_sent_with_the_cli() {
     assert_eq!(metadata["correlationId"], "corr-1");
     assert_eq!(metadata["causationId"], first_command.as_str());
     assert_eq!(metadata["handledBy"], "counter", "guest metadata is merged");
-    assert_eq!(events[1]["metadata"]["causationId"], second_command.as_str());
+    assert_eq!(
+        events[1]["metadata"]["causationId"],
+        second_command.as_str()
+    );
 
-    wait_until(WAIT, "the command consumer reaches the second command", || {
-        let consumers = setup.ferry_json(&["consumers", "counter:command"]);
-        consumers["consumers"][0]["position"].as_u64() == Some(second_global)
-            && consumers["consumers"][0]["consumer"]["name"] == "microservice:counter"
+    wait_until(
+        WAIT,
+        "the command consumer reaches the second command",
+        || {
+            let consumers = setup.ferry_json(&["consumers", "counter:command"]);
+            consumers["consumers"][0]["position"].as_u64() == Some(second_global)
+                && consumers["consumers"][0]["consumer"]["name"] == "microservice:counter"
+        },
+    );
+    // The service's subscription to its own events keeps the totals view.
+    wait_until(WAIT, "the totals view reaches 5", || {
+        let out = setup.ferry(&["--json", "view", "totals", "a"]);
+        out.status.success()
+            && serde_json::from_slice::<Value>(&out.stdout)
+                .is_ok_and(|v| v["rows"][0]["row"]["value"]["total"] == 5)
     });
     let projected = setup.ferry_json(&["project", "counter.a"]);
     assert_eq!(projected["state"]["total"], 5);
@@ -62,7 +76,14 @@ fn handles_a_command_sent_with_the_cli() {
 #[test]
 fn writes_events_once_when_a_command_is_redelivered() {
     let setup = Setup::new(&["counter"]);
-    setup.ferry_json(&["send", "counter:command.r", "Increment", r#"{"by":1}"#, "--id", "cmd-r"]);
+    setup.ferry_json(&[
+        "send",
+        "counter:command.r",
+        "Increment",
+        r#"{"by":1}"#,
+        "--id",
+        "cmd-r",
+    ]);
     let host = setup.start(&[]);
     stream_of(&setup, "counter.r", 1);
     host.stop();
@@ -71,17 +92,21 @@ fn writes_events_once_when_a_command_is_redelivered() {
     // handling and acknowledging would on a store without atomic outcomes.
     rewind_consumer(&setup, "counter:command", "microservice:counter", 0);
     let host = setup.start(&[]);
-    let command_global = setup.ferry_json(&["read", "counter:command.r"])["messages"][0]
-        ["global_position"]
-        .as_u64()
-        .expect("global");
+    let command_global =
+        setup.ferry_json(&["read", "counter:command.r"])["messages"][0]["global_position"]
+            .as_u64()
+            .expect("global");
     wait_until(WAIT, "the command is handled again", || {
         let consumers = setup.ferry_json(&["consumers", "counter:command"]);
         consumers["consumers"][0]["position"].as_u64() == Some(command_global)
     });
     host.stop();
     let events = setup.read("counter.r");
-    assert_eq!(events.len(), 1, "the redelivered command wrote nothing new: {events:?}");
+    assert_eq!(
+        events.len(),
+        1,
+        "the redelivered command wrote nothing new: {events:?}"
+    );
 }
 
 fn rewind_consumer(setup: &Setup, category: &str, name: &str, position: u64) {
@@ -89,8 +114,10 @@ fn rewind_consumer(setup: &Setup, category: &str, name: &str, position: u64) {
     runtime.block_on(async {
         use ferry::store::{Category, Commit, ConsumerId, MessageStore, Settle, SledStore};
         let store = SledStore::open(setup.data().join("store")).expect("open");
-        let consumer =
-            ConsumerId::new(Category::parse(category).expect("category"), name.to_owned());
+        let consumer = ConsumerId::new(
+            Category::parse(category).expect("category"),
+            name.to_owned(),
+        );
         store
             .commit(Commit {
                 settle: Some(Settle::Advance { consumer, position }),
@@ -135,18 +162,28 @@ fn loses_nothing_when_the_host_is_killed_mid_flow() {
         let events = stream_of(&setup, &stream, expected);
         assert_eq!(events.len(), expected, "{stream}: one event per command");
         for (n, event) in events.iter().enumerate() {
-            assert_eq!(event["data"]["total"], (n + 1) as u64, "{stream} counts in order");
+            assert_eq!(
+                event["data"]["total"],
+                (n + 1) as u64,
+                "{stream} counts in order"
+            );
             assert!(event_ids.insert(event["id"].as_str().expect("id").to_owned()));
-            let cause = event["metadata"]["causationId"].as_str().expect("cause").to_owned();
-            assert!(handled_commands.insert(cause), "a command was handled twice");
+            let cause = event["metadata"]["causationId"]
+                .as_str()
+                .expect("cause")
+                .to_owned();
+            assert!(
+                handled_commands.insert(cause),
+                "a command was handled twice"
+            );
         }
     }
     assert_eq!(handled_commands.len(), COMMANDS);
-    let last_command = setup.ferry_json(&["read", "counter:command", "--limit", "100000"])
-        ["messages"]
-        .as_array()
-        .and_then(|m| m.last().cloned())
-        .expect("commands");
+    let last_command =
+        setup.ferry_json(&["read", "counter:command", "--limit", "100000"])["messages"]
+            .as_array()
+            .and_then(|m| m.last().cloned())
+            .expect("commands");
     wait_until(WAIT, "the consumer reaches the last command", || {
         setup.ferry_json(&["consumers", "counter:command"])["consumers"][0]["position"]
             == last_command["global_position"]
@@ -173,12 +210,22 @@ fn parks_faulty_guests_and_keeps_handling_others() {
         ("Grow", "memory limit"),
         ("Fail", "permanent failure: chaos refuses"),
         ("Flaky", "gave up after 2 deliveries"),
-        ("WriteForeign", "may write events only to its own category chaos"),
+        (
+            "WriteForeign",
+            "may write events only to its own category chaos",
+        ),
         ("BadStream", "invalid stream name"),
         ("BadJson", "data is not valid JSON"),
     ];
     for (n, (fault, _)) in faults.iter().enumerate() {
-        setup.ferry_json(&["send", &format!("chaos:command.f{n}"), fault, "{}", "--id", fault]);
+        setup.ferry_json(&[
+            "send",
+            &format!("chaos:command.f{n}"),
+            fault,
+            "{}",
+            "--id",
+            fault,
+        ]);
         // Healthy work between the faults is not held up by them.
         setup.ferry_json(&["send", "counter:command.ok", "Increment", r#"{"by":1}"#]);
     }
@@ -201,10 +248,18 @@ fn parks_faulty_guests_and_keeps_handling_others() {
         })
         .collect();
     for (fault, expected) in faults {
-        let reason = reasons.get(fault).unwrap_or_else(|| panic!("{fault} parked"));
-        assert!(reason.contains(expected), "{fault}: {reason:?} should mention {expected:?}");
+        let reason = reasons
+            .get(fault)
+            .unwrap_or_else(|| panic!("{fault} parked"));
+        assert!(
+            reason.contains(expected),
+            "{fault}: {reason:?} should mention {expected:?}"
+        );
     }
-    assert!(setup.read("counter.f5").is_empty(), "the foreign write was not made");
+    assert!(
+        setup.read("counter.f5").is_empty(),
+        "the foreign write was not made"
+    );
     assert_eq!(parked.len(), faults.len(), "nothing healthy was parked");
 }
 
@@ -213,13 +268,20 @@ fn replays_a_parked_message_once() {
     let setup = Setup::new(&["chaos"]);
     let host = setup.start(&[]);
     setup.ferry_json(&["send", "chaos:command.p", "Fail", "{}", "--id", "fails"]);
-    wait_until(WAIT, "the command is parked", || setup.parked().len() == 1);
+    let mut parked = Vec::new();
+    wait_until(WAIT, "the command is parked", || {
+        parked = setup.parked();
+        parked.len() == 1
+    });
+    let first_parked_at = parked[0]["parked_at_ms"].as_u64().expect("time");
     let replayed = setup.ferry_json(&["replay", "fails"]);
     assert_eq!(replayed["replayed"], 1);
     // The guest still refuses it, so it comes back to the parked place, handled once more.
     wait_until(WAIT, "the replayed command is parked again", || {
-        setup.parked().len() == 1
+        parked = setup.parked();
+        parked.len() == 1 && parked[0]["parked_at_ms"].as_u64() > Some(first_parked_at)
     });
+    assert!(setup.read("chaos.p").is_empty());
     host.stop();
     let refused = setup.ferry(&["replay", "no-such-id"]);
     assert!(!refused.status.success());
@@ -230,7 +292,12 @@ fn replays_a_parked_message_once() {
 fn holds_back_a_message_until_its_not_before_time() {
     let setup = Setup::new(&["counter"]);
     let _host = setup.start(&[]);
-    let sent = setup.ferry_json(&["send", "counter:command.later", "Schedule", r#"{"by":7,"delayMs":1500}"#]);
+    let sent = setup.ferry_json(&[
+        "send",
+        "counter:command.later",
+        "Schedule",
+        r#"{"by":7,"delayMs":1500}"#,
+    ]);
     let sent_at = sent["written"]["time_ms"].as_u64().expect("time");
     let events = stream_of(&setup, "counter.later", 1);
     assert_eq!(events[0]["data"]["total"], 7);
@@ -247,10 +314,23 @@ fn refuses_bad_input_from_the_cli_and_writes_nothing() {
     let setup = Setup::new(&["counter"]);
     let cases: [(&[&str], &str); 5] = [
         (&["send", "not a stream", "X", "{}"], "invalid stream name"),
-        (&["send", "counter:command.1", "Increment", "{not json"], "data is not valid JSON"),
-        (&["send", "counter:command.1", "Increment", "[1,2]"], "data must be a JSON object"),
         (
-            &["send", "counter:command.1", "Increment", "{}", "--metadata", "7"],
+            &["send", "counter:command.1", "Increment", "{not json"],
+            "data is not valid JSON",
+        ),
+        (
+            &["send", "counter:command.1", "Increment", "[1,2]"],
+            "data must be a JSON object",
+        ),
+        (
+            &[
+                "send",
+                "counter:command.1",
+                "Increment",
+                "{}",
+                "--metadata",
+                "7",
+            ],
             "metadata must be a JSON object",
         ),
         (&["read", "bad category!"], "invalid"),
@@ -259,7 +339,10 @@ fn refuses_bad_input_from_the_cli_and_writes_nothing() {
         let output = setup.ferry(args);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{args:?} must fail");
-        assert!(stderr.contains(expected), "{args:?}: {stderr:?} should mention {expected:?}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: {stderr:?} should mention {expected:?}"
+        );
     }
     // A running host refuses the same way.
     let host = setup.start(&[]);
@@ -267,7 +350,10 @@ fn refuses_bad_input_from_the_cli_and_writes_nothing() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("data is not valid JSON"));
     host.stop();
-    assert!(setup.read("counter:command").is_empty(), "nothing was written");
+    assert!(
+        setup.read("counter:command").is_empty(),
+        "nothing was written"
+    );
 
     // A file that is not a component, and a component that is not a Ferry service.
     let junk = setup.dir.path().join("junk.wasm");
@@ -283,14 +369,27 @@ fn refuses_bad_input_from_the_cli_and_writes_nothing() {
 #[test]
 fn runs_the_good_components_beside_a_broken_one() {
     let setup = Setup::new(&["counter"]);
-    std::fs::write(setup.services().join("broken.wasm"), b"\0asm\x0d\0\x01\0garbage").expect("write");
+    std::fs::write(
+        setup.services().join("broken.wasm"),
+        b"\0asm\x0d\0\x01\0garbage",
+    )
+    .expect("write");
     // A second copy of a service: only one may consume counter:command.
-    std::fs::copy(support::guest("counter"), setup.services().join("zz-counter-copy.wasm"))
-        .expect("copy");
+    std::fs::copy(
+        support::guest("counter"),
+        setup.services().join("zz-counter-copy.wasm"),
+    )
+    .expect("copy");
     let host = setup.start(&[]);
     setup.ferry_json(&["send", "counter:command.b", "Increment", r#"{"by":1}"#]);
     stream_of(&setup, "counter.b", 1);
     let log = host.log_text();
-    assert!(log.contains("broken.wasm") && log.contains("not a valid Wasm component"), "{log}");
-    assert!(log.contains("only one service may consume counter:command"), "{log}");
+    assert!(
+        log.contains("broken.wasm") && log.contains("not a valid Wasm component"),
+        "{log}"
+    );
+    assert!(
+        log.contains("only one service may consume counter:command"),
+        "{log}"
+    );
 }

@@ -25,7 +25,11 @@ async fn keeps_committed_messages_across_a_reopen() {
             .commit(Commit::append(
                 conformance::stream("user.1"),
                 None,
-                vec![conformance::msg("u1", "UserRegistered", json!({"name": "Ann"}))],
+                vec![conformance::msg(
+                    "u1",
+                    "UserRegistered",
+                    json!({"name": "Ann"}),
+                )],
             ))
             .await
             .expect("append");
@@ -43,29 +47,33 @@ async fn keeps_committed_messages_across_a_reopen() {
 #[tokio::test]
 async fn refuses_a_folder_locked_by_another_process() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("store");
-    drop(SledStore::open(&path).expect("create"));
-    // flock is per open file description, so a second process is needed to see the lock.
-    let mut holder = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)",
-        ])
-        .arg(path.join("db"))
-        .stdout(std::process::Stdio::piped())
+    let data = dir.path().join("data");
+    let mut host = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--services")
+        .arg(dir.path().join("services"))
+        .arg("run")
+        .stderr(std::process::Stdio::null())
         .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("read");
-    assert_eq!(line.trim(), "locked");
-    let error = SledStore::open(&path).expect_err("locked");
-    let _ = holder.kill();
+        .expect("ferry run");
+    let socket = data.join("ferry.sock");
+    for _ in 0..600 {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let result = SledStore::open(data.join("store"));
+    let _ = host.kill();
+    let _ = host.wait();
+    let error = result.expect_err("the running host holds the folder");
     assert!(matches!(error, StoreError::Locked { .. }), "{error}");
-    assert!(error.to_string().contains("in use by another Ferry process"));
+    assert!(
+        error
+            .to_string()
+            .contains("in use by another Ferry process")
+    );
 }
 
 #[tokio::test]
@@ -74,10 +82,21 @@ async fn refuses_a_folder_of_an_unknown_format() {
     let path = dir.path().join("store");
     {
         let db = sled::open(&path).expect("sled");
-        db.open_tree("meta").expect("tree").insert("format", "ferry-sled/99").expect("insert");
+        db.open_tree("meta")
+            .expect("tree")
+            .insert("format", "ferry-sled/99")
+            .expect("insert");
         db.flush().expect("flush");
     }
-    let error = SledStore::open(&path).expect_err("unknown format");
+    // sled's own background flusher may hold the folder for a moment after the drop above.
+    let mut error = SledStore::open(&path).expect_err("unknown format");
+    for _ in 0..100 {
+        if !matches!(error, StoreError::Locked { .. }) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        error = SledStore::open(&path).expect_err("unknown format");
+    }
     assert!(matches!(error, StoreError::Unusable { .. }), "{error}");
     assert!(error.to_string().contains("ferry-sled/99"), "{error}");
 }

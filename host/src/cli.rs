@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::control::{self, Context, Request};
-use crate::service::{self, LoadedService, Running, RunnerConfig};
+use crate::service::{self, LoadedService, RunnerConfig, Running};
 use crate::store::{MessageStore, SledStore, StoreError};
 use crate::wasm::{Limits, Runtime};
 
@@ -22,7 +22,12 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "./data", env = "FERRY_DATA")]
     pub data: PathBuf,
     /// Services folder: one `.wasm` component per service.
-    #[arg(long, global = true, default_value = "./services", env = "FERRY_SERVICES")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "./services",
+        env = "FERRY_SERVICES"
+    )]
     pub services: PathBuf,
     /// Print answers as JSON, for scripts.
     #[arg(long, global = true)]
@@ -56,7 +61,8 @@ pub enum Command {
         #[arg(value_name = "TYPE")]
         message_type: String,
         /// The data, a JSON object.
-        data: String,
+        #[arg(value_name = "JSON")]
+        payload: String,
         /// Metadata, a JSON object (`originEntity`, `correlationId`, ...).
         #[arg(long)]
         metadata: Option<String>,
@@ -80,6 +86,16 @@ pub enum Command {
     Consumers {
         /// Only the consumers of this category.
         category: Option<String>,
+    },
+    /// Read a view table (view data), or one row of it.
+    View {
+        table: String,
+        key: Option<String>,
+        /// Start after this key.
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
     /// List parked (dead-letter) messages with the reason.
     Parked,
@@ -151,14 +167,14 @@ fn request_of(command: Command) -> Option<Request> {
         Command::Send {
             stream,
             message_type,
-            data,
+            payload,
             metadata,
             id,
             expected_version,
         } => Request::Send {
             stream,
             message_type,
-            data,
+            data: payload,
             metadata,
             id,
             expected_version,
@@ -173,6 +189,17 @@ fn request_of(command: Command) -> Option<Request> {
             limit,
         },
         Command::Consumers { category } => Request::Consumers { category },
+        Command::View {
+            table,
+            key,
+            after,
+            limit,
+        } => Request::View {
+            table,
+            key,
+            after,
+            limit,
+        },
         Command::Parked => Request::Parked,
         Command::Replay {
             id,
@@ -193,6 +220,7 @@ fn kind_of(request: &Request) -> &'static str {
         Request::Send { .. } => "send",
         Request::Read { .. } => "read",
         Request::Consumers { .. } => "consumers",
+        Request::View { .. } => "view",
         Request::Parked => "parked",
         Request::Replay { .. } => "replay",
         Request::Project { .. } => "project",
@@ -223,8 +251,10 @@ async fn answer(data: &Path, services: &Path, request: Request) -> anyhow::Resul
         }
         match execute_locally(data, services, request.clone()).await {
             Err(e)
-                if matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Locked { .. }))
-                    && std::time::Instant::now() < deadline =>
+                if matches!(
+                    e.downcast_ref::<StoreError>(),
+                    Some(StoreError::Locked { .. })
+                ) && std::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -288,8 +318,7 @@ pub async fn run(
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         result = tokio::signal::ctrl_c() => result?,
         _ = terminate.recv() => {}
@@ -349,7 +378,10 @@ fn print(json: bool, kind: &str, answer: &Value) {
             }
         }
         "consumers" => {
-            println!("{:<32} {:<24} {:>10} {:>10} {:>8}", "CONSUMER", "CATEGORY", "POSITION", "HEAD", "LAG");
+            println!(
+                "{:<32} {:<24} {:>10} {:>10} {:>8}",
+                "CONSUMER", "CATEGORY", "POSITION", "HEAD", "LAG"
+            );
             for c in answer["consumers"].as_array().into_iter().flatten() {
                 println!(
                     "{:<32} {:<24} {:>10} {:>10} {:>8}",
@@ -374,6 +406,16 @@ fn print(json: bool, kind: &str, answer: &Value) {
                     p["consumer"]["category"].as_str().unwrap_or("?"),
                     p["attempts"],
                     p["reason"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        "view" => {
+            for r in answer["rows"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {}  (lastUpdateSeq {})",
+                    r["key"].as_str().unwrap_or("?"),
+                    r["row"]["value"],
+                    r["row"]["lastUpdateSeq"]
                 );
             }
         }

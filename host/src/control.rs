@@ -16,7 +16,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::service;
-use crate::store::{Category, Commit, MessageStore, NewMessage, StoreError, StreamName};
+use crate::store::{
+    Category, Commit, MessageStore, NewMessage, StoreError, StreamName, validate_table_name,
+};
 use crate::wasm::ServiceComponent;
 
 /// Most bytes one control connection may send (requests are small; this bounds a bad client).
@@ -43,6 +45,13 @@ pub enum Request {
     },
     /// List consumers with their positions and lag.
     Consumers { category: Option<String> },
+    /// Read a view row, or a page of a view table.
+    View {
+        table: String,
+        key: Option<String>,
+        after: Option<String>,
+        limit: usize,
+    },
     /// List parked messages.
     Parked,
     /// Hand parked messages back to their consumers.
@@ -137,6 +146,28 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             let category = category.as_deref().map(Category::parse).transpose()?;
             Ok(json!({ "consumers": store.consumers(category.as_ref()).await? }))
         }
+        Request::View {
+            table,
+            key,
+            after,
+            limit,
+        } => {
+            validate_table_name(&table)?;
+            match key {
+                Some(key) => match store.view_get(&table, &key).await? {
+                    Some(row) => Ok(json!({ "rows": [{ "key": key, "row": row }] })),
+                    None => Err(refuse(format!("view {table} has no row {key:?}"))),
+                },
+                None => {
+                    let rows = store.view_rows(&table, after.as_deref(), limit).await?;
+                    let rows: Vec<Value> = rows
+                        .into_iter()
+                        .map(|(key, row)| json!({ "key": key, "row": row }))
+                        .collect();
+                    Ok(json!({ "rows": rows }))
+                }
+            }
+        }
         Request::Parked => Ok(json!({ "parked": store.parked(None).await? })),
         Request::Replay {
             id,
@@ -152,7 +183,9 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
                 _ => return Err(refuse("a consumer is named by both its name and category")),
             };
             if id.is_none() && consumer.is_none() {
-                return Err(refuse("name a parked message id, or a consumer to replay all of its parked messages"));
+                return Err(refuse(
+                    "name a parked message id, or a consumer to replay all of its parked messages",
+                ));
             }
             let replayed = store.replay(id.as_deref(), consumer.as_ref()).await?;
             if replayed == 0 {
@@ -174,8 +207,10 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             } else {
                 stream
             };
-            let (state, version) = service::project(component, store.clone(), stream.clone()).await?;
-            let state = state.map(|text| serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)));
+            let (state, version) =
+                service::project(component, store.clone(), stream.clone()).await?;
+            let state = state
+                .map(|text| serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)));
             Ok(json!({ "stream": stream, "version": version, "state": state }))
         }
     }
@@ -195,7 +230,10 @@ enum Answer {
 }
 
 /// Serves requests on the data folder's socket until the task is dropped.
-pub async fn serve(data: &Path, context: Arc<Context>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(
+    data: &Path,
+    context: Arc<Context>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let path = socket_path(data);
     // A socket file left by a killed host: nobody listens on it any more (we hold the store lock).
     let _ = std::fs::remove_file(&path);
@@ -267,7 +305,9 @@ pub async fn try_remote(data: &Path, request: &Request) -> anyhow::Result<Option
         .next_line()
         .await?
         .context("the running host closed the connection without answering")?;
-    match serde_json::from_str::<Answer>(&line).context("unreadable answer from the running host")? {
+    match serde_json::from_str::<Answer>(&line)
+        .context("unreadable answer from the running host")?
+    {
         Answer::Ok(value) => Ok(Some(value)),
         Answer::Refused(reason) => Err(refuse(reason)),
         Answer::Error(reason) => Err(anyhow::anyhow!(reason)),

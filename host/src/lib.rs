@@ -1,8 +1,8 @@
 //! Ferry: a host for event-driven services whose business logic runs as sandboxed WebAssembly
 //! components. See ARCHITECTURE.md for the map.
 
+pub mod cli;
+pub mod control;
+pub mod service;
 pub mod store;
 pub mod wasm;
-pub mod service;
-pub mod control;
-pub mod cli;

@@ -66,6 +66,9 @@ pub fn derived_id(parts: &[&str]) -> String {
     uuid::Uuid::new_v5(&ID_NAMESPACE, parts.join("\u{1f}").as_bytes()).to_string()
 }
 
+/// Components that cannot run, each with the reason.
+pub type Refused = Vec<(PathBuf, anyhow::Error)>;
+
 /// A component read from the services folder.
 #[derive(Debug, Clone)]
 pub struct LoadedService {
@@ -76,9 +79,7 @@ pub struct LoadedService {
 /// Checks that a set of components can run together: valid names, one service per name (so one
 /// consumer per command category), valid subscriptions and view names. Returns the usable ones and
 /// a clear reason for each refused one.
-pub fn admit(
-    candidates: Vec<LoadedService>,
-) -> (Vec<LoadedService>, Vec<(PathBuf, anyhow::Error)>) {
+pub fn admit(candidates: Vec<LoadedService>) -> (Vec<LoadedService>, Refused) {
     let mut admitted: Vec<LoadedService> = Vec::new();
     let mut refused = Vec::new();
     for candidate in candidates {
@@ -96,8 +97,8 @@ fn check_manifest(component: &ServiceComponent) -> anyhow::Result<()> {
     let manifest = component.manifest();
     Category::events_of(&manifest.name).context("the manifest's service name")?;
     for subscription in &manifest.subscriptions {
-        let category = Category::parse(&subscription.category)
-            .context("a subscription in the manifest")?;
+        let category =
+            Category::parse(&subscription.category).context("a subscription in the manifest")?;
         anyhow::ensure!(
             !category.is_command(),
             "service {} subscribes to the command category {category}; a command category is \
@@ -131,7 +132,7 @@ pub fn load_folder(
     runtime: &crate::wasm::Runtime,
     folder: &Path,
     limits: crate::wasm::Limits,
-) -> anyhow::Result<(Vec<LoadedService>, Vec<(PathBuf, anyhow::Error)>)> {
+) -> anyhow::Result<(Vec<LoadedService>, Refused)> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(folder)
         .with_context(|| format!("cannot read the services folder {}", folder.display()))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -364,12 +365,7 @@ impl Consumer {
         let mut conflicts = 0;
         loop {
             deliveries += 1;
-            let decided = decide(
-                self.component.clone(),
-                self.store.clone(),
-                message.clone(),
-            )
-            .await;
+            let decided = decide(self.component.clone(), self.store.clone(), message.clone()).await;
             let failure = match decided {
                 Ok(decision) => match self.outcome_commit(&message, decision, settle.clone()) {
                     Ok(commit) => match self.store.commit(commit).await {
@@ -464,7 +460,12 @@ impl Consumer {
             .messages
             .iter()
             .map(|m| m.data.len() + m.metadata.as_ref().map_or(0, String::len))
-            .chain(outcome.views.iter().map(|v| v.value.as_ref().map_or(0, String::len)))
+            .chain(
+                outcome
+                    .views
+                    .iter()
+                    .map(|v| v.value.as_ref().map_or(0, String::len)),
+            )
             .sum();
         if bytes > MAX_OUTCOME_BYTES {
             return Err(format!(
@@ -520,10 +521,12 @@ impl Consumer {
                 ));
             }
             let value = match change.value {
-                Some(text) => Some(
-                    serde_json::from_str::<Value>(&text)
-                        .map_err(|e| format!("view row {}/{}: invalid JSON: {e}", change.table, change.key))?,
-                ),
+                Some(text) => Some(serde_json::from_str::<Value>(&text).map_err(|e| {
+                    format!(
+                        "view row {}/{}: invalid JSON: {e}",
+                        change.table, change.key
+                    )
+                })?),
                 None => None,
             };
             views.push(ViewWrite {
@@ -608,7 +611,9 @@ async fn decide(
             service,
             handled_id: message.id.clone(),
         };
-        let mut instance = component.instantiate(Box::new(host)).map_err(Decline::Guest)?;
+        let mut instance = component
+            .instantiate(Box::new(host))
+            .map_err(Decline::Guest)?;
         let (state, version) = match &entity {
             Some(stream) => fold(&runtime, store.as_ref(), &mut instance, stream)?,
             None => (None, 0),

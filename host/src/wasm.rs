@@ -393,12 +393,16 @@ impl Runtime {
             return compile();
         };
         let mut hasher = DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
         let path = dir.join(format!("{hash}-{:016x}.cwasm", hasher.finish()));
         if path.exists() {
             match deserialize_own_file(&self.engine, &path) {
                 Ok(component) => return Ok(component),
-                Err(e) => tracing::warn!(path = %path.display(), "precompiled code unusable, compiling again: {e}"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "precompiled code unusable, compiling again: {e}")
+                }
             }
         }
         let component = compile()?;
@@ -539,8 +543,7 @@ impl GuestInstance {
         let Some(service) = &self.service else {
             return Err(GuestError::Trap("the instance was not created".into()));
         };
-        self.store
-            .set_epoch_deadline(deadline_ticks(self.timeout));
+        self.store.set_epoch_deadline(deadline_ticks(self.timeout));
         let handler = service.ferry_service_handler();
         match f(handler, &mut self.store) {
             Ok(Ok(value)) => Ok(value),

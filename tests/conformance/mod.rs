@@ -48,10 +48,28 @@ pub async fn append(store: &Store, name: &str, messages: Vec<NewMessage>) {
 }
 
 pub async fn appends_and_reads_a_stream_with_positions(store: Store) {
-    append(&store, "account.123", vec![msg("a", "Deposited", json!({"amount": 50}))]).await;
-    append(&store, "account.9", vec![msg("b", "Deposited", json!({"amount": 10}))]).await;
-    append(&store, "account.123", vec![msg("c", "Deposited", json!({"amount": 200}))]).await;
-    let read = store.read_stream(&stream("account.123"), 0, 100).await.expect("read");
+    append(
+        &store,
+        "account.123",
+        vec![msg("a", "Deposited", json!({"amount": 50}))],
+    )
+    .await;
+    append(
+        &store,
+        "account.9",
+        vec![msg("b", "Deposited", json!({"amount": 10}))],
+    )
+    .await;
+    append(
+        &store,
+        "account.123",
+        vec![msg("c", "Deposited", json!({"amount": 200}))],
+    )
+    .await;
+    let read = store
+        .read_stream(&stream("account.123"), 0, 100)
+        .await
+        .expect("read");
     let ids: Vec<_> = read.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["a", "c"]);
     assert_eq!(read[0].position, 0);
@@ -59,16 +77,36 @@ pub async fn appends_and_reads_a_stream_with_positions(store: Store) {
     assert!(read[0].global_position >= 1);
     assert!(read[1].global_position > read[0].global_position);
     assert_eq!(read[1].data["amount"], 200);
-    assert_eq!(store.stream_version(&stream("account.123")).await.expect("version"), 2);
-    assert_eq!(store.stream_version(&stream("account.404")).await.expect("version"), 0);
-    let from_one = store.read_stream(&stream("account.123"), 1, 100).await.expect("read");
+    assert_eq!(
+        store
+            .stream_version(&stream("account.123"))
+            .await
+            .expect("version"),
+        2
+    );
+    assert_eq!(
+        store
+            .stream_version(&stream("account.404"))
+            .await
+            .expect("version"),
+        0
+    );
+    let from_one = store
+        .read_stream(&stream("account.123"), 1, 100)
+        .await
+        .expect("read");
     assert_eq!(from_one.len(), 1);
     assert_eq!(from_one[0].id, "c");
     assert_eq!(store.head().await.expect("head"), read[1].global_position);
 }
 
 pub async fn appends_to_several_streams_atomically(store: Store) {
-    append(&store, "order.1", vec![msg("existing", "Placed", json!({}))]).await;
+    append(
+        &store,
+        "order.1",
+        vec![msg("existing", "Placed", json!({}))],
+    )
+    .await;
     let commit = Commit {
         appends: vec![
             StreamAppend {
@@ -85,10 +123,29 @@ pub async fn appends_to_several_streams_atomically(store: Store) {
         ],
         ..Commit::default()
     };
-    let error = store.commit(commit).await.expect_err("the second append conflicts");
-    assert!(matches!(error, StoreError::Conflict { expected: 0, actual: 1, .. }), "{error}");
+    let error = store
+        .commit(commit)
+        .await
+        .expect_err("the second append conflicts");
+    assert!(
+        matches!(
+            error,
+            StoreError::Conflict {
+                expected: 0,
+                actual: 1,
+                ..
+            }
+        ),
+        "{error}"
+    );
     // Nothing of the failed commit was written, not even the part that was fine.
-    assert!(store.read_stream(&stream("order.2"), 0, 10).await.expect("read").is_empty());
+    assert!(
+        store
+            .read_stream(&stream("order.2"), 0, 10)
+            .await
+            .expect("read")
+            .is_empty()
+    );
     assert!(store.message("x1").await.expect("lookup").is_none());
 
     let commit = Commit {
@@ -108,55 +165,98 @@ pub async fn appends_to_several_streams_atomically(store: Store) {
     };
     let committed = store.commit(commit).await.expect("commit");
     assert_eq!(committed.written.len(), 3);
-    assert_eq!(store.stream_version(&stream("order.2")).await.expect("v"), 1);
-    assert_eq!(store.stream_version(&stream("order:command.1")).await.expect("v"), 2);
+    assert_eq!(
+        store.stream_version(&stream("order.2")).await.expect("v"),
+        1
+    );
+    assert_eq!(
+        store
+            .stream_version(&stream("order:command.1"))
+            .await
+            .expect("v"),
+        2
+    );
 }
 
 pub async fn refuses_a_stale_expected_version(store: Store) {
     let s = stream("account.7");
     store
-        .commit(Commit::append(s.clone(), Some(0), vec![msg("1", "Opened", json!({}))]))
+        .commit(Commit::append(
+            s.clone(),
+            Some(0),
+            vec![msg("1", "Opened", json!({}))],
+        ))
         .await
         .expect("first write on an empty stream");
     let error = store
-        .commit(Commit::append(s.clone(), Some(0), vec![msg("2", "Opened", json!({}))]))
+        .commit(Commit::append(
+            s.clone(),
+            Some(0),
+            vec![msg("2", "Opened", json!({}))],
+        ))
         .await
         .expect_err("stale");
     assert!(matches!(error, StoreError::Conflict { .. }));
     store
-        .commit(Commit::append(s.clone(), Some(1), vec![msg("3", "Closed", json!({}))]))
+        .commit(Commit::append(
+            s.clone(),
+            Some(1),
+            vec![msg("3", "Closed", json!({}))],
+        ))
         .await
         .expect("current version");
     assert_eq!(store.stream_version(&s).await.expect("v"), 2);
 }
 
 pub async fn skips_a_message_whose_id_is_stored(store: Store) {
-    append(&store, "email.1", vec![msg("same", "EmailSent", json!({"n": 1}))]).await;
+    append(
+        &store,
+        "email.1",
+        vec![msg("same", "EmailSent", json!({"n": 1}))],
+    )
+    .await;
     let committed = store
         .commit(Commit::append(
             stream("email.1"),
             None,
-            vec![msg("same", "EmailSent", json!({"n": 2})), msg("other", "EmailOpened", json!({}))],
+            vec![
+                msg("same", "EmailSent", json!({"n": 2})),
+                msg("other", "EmailOpened", json!({})),
+            ],
         ))
         .await
         .expect("commit");
     assert_eq!(committed.duplicates, ["same"]);
     assert_eq!(committed.written.len(), 1);
-    let read = store.read_stream(&stream("email.1"), 0, 10).await.expect("read");
+    let read = store
+        .read_stream(&stream("email.1"), 0, 10)
+        .await
+        .expect("read");
     assert_eq!(read.len(), 2);
     assert_eq!(read[0].data["n"], 1, "the first write wins");
     // A retried append whose messages are all stored is a no-op, even with a now stale version.
     let committed = store
-        .commit(Commit::append(stream("email.1"), Some(0), vec![msg("same", "EmailSent", json!({}))]))
+        .commit(Commit::append(
+            stream("email.1"),
+            Some(0),
+            vec![msg("same", "EmailSent", json!({}))],
+        ))
         .await
         .expect("duplicate only");
     assert!(committed.written.is_empty());
-    assert_eq!(store.stream_version(&stream("email.1")).await.expect("v"), 2);
+    assert_eq!(
+        store.stream_version(&stream("email.1")).await.expect("v"),
+        2
+    );
 }
 
 pub async fn refuses_data_that_is_not_an_object(store: Store) {
     let error = store
-        .commit(Commit::append(stream("email.1"), None, vec![msg("n", "X", json!([1, 2]))]))
+        .commit(Commit::append(
+            stream("email.1"),
+            None,
+            vec![msg("n", "X", json!([1, 2]))],
+        ))
         .await
         .expect_err("array data");
     assert!(matches!(error, StoreError::InvalidMessage { .. }));
@@ -164,15 +264,48 @@ pub async fn refuses_data_that_is_not_an_object(store: Store) {
 }
 
 pub async fn reads_a_category_from_a_position_with_an_origin_filter(store: Store) {
-    append(&store, "email.1", vec![with_origin(msg("e1", "EmailSent", json!({})), "subscription.john")]).await;
+    append(
+        &store,
+        "email.1",
+        vec![with_origin(
+            msg("e1", "EmailSent", json!({})),
+            "subscription.john",
+        )],
+    )
+    .await;
     append(&store, "other.1", vec![msg("o1", "Noise", json!({}))]).await;
-    append(&store, "email.2", vec![with_origin(msg("e2", "EmailSent", json!({})), "user.42")]).await;
-    append(&store, "email.1", vec![with_origin(msg("e3", "EmailOpened", json!({})), "subscription.john")]).await;
-    append(&store, "email:command.9", vec![msg("c1", "SendEmail", json!({}))]).await;
+    append(
+        &store,
+        "email.2",
+        vec![with_origin(msg("e2", "EmailSent", json!({})), "user.42")],
+    )
+    .await;
+    append(
+        &store,
+        "email.1",
+        vec![with_origin(
+            msg("e3", "EmailOpened", json!({})),
+            "subscription.john",
+        )],
+    )
+    .await;
+    append(
+        &store,
+        "email:command.9",
+        vec![msg("c1", "SendEmail", json!({}))],
+    )
+    .await;
 
-    let all = store.read_category(&category("email"), 0, None, 100).await.expect("read");
+    let all = store
+        .read_category(&category("email"), 0, None, 100)
+        .await
+        .expect("read");
     let ids: Vec<_> = all.messages.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids, ["e1", "e2", "e3"], "commands and other categories stay out");
+    assert_eq!(
+        ids,
+        ["e1", "e2", "e3"],
+        "commands and other categories stay out"
+    );
 
     let filtered = store
         .read_category(&category("email"), 0, Some("subscription."), 100)
@@ -183,100 +316,235 @@ pub async fn reads_a_category_from_a_position_with_an_origin_filter(store: Store
     assert_eq!(filtered.scanned_to, all.messages[2].global_position);
 
     let after_first = store
-        .read_category(&category("email"), all.messages[0].global_position, None, 100)
+        .read_category(
+            &category("email"),
+            all.messages[0].global_position,
+            None,
+            100,
+        )
         .await
         .expect("read");
     assert_eq!(after_first.messages.len(), 2);
-    let limited = store.read_category(&category("email"), 0, None, 1).await.expect("read");
+    let limited = store
+        .read_category(&category("email"), 0, None, 1)
+        .await
+        .expect("read");
     assert_eq!(limited.messages.len(), 1);
     assert_eq!(limited.scanned_to, all.messages[0].global_position);
 
-    let commands = store.read_category(&category("email:command"), 0, None, 100).await.expect("read");
+    let commands = store
+        .read_category(&category("email:command"), 0, None, 100)
+        .await
+        .expect("read");
     assert_eq!(commands.messages.len(), 1);
 }
 
 pub async fn keeps_consumer_positions_per_category(store: Store) {
-    append(&store, "email.1", vec![msg("e1", "EmailSent", json!({})), msg("e2", "EmailOpened", json!({}))]).await;
+    append(
+        &store,
+        "email.1",
+        vec![
+            msg("e1", "EmailSent", json!({})),
+            msg("e2", "EmailOpened", json!({})),
+        ],
+    )
+    .await;
     let consumer = ConsumerId::new(category("email"), "microservice:subscription");
     assert_eq!(store.consumer_position(&consumer).await.expect("pos"), 0);
-    let first = store.read_stream(&stream("email.1"), 0, 1).await.expect("read")[0].global_position;
+    let first = store
+        .read_stream(&stream("email.1"), 0, 1)
+        .await
+        .expect("read")[0]
+        .global_position;
     store
         .commit(Commit {
-            settle: Some(Settle::Advance { consumer: consumer.clone(), position: first }),
+            settle: Some(Settle::Advance {
+                consumer: consumer.clone(),
+                position: first,
+            }),
             ..Commit::default()
         })
         .await
         .expect("advance");
-    assert_eq!(store.consumer_position(&consumer).await.expect("pos"), first);
+    assert_eq!(
+        store.consumer_position(&consumer).await.expect("pos"),
+        first
+    );
     let other = ConsumerId::new(category("user"), "microservice:subscription");
-    assert_eq!(store.consumer_position(&other).await.expect("pos"), 0, "positions are per category");
+    assert_eq!(
+        store.consumer_position(&other).await.expect("pos"),
+        0,
+        "positions are per category"
+    );
 
-    let listed = store.consumers(Some(&category("email"))).await.expect("list");
+    let listed = store
+        .consumers(Some(&category("email")))
+        .await
+        .expect("list");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].consumer, consumer);
     assert_eq!(listed[0].lag, 1);
-    assert!(store.consumers(Some(&category("user"))).await.expect("list").is_empty());
+    assert!(
+        store
+            .consumers(Some(&category("user")))
+            .await
+            .expect("list")
+            .is_empty()
+    );
     assert_eq!(store.consumers(None).await.expect("list").len(), 1);
 }
 
 pub async fn commits_an_outcome_with_the_consumer_position(store: Store) {
-    append(&store, "email:command.1", vec![msg("cmd", "SendEmail", json!({}))]).await;
+    append(
+        &store,
+        "email:command.1",
+        vec![msg("cmd", "SendEmail", json!({}))],
+    )
+    .await;
     let consumer = ConsumerId::new(category("email:command"), "microservice:email");
-    let command = store.read_stream(&stream("email:command.1"), 0, 1).await.expect("read")[0].clone();
+    let command = store
+        .read_stream(&stream("email:command.1"), 0, 1)
+        .await
+        .expect("read")[0]
+        .clone();
     // An outcome that conflicts moves nothing: neither the events nor the position.
-    append(&store, "email.1", vec![msg("sneaky", "EmailSent", json!({}))]).await;
+    append(
+        &store,
+        "email.1",
+        vec![msg("sneaky", "EmailSent", json!({}))],
+    )
+    .await;
     let outcome = |expected| Commit {
         appends: vec![StreamAppend {
             stream: stream("email.1"),
             expected_version: Some(expected),
             messages: vec![msg("evt", "EmailSent", json!({}))],
         }],
-        settle: Some(Settle::Advance { consumer: consumer.clone(), position: command.global_position }),
+        settle: Some(Settle::Advance {
+            consumer: consumer.clone(),
+            position: command.global_position,
+        }),
         ..Commit::default()
     };
     assert!(store.commit(outcome(0)).await.is_err());
     assert_eq!(store.consumer_position(&consumer).await.expect("pos"), 0);
     store.commit(outcome(1)).await.expect("commit");
-    assert_eq!(store.consumer_position(&consumer).await.expect("pos"), command.global_position);
+    assert_eq!(
+        store.consumer_position(&consumer).await.expect("pos"),
+        command.global_position
+    );
     assert!(store.message("evt").await.expect("lookup").is_some());
 }
 
 pub async fn ignores_a_view_change_from_an_older_position(store: Store) {
-    let write = |value: Option<Value>, seq| ViewWrite { table: "users".into(), key: "42".into(), value, seq };
-    let commit = |w| Commit { views: vec![w], ..Commit::default() };
-    store.commit(commit(write(Some(json!({"name": "Ann"})), 5))).await.expect("write");
-    let row = store.view_get("users", "42").await.expect("get").expect("row");
+    let write = |value: Option<Value>, seq| ViewWrite {
+        table: "users".into(),
+        key: "42".into(),
+        value,
+        seq,
+    };
+    let commit = |w| Commit {
+        views: vec![w],
+        ..Commit::default()
+    };
+    store
+        .commit(commit(write(Some(json!({"name": "Ann"})), 5)))
+        .await
+        .expect("write");
+    let row = store
+        .view_get("users", "42")
+        .await
+        .expect("get")
+        .expect("row");
     assert_eq!(row.value["name"], "Ann");
     assert_eq!(row.last_update_seq, 5);
     // Replays of the same or an older event change nothing.
-    store.commit(commit(write(Some(json!({"name": "Old"})), 5))).await.expect("write");
-    store.commit(commit(write(Some(json!({"name": "Older"})), 3))).await.expect("write");
-    assert_eq!(store.view_get("users", "42").await.expect("get").expect("row").value["name"], "Ann");
-    store.commit(commit(write(Some(json!({"name": "Bob"})), 6))).await.expect("write");
-    assert_eq!(store.view_get("users", "42").await.expect("get").expect("row").value["name"], "Bob");
+    store
+        .commit(commit(write(Some(json!({"name": "Old"})), 5)))
+        .await
+        .expect("write");
+    store
+        .commit(commit(write(Some(json!({"name": "Older"})), 3)))
+        .await
+        .expect("write");
+    assert_eq!(
+        store
+            .view_get("users", "42")
+            .await
+            .expect("get")
+            .expect("row")
+            .value["name"],
+        "Ann"
+    );
+    store
+        .commit(commit(write(Some(json!({"name": "Bob"})), 6)))
+        .await
+        .expect("write");
+    assert_eq!(
+        store
+            .view_get("users", "42")
+            .await
+            .expect("get")
+            .expect("row")
+            .value["name"],
+        "Bob"
+    );
     // A delete is remembered too: an older upsert replayed later does not bring the row back.
     store.commit(commit(write(None, 8))).await.expect("delete");
     assert!(store.view_get("users", "42").await.expect("get").is_none());
-    store.commit(commit(write(Some(json!({"name": "Ghost"})), 7))).await.expect("write");
+    store
+        .commit(commit(write(Some(json!({"name": "Ghost"})), 7)))
+        .await
+        .expect("write");
     assert!(store.view_get("users", "42").await.expect("get").is_none());
 
-    store.commit(commit(ViewWrite { table: "users".into(), key: "a".into(), value: Some(json!(1)), seq: 9 })).await.expect("write");
-    store.commit(commit(ViewWrite { table: "users".into(), key: "b".into(), value: Some(json!(2)), seq: 10 })).await.expect("write");
+    store
+        .commit(commit(ViewWrite {
+            table: "users".into(),
+            key: "a".into(),
+            value: Some(json!(1)),
+            seq: 9,
+        }))
+        .await
+        .expect("write");
+    store
+        .commit(commit(ViewWrite {
+            table: "users".into(),
+            key: "b".into(),
+            value: Some(json!(2)),
+            seq: 10,
+        }))
+        .await
+        .expect("write");
     let rows = store.view_rows("users", None, 10).await.expect("rows");
     let keys: Vec<_> = rows.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(keys, ["a", "b"]);
     let rows = store.view_rows("users", Some("a"), 10).await.expect("rows");
     assert_eq!(rows.len(), 1);
-    assert!(store.view_rows("other", None, 10).await.expect("rows").is_empty());
+    assert!(
+        store
+            .view_rows("other", None, 10)
+            .await
+            .expect("rows")
+            .is_empty()
+    );
 }
 
 pub async fn parks_and_replays_a_message(store: Store) {
-    append(&store, "email:command.1", vec![msg("bad", "SendEmail", json!({}))]).await;
+    append(
+        &store,
+        "email:command.1",
+        vec![msg("bad", "SendEmail", json!({}))],
+    )
+    .await;
     let consumer = ConsumerId::new(category("email:command"), "microservice:email");
     let message = store.message("bad").await.expect("lookup").expect("stored");
     store
         .commit(Commit {
-            settle: Some(Settle::Advance { consumer: consumer.clone(), position: message.global_position }),
+            settle: Some(Settle::Advance {
+                consumer: consumer.clone(),
+                position: message.global_position,
+            }),
             park: Some(ParkedMessage {
                 consumer: consumer.clone(),
                 message: message.clone(),
@@ -293,23 +561,42 @@ pub async fn parks_and_replays_a_message(store: Store) {
     assert_eq!(parked[0].reason, "guest trapped");
     assert_eq!(parked[0].message.id, "bad");
     assert_eq!(store.parked(Some(&consumer)).await.expect("list").len(), 1);
-    assert!(store.deferred(&consumer).await.expect("deferred").is_empty());
+    assert!(
+        store
+            .deferred(&consumer)
+            .await
+            .expect("deferred")
+            .is_empty()
+    );
 
     assert_eq!(store.replay(Some("bad"), None).await.expect("replay"), 1);
     assert!(store.parked(None).await.expect("list").is_empty());
     let deferred = store.deferred(&consumer).await.expect("deferred");
     assert_eq!(deferred.len(), 1);
     assert_eq!(deferred[0].message.id, "bad");
-    assert_eq!(store.replay(Some("bad"), None).await.expect("replay"), 0, "replayed once");
+    assert_eq!(
+        store.replay(Some("bad"), None).await.expect("replay"),
+        0,
+        "replayed once"
+    );
 
     store
         .commit(Commit {
-            settle: Some(Settle::ClearDeferred { consumer: consumer.clone(), global_position: message.global_position }),
+            settle: Some(Settle::ClearDeferred {
+                consumer: consumer.clone(),
+                global_position: message.global_position,
+            }),
             ..Commit::default()
         })
         .await
         .expect("handled");
-    assert!(store.deferred(&consumer).await.expect("deferred").is_empty());
+    assert!(
+        store
+            .deferred(&consumer)
+            .await
+            .expect("deferred")
+            .is_empty()
+    );
 }
 
 pub async fn wakes_a_waiting_consumer_on_a_write(store: Store) {
@@ -326,9 +613,12 @@ pub async fn wakes_a_waiting_consumer_on_a_write(store: Store) {
         .expect("woken by the write")
         .expect("join");
     // Already past: returns at once.
-    tokio::time::timeout(Duration::from_secs(1), store.wait_for_category(&category("email"), 0))
-        .await
-        .expect("returns at once");
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        store.wait_for_category(&category("email"), 0),
+    )
+    .await
+    .expect("returns at once");
 }
 
 pub async fn shares_flushes_between_concurrent_appends(store: Store) {
@@ -337,7 +627,11 @@ pub async fn shares_flushes_between_concurrent_appends(store: Store) {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             store
-                .commit(Commit::append(stream(&format!("load.{}", i % 10)), None, vec![msg(&format!("m{i}"), "X", json!({}))]))
+                .commit(Commit::append(
+                    stream(&format!("load.{}", i % 10)),
+                    None,
+                    vec![msg(&format!("m{i}"), "X", json!({}))],
+                ))
                 .await
         }));
     }
@@ -345,10 +639,17 @@ pub async fn shares_flushes_between_concurrent_appends(store: Store) {
         task.await.expect("join").expect("commit");
     }
     assert_eq!(store.head().await.expect("head"), 200);
-    let page = store.read_category(&category("load"), 0, None, 1000).await.expect("read");
+    let page = store
+        .read_category(&category("load"), 0, None, 1000)
+        .await
+        .expect("read");
     let mut globals: Vec<_> = page.messages.iter().map(|m| m.global_position).collect();
     globals.dedup();
-    assert_eq!(globals, (1..=200).collect::<Vec<_>>(), "dense, ordered global positions");
+    assert_eq!(
+        globals,
+        (1..=200).collect::<Vec<_>>(),
+        "dense, ordered global positions"
+    );
 }
 
 /// Expands to one test per behaviour for a backend. `$open` is an async expression giving

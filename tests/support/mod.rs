@@ -82,7 +82,12 @@ impl Setup {
 
     /// Runs a CLI command that must succeed and returns its `--json` answer.
     pub fn ferry_json(&self, args: &[&str]) -> Value {
-        let output = self.command().arg("--json").args(args).output().expect("ferry runs");
+        let output = self
+            .command()
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("ferry runs");
         assert!(
             output.status.success(),
             "ferry {args:?} failed: {}",

@@ -5,7 +5,7 @@
 wit_bindgen::generate!({ world: "service", path: "../../wit" });
 
 use exports::ferry::service::handler::Guest;
-use ferry::service::types::{Failure, ServiceManifest, Message, Outcome, Outgoing};
+use ferry::service::types::{Failure, Message, Outcome, Outgoing, ServiceManifest};
 
 struct Chaos;
 

@@ -10,7 +10,7 @@ wit_bindgen::generate!({ world: "service", path: "../../wit" });
 
 use exports::ferry::service::handler::Guest;
 use ferry::service::types::{
-    Failure, ServiceManifest, Message, Outcome, Outgoing, Subscription, ViewChange, ViewRow,
+    Failure, Message, Outcome, Outgoing, ServiceManifest, Subscription, ViewChange, ViewRow,
 };
 use serde_json::{Value, json};
 

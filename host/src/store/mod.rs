@@ -168,7 +168,11 @@ pub struct Commit {
 
 impl Commit {
     /// A commit that only appends messages to one stream.
-    pub fn append(stream: StreamName, expected_version: Option<u64>, messages: Vec<NewMessage>) -> Self {
+    pub fn append(
+        stream: StreamName,
+        expected_version: Option<u64>,
+        messages: Vec<NewMessage>,
+    ) -> Self {
         Self {
             appends: vec![StreamAppend {
                 stream,

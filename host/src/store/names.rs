@@ -58,7 +58,10 @@ pub fn validate_service_name(name: &str) -> Result<(), NameError> {
 
 /// Checks a view table name (same rules as a service name).
 pub fn validate_table_name(name: &str) -> Result<(), NameError> {
-    validate_service_name(name).map_err(|e| NameError { kind: "view table", ..e })
+    validate_service_name(name).map_err(|e| NameError {
+        kind: "view table",
+        ..e
+    })
 }
 
 /// A category: `email` (events of the email service) or `email:command` (its commands).

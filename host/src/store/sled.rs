@@ -146,7 +146,9 @@ impl SledStore {
             .map_err(|e| {
                 let text = e.to_string();
                 if text.contains("could not acquire lock") {
-                    StoreError::Locked { path: shown.clone() }
+                    StoreError::Locked {
+                        path: shown.clone(),
+                    }
                 } else {
                     StoreError::Unusable {
                         path: shown.clone(),
@@ -331,8 +333,18 @@ fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>)
         &trees.deferred,
     ];
     let result = all.as_slice().transaction(|t: &Vec<TransactionalTree>| {
-        let [meta, messages, streams, versions, categories, ids, consumers, views, parked, deferred] =
-            t.as_slice()
+        let [
+            meta,
+            messages,
+            streams,
+            versions,
+            categories,
+            ids,
+            consumers,
+            views,
+            parked,
+            deferred,
+        ] = t.as_slice()
         else {
             return Err(abort(StoreError::Backend("tree set mismatch".into())));
         };
@@ -344,7 +356,9 @@ fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>)
             let mut fresh = Vec::with_capacity(append.messages.len());
             for message in &append.messages {
                 if ids.get(message.id.as_bytes())?.is_some()
-                    || fresh.iter().any(|m: &&super::NewMessage| m.id == message.id)
+                    || fresh
+                        .iter()
+                        .any(|m: &&super::NewMessage| m.id == message.id)
                 {
                     committed.duplicates.push(message.id.clone());
                 } else {
@@ -500,7 +514,9 @@ impl MessageStore for SledStore {
             page.scanned_to = global;
             let wanted = match origin_prefix {
                 None => true,
-                Some(prefix) => message.origin_entity().is_some_and(|o| o.starts_with(prefix)),
+                Some(prefix) => message
+                    .origin_entity()
+                    .is_some_and(|o| o.starts_with(prefix)),
             };
             if wanted {
                 page.messages.push(message);
