@@ -361,6 +361,15 @@ fn refuses_bad_input_from_the_cli_and_writes_nothing() {
     let output = setup.ferry(&["inspect", junk.to_str().expect("path")]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("not a valid Wasm component"));
+    let other = support::guest("not_a_service");
+    let output = setup.ferry(&["inspect", other.to_str().expect("path")]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("does not implement the world ferry:service/service@0.1.0")
+            && stderr.contains("ferry:service/handler@0.1.0"),
+        "{stderr}"
+    );
     let output = setup.ferry(&["inspect", support::guest("counter").to_str().expect("path")]);
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"name\": \"counter\""));

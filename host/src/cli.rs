@@ -368,7 +368,7 @@ fn print(json: bool, kind: &str, answer: &Value) {
             for m in answer["messages"].as_array().into_iter().flatten() {
                 println!(
                     "{:>8}  {}@{}  {}  {}  {}",
-                    m["global_position"],
+                    m["global_position"].as_u64().unwrap_or(0),
                     m["stream"].as_str().unwrap_or("?"),
                     m["position"],
                     m["type"].as_str().unwrap_or("?"),
@@ -387,9 +387,9 @@ fn print(json: bool, kind: &str, answer: &Value) {
                     "{:<32} {:<24} {:>10} {:>10} {:>8}",
                     c["consumer"]["name"].as_str().unwrap_or("?"),
                     c["consumer"]["category"].as_str().unwrap_or("?"),
-                    c["position"],
-                    c["category_head"],
-                    c["lag"]
+                    c["position"].as_u64().unwrap_or(0),
+                    c["category_head"].as_u64().unwrap_or(0),
+                    c["lag"].as_u64().unwrap_or(0)
                 );
             }
         }
