@@ -90,7 +90,7 @@ fn writes_events_once_when_a_command_is_redelivered() {
 
     // Lose the acknowledgement: move the consumer back before the command, as a crash between
     // handling and acknowledging would on a store without atomic outcomes.
-    rewind_consumer(&setup, "counter:command", "microservice:counter", 0);
+    setup.rewind_consumer("counter:command", "microservice:counter", 0);
     let host = setup.start(&[]);
     let command_global =
         setup.ferry_json(&["read", "counter:command.r"])["messages"][0]["global_position"]
@@ -107,25 +107,6 @@ fn writes_events_once_when_a_command_is_redelivered() {
         1,
         "the redelivered command wrote nothing new: {events:?}"
     );
-}
-
-fn rewind_consumer(setup: &Setup, category: &str, name: &str, position: u64) {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(async {
-        use ferry::store::{Category, Commit, ConsumerId, MessageStore, Settle, SledStore};
-        let store = SledStore::open(setup.data().join("store")).expect("open");
-        let consumer = ConsumerId::new(
-            Category::parse(category).expect("category"),
-            name.to_owned(),
-        );
-        store
-            .commit(Commit {
-                settle: Some(Settle::Advance { consumer, position }),
-                ..Commit::default()
-            })
-            .await
-            .expect("rewind");
-    });
 }
 
 #[test]

@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::control::{self, Context, Request};
-use crate::service::{self, LoadedService, RunnerConfig, Running};
+use crate::mail::Maildir;
+use crate::service::{self, Capabilities, LoadedService, RunnerConfig, Running};
 use crate::store::{MessageStore, SledStore, StoreError};
 use crate::wasm::{Limits, Runtime};
 
@@ -52,6 +53,9 @@ pub enum Command {
         /// First retry delay after a transient failure, in milliseconds (doubles each time).
         #[arg(long, default_value_t = 100)]
         retry_base_ms: u64,
+        /// Services granted the mail capability (delivery into DATA/maildir).
+        #[arg(long = "mail-grant", value_name = "SERVICE", default_value = "email")]
+        mail_grants: Vec<String>,
     },
     /// Append a message (normally a command) to a stream.
     Send {
@@ -111,6 +115,9 @@ pub enum Command {
     },
     /// Show a stream's projected state, folded by the owning service's `project`.
     Project { stream: String },
+    /// Empty a view (and the other views of the service writing it) and rebuild it from the event
+    /// history, showing progress. Runs in the host when one is running, otherwise here.
+    Rebuild { table: String },
     /// Load a component and print its manifest, or why it cannot run.
     Inspect { component: PathBuf },
 }
@@ -123,6 +130,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             guest_memory_mib,
             max_deliveries,
             retry_base_ms,
+            mail_grants,
         } => {
             let limits = Limits {
                 call_timeout: Duration::from_millis(guest_timeout_ms),
@@ -133,8 +141,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 retry_base: Duration::from_millis(retry_base_ms),
                 ..RunnerConfig::default()
             };
-            run(&cli.data, &cli.services, limits, config).await
+            let capabilities = Capabilities {
+                maildir: Some(Arc::new(Maildir::new(maildir(&cli.data)))),
+                mail_grants,
+            };
+            run(&cli.data, &cli.services, limits, config, &capabilities).await
         }
+        Command::Rebuild { table } => rebuild(&cli.data, &cli.services, table, cli.json).await,
         Command::Inspect { component } => {
             let runtime = Runtime::new(Some(cache_dir(&cli.data)))?;
             let loaded = runtime
@@ -211,7 +224,7 @@ fn request_of(command: Command) -> Option<Request> {
             category,
         },
         Command::Project { stream } => Request::Project { stream },
-        Command::Run { .. } | Command::Inspect { .. } => return None,
+        Command::Run { .. } | Command::Inspect { .. } | Command::Rebuild { .. } => return None,
     })
 }
 
@@ -224,11 +237,17 @@ fn kind_of(request: &Request) -> &'static str {
         Request::Parked => "parked",
         Request::Replay { .. } => "replay",
         Request::Project { .. } => "project",
+        Request::Rebuild { .. } => "rebuild",
     }
 }
 
 fn store_dir(data: &Path) -> PathBuf {
     data.join("store")
+}
+
+/// Where the mail capability delivers.
+pub fn maildir(data: &Path) -> PathBuf {
+    data.join("maildir")
 }
 
 fn cache_dir(data: &Path) -> PathBuf {
@@ -278,6 +297,104 @@ async fn execute_locally(data: &Path, services: &Path, request: Request) -> anyh
     control::execute(&context, request).await
 }
 
+/// Where a rebuild runs: in the running host, or in this process.
+enum Rebuilder<'a> {
+    Host(&'a Path),
+    Here(&'a Context),
+}
+
+impl Rebuilder<'_> {
+    async fn consumers(&self) -> anyhow::Result<Vec<crate::store::ConsumerInfo>> {
+        let request = Request::Consumers { category: None };
+        let answer = match self {
+            Self::Host(data) => control::try_remote(data, &request)
+                .await?
+                .context("the host stopped during the rebuild")?,
+            Self::Here(context) => control::execute(context, request).await?,
+        };
+        Ok(serde_json::from_value(answer["consumers"].clone())?)
+    }
+}
+
+/// `ferry rebuild TABLE`.
+async fn rebuild(data: &Path, services: &Path, table: String, json: bool) -> anyhow::Result<()> {
+    let request = Request::Rebuild { table };
+    if let Some(answer) = control::try_remote(data, &request).await? {
+        return follow_rebuild(&Rebuilder::Host(data), &answer, json).await;
+    }
+    let store = open_store(data)?;
+    let runtime = Runtime::new(Some(cache_dir(data)))?;
+    let (loaded, _) = service::load_folder(&runtime, services, Limits::default())?;
+    let admitted = service::admit(loaded).0;
+    let context = Context {
+        store: store.clone(),
+        services: service::by_name(&admitted),
+    };
+    let answer = control::execute(&context, request).await?;
+    let owner = admitted
+        .iter()
+        .find(|s| answer["service"] == s.component.manifest().name.as_str())
+        .context("the rebuilt service is not loaded")?;
+    // Only the event subscriptions run, with no capabilities: a rebuild must not send anything.
+    let running = Running::start_subscriptions(
+        store,
+        owner,
+        RunnerConfig::default(),
+        &Capabilities::default(),
+    )?;
+    let result = follow_rebuild(&Rebuilder::Here(&context), &answer, json).await;
+    running.shutdown().await;
+    result
+}
+
+/// Shows the rebuild's progress until its consumers have caught up.
+async fn follow_rebuild(
+    rebuilder: &Rebuilder<'_>,
+    answer: &Value,
+    json: bool,
+) -> anyhow::Result<()> {
+    let ids: Vec<crate::store::ConsumerId> = serde_json::from_value(answer["consumers"].clone())?;
+    let remaining = |infos: &[crate::store::ConsumerInfo]| -> u64 {
+        infos
+            .iter()
+            .filter(|info| ids.contains(&info.consumer))
+            .map(|info| info.lag + info.deferred)
+            .sum()
+    };
+    let total = answer["events"].as_u64().unwrap_or(0);
+    let bar = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template(
+            "rebuilding {msg} [{bar:40}] {pos}/{len} events ({per_sec}, {eta} left)",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_message(answer["views"].to_string());
+    let mut last_line = std::time::Instant::now();
+    loop {
+        let left = remaining(&rebuilder.consumers().await?);
+        let done = total.saturating_sub(left);
+        bar.set_position(done);
+        if bar.is_hidden() && !json && (left == 0 || last_line.elapsed() >= Duration::from_secs(1))
+        {
+            // Not a terminal: a line per second instead of a bar.
+            eprintln!("rebuilding {}: {done}/{total} events", answer["views"]);
+            last_line = std::time::Instant::now();
+        }
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bar.finish();
+    let summary = serde_json::json!({ "rebuilt": answer["views"], "service": answer["service"], "events": total });
+    if json {
+        println!("{summary}");
+    } else {
+        println!("rebuilt {} from {total} events", answer["views"]);
+    }
+    Ok(())
+}
+
 /// `ferry run`: opens the store, loads and admits the services, starts their consumers and the
 /// control socket, and runs until SIGINT or SIGTERM.
 pub async fn run(
@@ -285,6 +402,7 @@ pub async fn run(
     services: &Path,
     limits: Limits,
     config: RunnerConfig,
+    capabilities: &Capabilities,
 ) -> anyhow::Result<()> {
     let store = open_store(data)?;
     let runtime = Runtime::new(Some(cache_dir(data)))?;
@@ -298,7 +416,7 @@ pub async fn run(
     for (path, error) in &refused {
         tracing::error!(path = %path.display(), "component refused: {error:#}");
     }
-    let running = Running::start(store.clone(), &admitted, config)?;
+    let running = Running::start(store.clone(), &admitted, config, capabilities)?;
     let context = Arc::new(Context {
         store,
         services: service::by_name(&admitted),
@@ -384,12 +502,13 @@ fn print(json: bool, kind: &str, answer: &Value) {
             );
             for c in answer["consumers"].as_array().into_iter().flatten() {
                 println!(
-                    "{:<32} {:<24} {:>10} {:>10} {:>8}",
+                    "{:<32} {:<24} {:>10} {:>10} {:>8} {:>8}",
                     c["consumer"]["name"].as_str().unwrap_or("?"),
                     c["consumer"]["category"].as_str().unwrap_or("?"),
                     c["position"].as_u64().unwrap_or(0),
                     c["category_head"].as_u64().unwrap_or(0),
-                    c["lag"].as_u64().unwrap_or(0)
+                    c["lag"].as_u64().unwrap_or(0),
+                    c["deferred"].as_u64().unwrap_or(0)
                 );
             }
         }

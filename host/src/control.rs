@@ -62,6 +62,8 @@ pub enum Request {
     },
     /// Fold a stream through the `project` of the service owning its category.
     Project { stream: String },
+    /// Empty the views of the service that writes `table` and replay its event subscriptions.
+    Rebuild { table: String },
 }
 
 /// What a request needs besides the store.
@@ -193,6 +195,27 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             }
             Ok(json!({ "replayed": replayed }))
         }
+        Request::Rebuild { table } => {
+            let component = owner_of_view(context, &table)?;
+            let manifest = component.manifest();
+            let consumers: Vec<_> = service::subscriptions_of(&component)?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            if consumers.is_empty() {
+                return Err(refuse(format!(
+                    "service {} subscribes to no event category, so its views cannot be rebuilt from events",
+                    manifest.name
+                )));
+            }
+            let events = store.rebuild_views(&manifest.views, &consumers).await?;
+            Ok(json!({
+                "service": manifest.name,
+                "views": manifest.views,
+                "consumers": consumers,
+                "events": events,
+            }))
+        }
         Request::Project { stream } => {
             let stream = StreamName::parse(&stream)?;
             let owner = stream.service();
@@ -214,6 +237,17 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             Ok(json!({ "stream": stream, "version": version, "state": state }))
         }
     }
+}
+
+/// The loaded service that declares a view table.
+pub fn owner_of_view(context: &Context, table: &str) -> anyhow::Result<Arc<ServiceComponent>> {
+    validate_table_name(table)?;
+    context
+        .services
+        .values()
+        .find(|component| component.manifest().views.iter().any(|v| v == table))
+        .cloned()
+        .ok_or_else(|| refuse(format!("no loaded service writes the view {table}")))
 }
 
 /// The control socket's path in a data folder.

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod mail;
 pub mod service;
 pub mod store;
 pub mod wasm;

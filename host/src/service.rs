@@ -19,6 +19,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::mail::Maildir;
 use crate::store::{
     Category, Commit, ConsumerId, DeferredMessage, Message, MessageStore, NewMessage,
     ParkedMessage, Settle, StoreError, StreamAppend, StreamName, ViewWrite, now_ms,
@@ -53,6 +54,23 @@ impl Default for RunnerConfig {
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
         }
+    }
+}
+
+/// Host capabilities beyond the store, and who may use them.
+#[derive(Debug, Clone, Default)]
+pub struct Capabilities {
+    /// Where granted services deliver email.
+    pub maildir: Option<Arc<Maildir>>,
+    /// Services granted the `mail` capability.
+    pub mail_grants: Vec<String>,
+}
+
+impl Capabilities {
+    fn mail_for(&self, service: &str) -> Option<Arc<Maildir>> {
+        self.maildir
+            .clone()
+            .filter(|_| self.mail_grants.iter().any(|granted| granted == service))
     }
 }
 
@@ -163,42 +181,74 @@ impl Running {
         store: Arc<dyn MessageStore>,
         services: &[LoadedService],
         config: RunnerConfig,
+        capabilities: &Capabilities,
     ) -> anyhow::Result<Self> {
-        let (shutdown, _) = watch::channel(false);
-        let mut tasks = JoinSet::new();
+        let mut running = Self::empty();
         for service in services {
-            let manifest = service.component.manifest();
-            let component = Arc::new(service.component.clone());
-            let mut categories = Vec::new();
-            if manifest.handles_commands {
-                categories.push((Category::commands_of(&manifest.name)?, None));
-            }
-            for subscription in &manifest.subscriptions {
-                categories.push((
-                    Category::parse(&subscription.category)?,
-                    subscription.origin_prefix.clone(),
-                ));
-            }
-            tracing::info!(
-                service = %manifest.name,
-                version = %&component.hash()[..12],
-                path = %service.path.display(),
-                consumers = categories.len(),
-                "service started"
-            );
-            for (category, origin_prefix) in categories {
-                let consumer = Consumer {
-                    id: ConsumerId::new(category, consumer_name(&manifest.name)),
-                    origin_prefix,
-                    component: component.clone(),
-                    store: store.clone(),
-                    config,
-                    shutdown: shutdown.subscribe(),
-                };
-                tasks.spawn(consumer.run());
-            }
+            running.spawn(&store, service, config, capabilities, true)?;
         }
-        Ok(Self { shutdown, tasks })
+        Ok(running)
+    }
+
+    /// Starts only a service's event subscriptions (not its command consumer): what a view
+    /// rebuild needs, with nothing else happening.
+    pub fn start_subscriptions(
+        store: Arc<dyn MessageStore>,
+        service: &LoadedService,
+        config: RunnerConfig,
+        capabilities: &Capabilities,
+    ) -> anyhow::Result<Self> {
+        let mut running = Self::empty();
+        running.spawn(&store, service, config, capabilities, false)?;
+        Ok(running)
+    }
+
+    fn empty() -> Self {
+        Self {
+            shutdown: watch::channel(false).0,
+            tasks: JoinSet::new(),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        store: &Arc<dyn MessageStore>,
+        service: &LoadedService,
+        config: RunnerConfig,
+        capabilities: &Capabilities,
+        with_commands: bool,
+    ) -> anyhow::Result<()> {
+        let manifest = service.component.manifest();
+        let component = Arc::new(service.component.clone());
+        let mut consumers = subscriptions_of(&service.component)?;
+        if with_commands && manifest.handles_commands {
+            let id = ConsumerId::new(
+                Category::commands_of(&manifest.name)?,
+                consumer_name(&manifest.name),
+            );
+            consumers.insert(0, (id, None));
+        }
+        tracing::info!(
+            service = %manifest.name,
+            version = %&component.hash()[..12],
+            path = %service.path.display(),
+            consumers = consumers.len(),
+            "service started"
+        );
+        for (id, origin_prefix) in consumers {
+            let consumer = Consumer {
+                id,
+                position: 0,
+                origin_prefix,
+                mail: capabilities.mail_for(&manifest.name),
+                component: component.clone(),
+                store: store.clone(),
+                config,
+                shutdown: self.shutdown.subscribe(),
+            };
+            self.tasks.spawn(consumer.run());
+        }
+        Ok(())
     }
 
     /// Stops every consumer between two messages and waits for them.
@@ -217,7 +267,10 @@ enum Source {
 
 struct Consumer {
     id: ConsumerId,
+    /// The stored position as this consumer last read or wrote it.
+    position: u64,
     origin_prefix: Option<String>,
+    mail: Option<Arc<Maildir>>,
     component: Arc<ServiceComponent>,
     store: Arc<dyn MessageStore>,
     config: RunnerConfig,
@@ -227,12 +280,17 @@ struct Consumer {
 /// Why handling stopped without settling the message; it is delivered again later.
 enum Interrupted {
     Shutdown,
+    /// The stored position changed under the consumer (a view rebuild): read it again.
+    Moved,
     Store(StoreError),
 }
 
 impl From<StoreError> for Interrupted {
     fn from(e: StoreError) -> Self {
-        Self::Store(e)
+        match e {
+            StoreError::ConsumerMoved { .. } => Self::Moved,
+            e => Self::Store(e),
+        }
     }
 }
 
@@ -243,6 +301,9 @@ impl Consumer {
             match self.poll().await {
                 Ok(()) => {}
                 Err(Interrupted::Shutdown) => break,
+                Err(Interrupted::Moved) => {
+                    tracing::info!(consumer = %self.id, "position moved by someone else; reading again");
+                }
                 Err(Interrupted::Store(e)) => {
                     tracing::error!(consumer = %self.id, "store error, retrying in 1s: {e}");
                     if self.sleep(Duration::from_secs(1)).await.is_err() {
@@ -268,7 +329,8 @@ impl Consumer {
             self.handle(deferred.message, Source::Deferred).await?;
         }
 
-        let position = self.store.consumer_position(&self.id).await?;
+        self.position = self.store.consumer_position(&self.id).await?;
+        let position = self.position;
         let page = self
             .store
             .read_category(
@@ -280,15 +342,19 @@ impl Consumer {
             .await?;
         let idle = page.messages.is_empty();
         for message in page.messages {
+            let global = message.global_position;
             self.handle(message, Source::Category).await?;
+            self.position = global;
         }
         if page.scanned_to > position && idle {
             // Everything scanned was filtered out: remember that, so a restart does not rescan.
             self.settle_only(Settle::Advance {
                 consumer: self.id.clone(),
-                position: page.scanned_to,
+                from: position,
+                to: page.scanned_to,
             })
             .await?;
+            self.position = page.scanned_to;
         }
         if !idle {
             return Ok(());
@@ -320,7 +386,8 @@ impl Consumer {
         match source {
             Source::Category => Settle::Advance {
                 consumer: self.id.clone(),
-                position: message.global_position,
+                from: self.position,
+                to: message.global_position,
             },
             Source::Deferred => Settle::ClearDeferred {
                 consumer: self.id.clone(),
@@ -365,7 +432,13 @@ impl Consumer {
         let mut conflicts = 0;
         loop {
             deliveries += 1;
-            let decided = decide(self.component.clone(), self.store.clone(), message.clone()).await;
+            let decided = decide(
+                self.component.clone(),
+                self.store.clone(),
+                self.mail.clone(),
+                message.clone(),
+            )
+            .await;
             let failure = match decided {
                 Ok(decision) => match self.outcome_commit(&message, decision, settle.clone()) {
                     Ok(commit) => match self.store.commit(commit).await {
@@ -599,6 +672,7 @@ pub fn entity_of(service: &str, message: &Message) -> Option<StreamName> {
 async fn decide(
     component: Arc<ServiceComponent>,
     store: Arc<dyn MessageStore>,
+    mail: Option<Arc<Maildir>>,
     message: Message,
 ) -> Result<Decision, Decline> {
     let runtime = Handle::current();
@@ -610,6 +684,7 @@ async fn decide(
             store: store.clone(),
             service,
             handled_id: message.id.clone(),
+            mail,
         };
         let mut instance = component
             .instantiate(Box::new(host))
@@ -679,6 +754,7 @@ pub async fn project(
             store: store.clone(),
             service: component.manifest().name.clone(),
             handled_id: String::new(),
+            mail: None,
         };
         let mut instance = component.instantiate(Box::new(host))?;
         fold(&runtime, store.as_ref(), &mut instance, &stream).map_err(|e| match e {
@@ -696,6 +772,7 @@ struct StoreHost {
     store: Arc<dyn MessageStore>,
     service: String,
     handled_id: String,
+    mail: Option<Arc<Maildir>>,
 }
 
 impl GuestHost for StoreHost {
@@ -721,6 +798,38 @@ impl GuestHost for StoreHost {
     fn new_id(&mut self, name: &str) -> String {
         derived_id(&[&self.service, &self.handled_id, "new-id", name])
     }
+
+    fn deliver_email(&mut self, email_id: &str, message: &str) -> Result<(), String> {
+        let Some(maildir) = &self.mail else {
+            return Err(format!(
+                "service {} is not granted the mail capability",
+                self.service
+            ));
+        };
+        maildir
+            .deliver(email_id, message)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A service's event consumers: one per subscribed category, with its origin filter.
+pub fn subscriptions_of(
+    component: &ServiceComponent,
+) -> anyhow::Result<Vec<(ConsumerId, Option<String>)>> {
+    let manifest = component.manifest();
+    manifest
+        .subscriptions
+        .iter()
+        .map(|subscription| {
+            Ok((
+                ConsumerId::new(
+                    Category::parse(&subscription.category)?,
+                    consumer_name(&manifest.name),
+                ),
+                subscription.origin_prefix.clone(),
+            ))
+        })
+        .collect()
 }
 
 /// Services by name, for commands that need a component (such as `ferry project`).

@@ -127,6 +127,8 @@ pub trait GuestHost: Send {
     fn read_stream(&mut self, stream: &str, from_position: u64) -> Result<Vec<Message>, String>;
     fn view_get(&mut self, table: &str, key: &str) -> Result<Option<String>, String>;
     fn new_id(&mut self, name: &str) -> String;
+    /// The `mail` capability; refused unless the service was granted it.
+    fn deliver_email(&mut self, email_id: &str, message: &str) -> Result<(), String>;
 }
 
 /// A [`GuestHost`] that offers nothing; used while reading a manifest.
@@ -141,6 +143,9 @@ impl GuestHost for NoHost {
     }
     fn new_id(&mut self, name: &str) -> String {
         name.to_owned()
+    }
+    fn deliver_email(&mut self, _: &str, _: &str) -> Result<(), String> {
+        Err("not available while the manifest is read".into())
     }
 }
 
@@ -224,6 +229,12 @@ impl bindings::ferry::service::host::Host for GuestState {
             wit::Level::Warn => tracing::warn!(target: "ferry::guest", %service, "{text}"),
             wit::Level::Error => tracing::error!(target: "ferry::guest", %service, "{text}"),
         }
+    }
+}
+
+impl bindings::ferry::service::mail::Host for GuestState {
+    fn deliver(&mut self, email_id: String, message: String) -> Result<(), String> {
+        self.host.deliver_email(&email_id, &message)
     }
 }
 

@@ -360,7 +360,8 @@ pub async fn keeps_consumer_positions_per_category(store: Store) {
         .commit(Commit {
             settle: Some(Settle::Advance {
                 consumer: consumer.clone(),
-                position: first,
+                from: 0,
+                to: first,
             }),
             ..Commit::default()
         })
@@ -422,7 +423,8 @@ pub async fn commits_an_outcome_with_the_consumer_position(store: Store) {
         }],
         settle: Some(Settle::Advance {
             consumer: consumer.clone(),
-            position: command.global_position,
+            from: 0,
+            to: command.global_position,
         }),
         ..Commit::default()
     };
@@ -543,7 +545,8 @@ pub async fn parks_and_replays_a_message(store: Store) {
         .commit(Commit {
             settle: Some(Settle::Advance {
                 consumer: consumer.clone(),
-                position: message.global_position,
+                from: 0,
+                to: message.global_position,
             }),
             park: Some(ParkedMessage {
                 consumer: consumer.clone(),
@@ -652,6 +655,135 @@ pub async fn shares_flushes_between_concurrent_appends(store: Store) {
     );
 }
 
+pub async fn refuses_to_advance_a_consumer_that_moved(store: Store) {
+    append(&store, "email.1", vec![msg("e1", "EmailSent", json!({}))]).await;
+    let consumer = ConsumerId::new(category("email"), "microservice:subscription");
+    let advance = |from, to| Commit {
+        appends: vec![StreamAppend {
+            stream: stream("subscription.1"),
+            expected_version: None,
+            messages: vec![msg(&format!("out-{from}-{to}"), "Noted", json!({}))],
+        }],
+        settle: Some(Settle::Advance {
+            consumer: consumer.clone(),
+            from,
+            to,
+        }),
+        ..Commit::default()
+    };
+    store
+        .commit(advance(0, 1))
+        .await
+        .expect("advance from where it is");
+    let error = store
+        .commit(advance(0, 1))
+        .await
+        .expect_err("it is not at 0 any more");
+    assert!(
+        matches!(
+            error,
+            StoreError::ConsumerMoved {
+                expected: 0,
+                actual: 1,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(store.message("out-0-1").await.expect("lookup").is_some());
+    assert_eq!(
+        store
+            .read_stream(&stream("subscription.1"), 0, 10)
+            .await
+            .expect("read")
+            .len(),
+        1,
+        "the refused commit wrote nothing"
+    );
+}
+
+pub async fn rebuilds_views_from_the_start(store: Store) {
+    append(
+        &store,
+        "user.1",
+        vec![msg("u1", "UserRegistered", json!({}))],
+    )
+    .await;
+    let consumer = ConsumerId::new(category("user"), "microservice:user-aggregator");
+    let other = ConsumerId::new(category("user"), "microservice:user");
+    for c in [&consumer, &other] {
+        store
+            .commit(Commit {
+                views: vec![ViewWrite {
+                    table: "users".into(),
+                    key: "1".into(),
+                    value: Some(json!({"n": 1})),
+                    seq: 1,
+                }],
+                settle: Some(Settle::Advance {
+                    consumer: c.clone(),
+                    from: 0,
+                    to: 1,
+                }),
+                ..Commit::default()
+            })
+            .await
+            .expect("handled");
+    }
+    store
+        .commit(Commit {
+            views: vec![ViewWrite {
+                table: "other".into(),
+                key: "k".into(),
+                value: Some(json!(1)),
+                seq: 1,
+            }],
+            ..Commit::default()
+        })
+        .await
+        .expect("other view");
+    store
+        .rebuild_views(&["users".to_owned()], std::slice::from_ref(&consumer))
+        .await
+        .expect("rebuild");
+    assert!(
+        store.view_get("users", "1").await.expect("get").is_none(),
+        "rows and tombstones go"
+    );
+    assert_eq!(store.consumer_position(&consumer).await.expect("pos"), 0);
+    assert_eq!(
+        store.consumer_position(&other).await.expect("pos"),
+        1,
+        "other consumers stay"
+    );
+    assert!(
+        store.view_get("other", "k").await.expect("get").is_some(),
+        "other views stay"
+    );
+    // The replayed event may write the row again: its lastUpdateSeq is gone with the table.
+    store
+        .commit(Commit {
+            views: vec![ViewWrite {
+                table: "users".into(),
+                key: "1".into(),
+                value: Some(json!({"n": 2})),
+                seq: 1,
+            }],
+            ..Commit::default()
+        })
+        .await
+        .expect("replayed");
+    assert_eq!(
+        store
+            .view_get("users", "1")
+            .await
+            .expect("get")
+            .expect("row")
+            .value["n"],
+        2
+    );
+}
+
 /// Expands to one test per behaviour for a backend. `$open` is an async expression giving
 /// `(Arc<dyn MessageStore>, guard)`.
 #[macro_export]
@@ -665,6 +797,8 @@ macro_rules! conformance_suite {
             refuses_data_that_is_not_an_object,
             reads_a_category_from_a_position_with_an_origin_filter,
             keeps_consumer_positions_per_category,
+            refuses_to_advance_a_consumer_that_moved,
+            rebuilds_views_from_the_start,
             commits_an_outcome_with_the_consumer_position,
             ignores_a_view_change_from_an_older_position,
             parks_and_replays_a_message,

@@ -64,6 +64,69 @@ impl Setup {
             .expect("copy component");
     }
 
+    pub fn uninstall(&self, name: &str) {
+        std::fs::remove_file(self.services().join(format!("{name}.wasm")))
+            .expect("remove component");
+    }
+
+    /// Moves a consumer's position, as a lost acknowledgement would (the host must be stopped).
+    pub fn rewind_consumer(&self, category: &str, name: &str, position: u64) {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            use ferry::store::{Category, Commit, ConsumerId, MessageStore, Settle, SledStore};
+            let store = SledStore::open(self.data().join("store")).expect("open");
+            let consumer = ConsumerId::new(
+                Category::parse(category).expect("category"),
+                name.to_owned(),
+            );
+            let from = store.consumer_position(&consumer).await.expect("position");
+            store
+                .commit(Commit {
+                    settle: Some(Settle::Advance {
+                        consumer,
+                        from,
+                        to: position,
+                    }),
+                    ..Commit::default()
+                })
+                .await
+                .expect("rewind");
+        });
+    }
+
+    /// The emails delivered into the maildir: file name → text.
+    pub fn emails(&self) -> Vec<(String, String)> {
+        let mut emails: Vec<(String, String)> = std::fs::read_dir(self.data().join("maildir/new"))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| {
+                        (
+                            e.file_name().to_string_lossy().into_owned(),
+                            std::fs::read_to_string(e.path()).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        emails.sort();
+        emails
+    }
+
+    /// Waits until a stream holds at least `count` messages and returns them.
+    pub fn wait_for_stream(&self, stream: &str, count: usize) -> Vec<Value> {
+        let mut messages = Vec::new();
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{stream} holds {count} messages"),
+            || {
+                messages = self.read(stream);
+                messages.len() >= count
+            },
+        );
+        messages
+    }
+
     fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
         command

@@ -123,6 +123,8 @@ pub struct ConsumerInfo {
     pub category_head: u64,
     /// Messages of the category past the consumer's position.
     pub lag: u64,
+    /// Messages set aside for later (not yet due, or replayed and not yet handled).
+    pub deferred: u64,
 }
 
 /// A message a consumer gave up on, with the reason. Replaying it hands it back to the consumer.
@@ -147,8 +149,15 @@ pub struct DeferredMessage {
 /// What happens to the message a consumer handled, in the same commit as its outcome.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settle {
-    /// The consumer read it from its category: move the consumer's position to it.
-    Advance { consumer: ConsumerId, position: u64 },
+    /// The consumer read it from its category: move the consumer's position from `from` (where
+    /// the consumer read it) to `to`. If the stored position is no longer `from` (a rebuild reset
+    /// it, another process moved it), the whole commit fails with
+    /// [`StoreError::ConsumerMoved`].
+    Advance {
+        consumer: ConsumerId,
+        from: u64,
+        to: u64,
+    },
     /// The consumer took it from its deferred set: remove it from there.
     ClearDeferred {
         consumer: ConsumerId,
@@ -211,6 +220,12 @@ pub enum StoreError {
     #[error("stream {stream} is at version {actual}, not the expected {expected}")]
     Conflict {
         stream: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("consumer {consumer} is at {actual}, not at {expected} where it read from")]
+    ConsumerMoved {
+        consumer: String,
         expected: u64,
         actual: u64,
     },
@@ -291,6 +306,16 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// A consumer's deferred messages in order of due time.
     async fn deferred(&self, consumer: &ConsumerId) -> Result<Vec<DeferredMessage>, StoreError>;
+
+    /// Empties view tables and sends consumers back to the start of their categories (clearing
+    /// their deferred and parked messages), in one step, so the consumers rebuild the views from
+    /// the event history. Returns how many messages the consumers' categories hold: the history
+    /// they will replay.
+    async fn rebuild_views(
+        &self,
+        tables: &[String],
+        consumers: &[ConsumerId],
+    ) -> Result<u64, StoreError>;
 
     /// Moves parked messages back to their consumers, due at once: every parked copy of the
     /// message with `message_id` when given, otherwise all of `consumer`'s. Returns how many.

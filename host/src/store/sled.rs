@@ -52,9 +52,25 @@ struct Trees {
     deferred: Tree,
 }
 
-struct WriteRequest {
-    commit: Commit,
-    reply: oneshot::Sender<Result<Committed, StoreError>>,
+enum WriteRequest {
+    Commit {
+        commit: Box<Commit>,
+        reply: oneshot::Sender<Result<Committed, StoreError>>,
+    },
+    RebuildViews {
+        tables: Vec<String>,
+        consumers: Vec<ConsumerId>,
+        reply: oneshot::Sender<Result<Committed, StoreError>>,
+    },
+}
+
+impl WriteRequest {
+    fn reply(self, result: Result<Committed, StoreError>) {
+        let reply = match self {
+            Self::Commit { reply, .. } | Self::RebuildViews { reply, .. } => reply,
+        };
+        let _ = reply.send(result);
+    }
 }
 
 type Watchers = Arc<Mutex<HashMap<String, watch::Sender<u64>>>>;
@@ -214,6 +230,15 @@ impl SledStore {
         })
     }
 
+    fn write(&self, request: WriteRequest) -> Result<(), StoreError> {
+        self.inner
+            .writer
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(request)
+            .map_err(|_| StoreError::Closed)
+    }
+
     fn trees(&self) -> &Trees {
         &self.inner.trees
     }
@@ -267,7 +292,12 @@ fn write_loop(
         let mut results = Vec::with_capacity(group.len());
         let mut touched: BTreeSet<String> = BTreeSet::new();
         for request in &group {
-            let result = apply(&trees, &request.commit);
+            let result = match request {
+                WriteRequest::Commit { commit, .. } => apply(&trees, commit),
+                WriteRequest::RebuildViews {
+                    tables, consumers, ..
+                } => rebuild(&trees, tables, consumers),
+            };
             if let Ok((_, categories)) = &result {
                 touched.extend(categories.iter().cloned());
             }
@@ -277,7 +307,7 @@ fn write_loop(
         if let Err(e) = db.flush() {
             let reason = format!("flush failed: {e}");
             for request in group {
-                let _ = request.reply.send(Err(StoreError::Backend(reason.clone())));
+                request.reply(Err(StoreError::Backend(reason.clone())));
             }
             continue;
         }
@@ -289,9 +319,63 @@ fn write_loop(
             }
         }
         for (request, result) in group.into_iter().zip(results) {
-            let _ = request.reply.send(result);
+            request.reply(result);
         }
     }
+}
+
+/// Empties view tables and resets consumers in one transaction. The keys to delete are listed
+/// first: sled transactions cannot scan, and nothing else writes while the writer thread is here.
+fn rebuild(
+    trees: &Trees,
+    tables: &[String],
+    consumers: &[ConsumerId],
+) -> Result<(Committed, BTreeSet<String>), StoreError> {
+    let mut rows = Vec::new();
+    for table in tables {
+        for entry in trees.views.scan_prefix(key2(table, &[])) {
+            rows.push(entry.map_err(backend)?.0);
+        }
+    }
+    let mut set_aside = Vec::new();
+    for consumer in consumers {
+        let mut prefix = consumer_key(consumer);
+        prefix.push(0);
+        for entry in trees.deferred.scan_prefix(&prefix) {
+            set_aside.push((true, entry.map_err(backend)?.0));
+        }
+        for entry in trees.parked.scan_prefix(&prefix) {
+            set_aside.push((false, entry.map_err(backend)?.0));
+        }
+    }
+    let result = (
+        &trees.views,
+        &trees.consumers,
+        &trees.deferred,
+        &trees.parked,
+    )
+        .transaction(|(views, positions, deferred, parked)| {
+            for key in &rows {
+                views.remove(key)?;
+            }
+            for consumer in consumers {
+                positions.insert(consumer_key(consumer), &0u64.to_be_bytes())?;
+            }
+            for (is_deferred, key) in &set_aside {
+                if *is_deferred {
+                    deferred.remove(key)?;
+                } else {
+                    parked.remove(key)?;
+                }
+            }
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        });
+    result.map_err(|e| backend(format!("{e:?}")))?;
+    let touched = consumers
+        .iter()
+        .map(|c| c.category.as_str().to_owned())
+        .collect();
+    Ok((Committed::default(), touched))
 }
 
 type Abort = ConflictableTransactionError<StoreError>;
@@ -420,8 +504,17 @@ fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>)
         }
 
         match &commit.settle {
-            Some(Settle::Advance { consumer, position }) => {
-                consumers.insert(consumer_key(consumer), &position.to_be_bytes())?;
+            Some(Settle::Advance { consumer, from, to }) => {
+                let key = consumer_key(consumer);
+                let actual = consumers.get(&key)?.map(|v| u64_be(&v)).unwrap_or(0);
+                if actual != *from {
+                    return Err(abort(StoreError::ConsumerMoved {
+                        consumer: consumer.to_string(),
+                        expected: *from,
+                        actual,
+                    }));
+                }
+                consumers.insert(key, &to.to_be_bytes())?;
             }
             Some(Settle::ClearDeferred {
                 consumer,
@@ -452,13 +545,35 @@ fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>)
 impl MessageStore for SledStore {
     async fn commit(&self, commit: Commit) -> Result<Committed, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.inner
-            .writer
-            .as_ref()
-            .ok_or(StoreError::Closed)?
-            .send(WriteRequest { commit, reply })
-            .map_err(|_| StoreError::Closed)?;
+        self.write(WriteRequest::Commit {
+            commit: Box::new(commit),
+            reply,
+        })?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn rebuild_views(
+        &self,
+        tables: &[String],
+        consumers: &[ConsumerId],
+    ) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.write(WriteRequest::RebuildViews {
+            tables: tables.to_vec(),
+            consumers: consumers.to_vec(),
+            reply,
+        })?;
+        answer.await.map_err(|_| StoreError::Closed)??;
+        let categories: BTreeSet<&str> = consumers.iter().map(|c| c.category.as_str()).collect();
+        Ok(categories
+            .into_iter()
+            .map(|category| {
+                self.trees()
+                    .categories
+                    .scan_prefix(key2(category, &[]))
+                    .count() as u64
+            })
+            .sum())
     }
 
     async fn read_stream(
@@ -586,11 +701,16 @@ impl MessageStore for SledStore {
             let start = key2(category.as_str(), &position.saturating_add(1).to_be_bytes());
             let end = key2(category.as_str(), &u64::MAX.to_be_bytes());
             let lag = self.trees().categories.range(start..=end).count() as u64;
+            let consumer = ConsumerId::new(category, name);
+            let mut deferred_prefix = consumer_key(&consumer);
+            deferred_prefix.push(0);
+            let deferred = self.trees().deferred.scan_prefix(deferred_prefix).count() as u64;
             listed.push(ConsumerInfo {
-                category_head: self.category_head(category.as_str())?,
-                consumer: ConsumerId::new(category, name),
+                category_head: self.category_head(consumer.category.as_str())?,
+                consumer,
                 position,
                 lag,
+                deferred,
             });
         }
         Ok(listed)
