@@ -497,8 +497,8 @@ fn print(json: bool, kind: &str, answer: &Value) {
         }
         "consumers" => {
             println!(
-                "{:<32} {:<24} {:>10} {:>10} {:>8}",
-                "CONSUMER", "CATEGORY", "POSITION", "HEAD", "LAG"
+                "{:<32} {:<24} {:>10} {:>10} {:>8} {:>8}",
+                "CONSUMER", "CATEGORY", "POSITION", "HEAD", "LAG", "DEFERRED"
             );
             for c in answer["consumers"].as_array().into_iter().flatten() {
                 println!(
