@@ -175,11 +175,12 @@ fn loses_nothing_when_the_host_is_killed_mid_flow() {
 #[test]
 fn parks_faulty_guests_and_keeps_handling_others() {
     let setup = Setup::new(&["counter", "chaos"]);
+    // Tight limits for chaos only; counter keeps the defaults.
     let _host = setup.start(&[
-        "--guest-timeout-ms",
-        "300",
-        "--guest-memory-mib",
-        "32",
+        "--service-limit",
+        "chaos:timeout-ms=300",
+        "--service-limit",
+        "chaos:memory-mib=32",
         "--max-deliveries",
         "2",
         "--retry-base-ms",
@@ -187,8 +188,8 @@ fn parks_faulty_guests_and_keeps_handling_others() {
     ]);
     let faults = [
         ("Trap", "trapped"),
-        ("Loop", "deadline"),
-        ("Grow", "memory limit"),
+        ("Loop", "deadline of 300ms"),
+        ("Grow", "past the limit of 33554432 bytes"),
         ("Fail", "permanent failure: chaos refuses"),
         ("Flaky", "gave up after 2 deliveries"),
         (
@@ -197,6 +198,7 @@ fn parks_faulty_guests_and_keeps_handling_others() {
         ),
         ("BadStream", "invalid stream name"),
         ("BadJson", "data is not valid JSON"),
+        ("Huge", "2000 messages, more than the limit of 1000"),
     ];
     for (n, (fault, _)) in faults.iter().enumerate() {
         setup.ferry_json(&[

@@ -86,6 +86,13 @@ fn refuses_components_that_are_not_services() {
         }
         other => panic!("expected a world error, got {other:?}"),
     }
+    let greedy = std::fs::read(support::guest("greedy")).expect("component");
+    match runtime.load(&greedy, Limits::default()) {
+        Err(LoadError::Import(reason)) => {
+            assert!(reason.contains("test:greedy/socket"), "{reason}")
+        }
+        other => panic!("expected an import error, got {other:?}"),
+    }
     match runtime.load(b"\0asm\x01\0\0\0", Limits::default()) {
         Err(LoadError::Compile(_)) => {}
         other => panic!("a core module is not a component: {other:?}"),

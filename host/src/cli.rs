@@ -53,6 +53,10 @@ pub enum Command {
         /// First retry delay after a transient failure, in milliseconds (doubles each time).
         #[arg(long, default_value_t = 100)]
         retry_base_ms: u64,
+        /// A limit for one service, overriding the defaults above:
+        /// `SERVICE:timeout-ms=N` or `SERVICE:memory-mib=N` (repeatable).
+        #[arg(long = "service-limit", value_name = "SERVICE:KEY=N", value_parser = parse_service_limit)]
+        service_limits: Vec<ServiceLimit>,
         /// Services granted the mail capability (delivery into DATA/maildir).
         #[arg(long = "mail-grant", value_name = "SERVICE", default_value = "email")]
         mail_grants: Vec<String>,
@@ -131,6 +135,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             max_deliveries,
             retry_base_ms,
             mail_grants,
+            service_limits,
         } => {
             let limits = Limits {
                 call_timeout: Duration::from_millis(guest_timeout_ms),
@@ -145,7 +150,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 maildir: Some(Arc::new(Maildir::new(maildir(&cli.data)))),
                 mail_grants,
             };
-            run(&cli.data, &cli.services, limits, config, &capabilities).await
+            let settings = HostSettings {
+                limits,
+                service_limits,
+                config,
+                capabilities,
+            };
+            run(&cli.data, &cli.services, &settings).await
         }
         Command::Rebuild { table } => rebuild(&cli.data, &cli.services, table, cli.json).await,
         Command::Inspect { component } => {
@@ -260,6 +271,30 @@ fn open_store(data: &Path) -> anyhow::Result<Arc<dyn MessageStore>> {
     Ok(Arc::new(SledStore::open(store_dir(data))?))
 }
 
+/// Opens the store for `ferry run`. A CLI command that opened the folder while no host ran holds
+/// it for a moment: wait for it rather than fail, but not for a host that keeps it.
+async fn open_store_for_host(data: &Path) -> anyhow::Result<Arc<dyn MessageStore>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut told = false;
+    loop {
+        match open_store(data) {
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<StoreError>(),
+                    Some(StoreError::Locked { .. })
+                ) && std::time::Instant::now() < deadline =>
+            {
+                if !told {
+                    tracing::info!("the data folder is in use; waiting for it");
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs a request in the running host when one listens, otherwise on the store directly. A host
 /// that is starting holds the store before it listens: wait for it a little.
 async fn answer(data: &Path, services: &Path, request: Request) -> anyhow::Result<Value> {
@@ -295,6 +330,59 @@ async fn execute_locally(data: &Path, services: &Path, request: Request) -> anyh
         services: components,
     };
     control::execute(&context, request).await
+}
+
+/// Everything `ferry run` is configured with besides its folders.
+#[derive(Debug, Clone)]
+pub struct HostSettings {
+    /// Default limits of every service.
+    pub limits: Limits,
+    /// Per-service overrides.
+    pub service_limits: Vec<ServiceLimit>,
+    pub config: RunnerConfig,
+    pub capabilities: Capabilities,
+}
+
+/// One `--service-limit` setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceLimit {
+    TimeoutMs(String, u64),
+    MemoryMib(String, usize),
+}
+
+fn parse_service_limit(text: &str) -> Result<ServiceLimit, String> {
+    let usage = || format!("{text:?}: expected SERVICE:timeout-ms=N or SERVICE:memory-mib=N");
+    let (service, setting) = text.split_once(':').ok_or_else(usage)?;
+    crate::store::validate_service_name(service).map_err(|e| e.to_string())?;
+    let (key, value) = setting.split_once('=').ok_or_else(usage)?;
+    let number = |value: &str| value.parse::<u64>().map_err(|_| usage());
+    match key {
+        "timeout-ms" => Ok(ServiceLimit::TimeoutMs(
+            service.into(),
+            number(value)?.max(1),
+        )),
+        "memory-mib" => Ok(ServiceLimit::MemoryMib(
+            service.into(),
+            usize::try_from(number(value)?.max(1)).map_err(|_| usage())?,
+        )),
+        _ => Err(usage()),
+    }
+}
+
+fn apply_service_limits(defaults: Limits, service: &str, settings: &[ServiceLimit]) -> Limits {
+    settings
+        .iter()
+        .fold(defaults, |limits, setting| match setting {
+            ServiceLimit::TimeoutMs(name, ms) if name == service => Limits {
+                call_timeout: Duration::from_millis(*ms),
+                ..limits
+            },
+            ServiceLimit::MemoryMib(name, mib) if name == service => Limits {
+                memory_bytes: mib.saturating_mul(1024 * 1024),
+                ..limits
+            },
+            _ => limits,
+        })
 }
 
 /// Where a rebuild runs: in the running host, or in this process.
@@ -397,26 +485,38 @@ async fn follow_rebuild(
 
 /// `ferry run`: opens the store, loads and admits the services, starts their consumers and the
 /// control socket, and runs until SIGINT or SIGTERM.
-pub async fn run(
-    data: &Path,
-    services: &Path,
-    limits: Limits,
-    config: RunnerConfig,
-    capabilities: &Capabilities,
-) -> anyhow::Result<()> {
-    let store = open_store(data)?;
+pub async fn run(data: &Path, services: &Path, settings: &HostSettings) -> anyhow::Result<()> {
+    let HostSettings {
+        limits,
+        service_limits,
+        config,
+        capabilities,
+    } = settings;
+    let store = open_store_for_host(data).await?;
     let runtime = Runtime::new(Some(cache_dir(data)))?;
     std::fs::create_dir_all(services)
         .with_context(|| format!("cannot create the services folder {}", services.display()))?;
-    let (loaded, failed) = service::load_folder(&runtime, services, limits)?;
+    let (loaded, failed) = service::load_folder(&runtime, services, *limits)?;
     for (path, error) in &failed {
         tracing::error!(path = %path.display(), "component refused: {error:#}");
     }
     let (admitted, refused) = service::admit(loaded);
+    let admitted: Vec<LoadedService> = admitted
+        .into_iter()
+        .map(|mut service| {
+            let name = service.component.manifest().name.clone();
+            let own = apply_service_limits(*limits, &name, service_limits);
+            if own != *limits {
+                tracing::info!(service = %name, ?own, "service limits");
+                service.component = service.component.with_limits(own);
+            }
+            service
+        })
+        .collect();
     for (path, error) in &refused {
         tracing::error!(path = %path.display(), "component refused: {error:#}");
     }
-    let running = Running::start(store.clone(), &admitted, config, capabilities)?;
+    let running = Running::start(store.clone(), &admitted, *config, capabilities)?;
     let context = Arc::new(Context {
         store,
         services: service::by_name(&admitted),

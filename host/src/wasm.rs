@@ -58,6 +58,8 @@ pub enum LoadError {
     Read { path: String, reason: String },
     #[error("not a valid Wasm component: {0}")]
     Compile(String),
+    #[error("the component imports something this host does not offer: {0}")]
+    Import(String),
     #[error("the component does not implement the world ferry:service/service@0.1.0: {0}")]
     World(String),
     #[error("the component's manifest call failed: {0}")]
@@ -372,7 +374,7 @@ impl Runtime {
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| LoadError::World(format!("{e:#}")))?;
+            .map_err(|e| LoadError::Import(format!("{e:#}")))?;
         let pre = bindings::ServicePre::new(instance_pre)
             .map_err(|e| LoadError::World(format!("{e:#}")))?;
         let mut loaded = ServiceComponent {
@@ -479,6 +481,12 @@ impl ServiceComponent {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The same component with other limits (per-service configuration).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// A fresh instance in its own store, for one handled message.

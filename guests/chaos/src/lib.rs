@@ -58,6 +58,18 @@ impl Guest for Chaos {
                     std::hint::black_box(&hog);
                 }
             }
+            "Huge" => Ok(Outcome {
+                messages: (0..2000)
+                    .map(|n| Outgoing {
+                        stream_name: format!("chaos.{id}"),
+                        message_type: "Spam".into(),
+                        data: format!("{{\"n\":{n}}}"),
+                        metadata: None,
+                        not_before_ms: None,
+                    })
+                    .collect(),
+                views: vec![],
+            }),
             "Fail" => Err(Failure::Permanent("chaos refuses".into())),
             "Flaky" => Err(Failure::Transient("chaos is not ready".into())),
             "WriteForeign" => Ok(one(format!("counter.{id}"), "Incremented", "{\"by\":1}")),
