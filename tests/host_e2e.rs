@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -107,69 +107,6 @@ fn writes_events_once_when_a_command_is_redelivered() {
         1,
         "the redelivered command wrote nothing new: {events:?}"
     );
-}
-
-#[test]
-fn loses_nothing_when_the_host_is_killed_mid_flow() {
-    const COMMANDS: usize = 120;
-    const ENTITIES: usize = 4;
-    let setup = Setup::new(&["counter"]);
-    let mut host = Some(setup.start(&[]));
-    let mut kills = 0;
-    for i in 0..COMMANDS {
-        let id = format!("cmd-{i}");
-        let stream = format!("counter:command.e{}", i % ENTITIES);
-        // A send that fails because the host died under it is retried with the same id.
-        loop {
-            let output = setup.ferry(&["send", &stream, "Increment", r#"{"by":1}"#, "--id", &id]);
-            if output.status.success() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if i % 25 == 12 {
-            host.take().expect("running").kill();
-            kills += 1;
-            host = Some(setup.start(&[]));
-        }
-    }
-    assert!(kills >= 4);
-
-    let mut handled_commands = HashSet::new();
-    let mut event_ids = HashSet::new();
-    for entity in 0..ENTITIES {
-        let stream = format!("counter.e{entity}");
-        let expected = COMMANDS / ENTITIES;
-        let events = stream_of(&setup, &stream, expected);
-        assert_eq!(events.len(), expected, "{stream}: one event per command");
-        for (n, event) in events.iter().enumerate() {
-            assert_eq!(
-                event["data"]["total"],
-                (n + 1) as u64,
-                "{stream} counts in order"
-            );
-            assert!(event_ids.insert(event["id"].as_str().expect("id").to_owned()));
-            let cause = event["metadata"]["causationId"]
-                .as_str()
-                .expect("cause")
-                .to_owned();
-            assert!(
-                handled_commands.insert(cause),
-                "a command was handled twice"
-            );
-        }
-    }
-    assert_eq!(handled_commands.len(), COMMANDS);
-    let last_command =
-        setup.ferry_json(&["read", "counter:command", "--limit", "100000"])["messages"]
-            .as_array()
-            .and_then(|m| m.last().cloned())
-            .expect("commands");
-    wait_until(WAIT, "the consumer reaches the last command", || {
-        setup.ferry_json(&["consumers", "counter:command"])["consumers"][0]["position"]
-            == last_command["global_position"]
-    });
-    drop(host);
 }
 
 #[test]

@@ -17,7 +17,8 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::service;
 use crate::store::{
-    Category, Commit, MessageStore, NewMessage, StoreError, StreamName, validate_table_name,
+    Category, Commit, MessageStore, NameError, NewMessage, StoreError, StreamName,
+    validate_table_name,
 };
 use crate::wasm::ServiceComponent;
 
@@ -314,6 +315,7 @@ fn answer_of(result: anyhow::Result<Value>) -> Answer {
 /// Whether an error is the request's fault (bad input, conflict) rather than the host's.
 pub fn is_refusal(error: &anyhow::Error) -> bool {
     error.downcast_ref::<Refused>().is_some()
+        || error.downcast_ref::<NameError>().is_some()
         || matches!(
             error.downcast_ref::<StoreError>(),
             Some(
