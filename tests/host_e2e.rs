@@ -184,15 +184,22 @@ fn parks_faulty_guests_and_keeps_handling_others() {
 }
 
 #[test]
-fn replays_a_parked_message_once() {
+fn skips_a_parked_message_and_replays_it_once() {
     let setup = Setup::new(&["chaos"]);
     let host = setup.start(&[]);
     setup.ferry_json(&["send", "chaos:command.p", "Fail", "{}", "--id", "fails"]);
+    // The entity's next command is not held up by the parked one (skip and record).
+    setup.ferry_json(&["send", "chaos:command.p", "Ok", "{}"]);
+    assert_eq!(setup.wait_for_stream("chaos.p", 1)[0]["type"], "Done");
     let mut parked = Vec::new();
     wait_until(WAIT, "the command is parked", || {
         parked = setup.parked();
         parked.len() == 1
     });
+    assert_eq!(
+        parked[0]["attempts"], 1,
+        "a permanent failure is not retried"
+    );
     let first_parked_at = parked[0]["parked_at_ms"].as_u64().expect("time");
     let replayed = setup.ferry_json(&["replay", "fails"]);
     assert_eq!(replayed["replayed"], 1);
@@ -201,8 +208,22 @@ fn replays_a_parked_message_once() {
         parked = setup.parked();
         parked.len() == 1 && parked[0]["parked_at_ms"].as_u64() > Some(first_parked_at)
     });
-    assert!(setup.read("chaos.p").is_empty());
+    let second_parked_at = parked[0]["parked_at_ms"].as_u64();
+    // Everything a consumer parked, at once.
+    let replayed = setup.ferry_json(&[
+        "replay",
+        "--consumer",
+        "microservice:chaos",
+        "--category",
+        "chaos:command",
+    ]);
+    assert_eq!(replayed["replayed"], 1);
+    wait_until(WAIT, "parked again after the consumer's replay", || {
+        parked = setup.parked();
+        parked.len() == 1 && parked[0]["parked_at_ms"].as_u64() > second_parked_at
+    });
     host.stop();
+    assert_eq!(setup.read("chaos.p").len(), 1, "only the Ok command wrote");
     let refused = setup.ferry(&["replay", "no-such-id"]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no parked message matches"));

@@ -100,3 +100,33 @@ async fn refuses_a_folder_of_an_unknown_format() {
     assert!(matches!(error, StoreError::Unusable { .. }), "{error}");
     assert!(error.to_string().contains("ferry-sled/99"), "{error}");
 }
+
+#[tokio::test]
+async fn refuses_a_damaged_folder_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("store");
+    {
+        let store = SledStore::open(&path).expect("create");
+        store
+            .commit(Commit::append(
+                conformance::stream("user.1"),
+                None,
+                vec![conformance::msg("u1", "UserRegistered", json!({}))],
+            ))
+            .await
+            .expect("append");
+    }
+    // Damage every data file sled wrote.
+    for entry in std::fs::read_dir(&path).expect("folder") {
+        let file = entry.expect("entry").path();
+        if file.is_file() && file.file_name().is_some_and(|n| n != "db") {
+            std::fs::write(&file, b"this is not what sled wrote").expect("damage");
+        }
+    }
+    std::fs::write(path.join("db"), vec![0xA5u8; 4096]).expect("damage");
+    let opened = std::panic::catch_unwind(|| SledStore::open(&path));
+    let error = opened
+        .expect("opening a damaged folder does not panic")
+        .expect_err("damaged");
+    assert!(matches!(error, StoreError::Unusable { .. }), "{error}");
+}

@@ -84,6 +84,43 @@ pub fn derived_id(parts: &[&str]) -> String {
     uuid::Uuid::new_v5(&ID_NAMESPACE, parts.join("\u{1f}").as_bytes()).to_string()
 }
 
+/// Projected states of one component version, by stream: `(version, state)`. A stream only grows,
+/// so the state at a version never changes; a later fold starts from it and reads only the new
+/// events. One cache per component version, so new code never sees states folded by old code.
+/// Bounded: when full it is emptied (a refold costs one pass over each stream).
+#[derive(Debug, Default)]
+pub struct ProjectionCache {
+    entries: std::sync::Mutex<HashMap<StreamName, (u64, Option<String>)>>,
+}
+
+/// Streams whose state one service keeps folded.
+const PROJECTION_CACHE_STREAMS: usize = 10_000;
+
+impl ProjectionCache {
+    fn get(&self, stream: &StreamName) -> (Option<String>, u64) {
+        self.entries
+            .lock()
+            .ok()
+            .and_then(|entries| entries.get(stream).cloned())
+            .map(|(version, state)| (state, version))
+            .unwrap_or((None, 0))
+    }
+
+    fn put(&self, stream: &StreamName, version: u64, state: &Option<String>) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= PROJECTION_CACHE_STREAMS && !entries.contains_key(stream) {
+                entries.clear();
+            }
+            let newer = entries
+                .get(stream)
+                .is_none_or(|(cached, _)| *cached < version);
+            if newer {
+                entries.insert(stream.clone(), (version, state.clone()));
+            }
+        }
+    }
+}
+
 /// Components that cannot run, each with the reason.
 pub type Refused = Vec<(PathBuf, anyhow::Error)>;
 
@@ -220,6 +257,7 @@ impl Running {
     ) -> anyhow::Result<()> {
         let manifest = service.component.manifest();
         let component = Arc::new(service.component.clone());
+        let projections = Arc::new(ProjectionCache::default());
         let mut consumers = subscriptions_of(&service.component)?;
         if with_commands && manifest.handles_commands {
             let id = ConsumerId::new(
@@ -242,6 +280,7 @@ impl Running {
                 origin_prefix,
                 mail: capabilities.mail_for(&manifest.name),
                 component: component.clone(),
+                projections: projections.clone(),
                 store: store.clone(),
                 config,
                 shutdown: self.shutdown.subscribe(),
@@ -272,6 +311,7 @@ struct Consumer {
     origin_prefix: Option<String>,
     mail: Option<Arc<Maildir>>,
     component: Arc<ServiceComponent>,
+    projections: Arc<ProjectionCache>,
     store: Arc<dyn MessageStore>,
     config: RunnerConfig,
     shutdown: watch::Receiver<bool>,
@@ -434,6 +474,7 @@ impl Consumer {
             deliveries += 1;
             let decided = decide(
                 self.component.clone(),
+                self.projections.clone(),
                 self.store.clone(),
                 self.mail.clone(),
                 message.clone(),
@@ -671,6 +712,7 @@ pub fn entity_of(service: &str, message: &Message) -> Option<StreamName> {
 /// handler.
 async fn decide(
     component: Arc<ServiceComponent>,
+    projections: Arc<ProjectionCache>,
     store: Arc<dyn MessageStore>,
     mail: Option<Arc<Maildir>>,
     message: Message,
@@ -690,7 +732,13 @@ async fn decide(
             .instantiate(Box::new(host))
             .map_err(Decline::Guest)?;
         let (state, version) = match &entity {
-            Some(stream) => fold(&runtime, store.as_ref(), &mut instance, stream)?,
+            Some(stream) => {
+                let start = projections.get(stream);
+                let (state, version) =
+                    fold(&runtime, store.as_ref(), &mut instance, stream, start)?;
+                projections.put(stream, version, &state);
+                (state, version)
+            }
             None => (None, 0),
         };
         let outcome = if message.stream.is_command() {
@@ -713,16 +761,15 @@ async fn decide(
     }
 }
 
-/// Folds a stream through an instance's `project`; returns the state (none for an empty stream)
-/// and the stream's version.
+/// Folds a stream through an instance's `project`, from a known `(state, version)`; returns the
+/// state (none for an empty stream) and the stream's version.
 fn fold(
     runtime: &Handle,
     store: &dyn MessageStore,
     instance: &mut crate::wasm::GuestInstance,
     stream: &StreamName,
+    (mut state, mut version): (Option<String>, u64),
 ) -> Result<(Option<String>, u64), Decline> {
-    let mut state: Option<String> = None;
-    let mut version = 0;
     loop {
         let page = runtime
             .block_on(store.read_stream(stream, version, READ_BATCH))
@@ -757,7 +804,7 @@ pub async fn project(
             mail: None,
         };
         let mut instance = component.instantiate(Box::new(host))?;
-        fold(&runtime, store.as_ref(), &mut instance, &stream).map_err(|e| match e {
+        fold(&runtime, store.as_ref(), &mut instance, &stream, (None, 0)).map_err(|e| match e {
             Decline::Guest(e) => anyhow::Error::new(e),
             Decline::Store(e) => anyhow::Error::new(e),
         })

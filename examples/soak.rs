@@ -1,0 +1,165 @@
+//! Soak run: the host with the `counter` service under a steady command rate for several minutes,
+//! printing, per window, what was handled, latency from command commit to event commit, and the
+//! process's resident memory. Flat memory and steady latency are the goal.
+//!
+//! ```sh
+//! (cd guests && cargo build --release --target wasm32-wasip2)
+//! cargo run --release --example soak -- --seconds 180 --rate 200
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
+use ferry::store::{Category, Commit, MessageStore, NewMessage, SledStore, StreamName};
+use ferry::wasm::{Limits, Runtime};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn resident_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<f64>().ok())
+        })
+        .map(|pages| pages * 4096.0 / (1024.0 * 1024.0))
+        .unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let seconds = arg("--seconds", 180);
+    let rate = arg("--rate", 200).max(1);
+    let window = Duration::from_secs(arg("--window", 15));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let component = root.join("guests/target/wasm32-wasip2/release/counter.wasm");
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn MessageStore> = Arc::new(SledStore::open(dir.path().join("store"))?);
+    let runtime = Runtime::new(Some(dir.path().join("cache")))?;
+    let loaded = LoadedService {
+        component: runtime
+            .load_file(&component, Limits::default())
+            .with_context(|| format!("build the guests first: {}", component.display()))?,
+        path: component,
+    };
+    let running = Running::start(
+        store.clone(),
+        &[loaded],
+        RunnerConfig::default(),
+        &Capabilities::default(),
+    )?;
+
+    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    // Observer: follows the counter category and matches each event to its command.
+    let observer = {
+        let (store, sent_at, latencies) = (store.clone(), sent_at.clone(), latencies.clone());
+        tokio::spawn(async move {
+            let category = Category::parse("counter").expect("category");
+            let mut after = 0;
+            loop {
+                let page = match store.read_category(&category, after, None, 1000).await {
+                    Ok(page) => page,
+                    Err(_) => return,
+                };
+                let now = Instant::now();
+                for event in &page.messages {
+                    let cause = event.metadata.get("causationId").and_then(|v| v.as_str());
+                    if let Some(sent) = cause.and_then(|c| sent_at.lock().ok()?.remove(c))
+                        && let Ok(mut l) = latencies.lock()
+                    {
+                        l.push(now - sent);
+                    }
+                }
+                after = page.scanned_to;
+                if page.messages.is_empty() {
+                    store.wait_for_category(&category, after).await;
+                }
+            }
+        })
+    };
+
+    println!(
+        "soak: {rate} commands/s for {seconds} s, sled, counter guest, fresh instance per message"
+    );
+    println!(
+        "| {:>6} | {:>8} | {:>8} | {:>9} | {:>9} | {:>9} | {:>8} |",
+        "t (s)", "sent", "handled", "p50 (ms)", "p99 (ms)", "max (ms)", "RSS MiB"
+    );
+    println!("|-------:|---------:|---------:|----------:|----------:|----------:|---------:|");
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut next = start;
+    let mut next_report = start + window;
+    let (mut sent, mut handled) = (0u64, 0u64);
+    while start.elapsed() < Duration::from_secs(seconds) {
+        let id = format!("soak-{sent}");
+        let stream = StreamName::parse(&format!("counter:command.e{}", sent % 100))?;
+        sent_at
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .insert(id.clone(), Instant::now());
+        let store = store.clone();
+        tokio::spawn(async move {
+            let command = NewMessage {
+                id,
+                message_type: "Increment".into(),
+                data: serde_json::json!({ "by": 1 }),
+                metadata: Default::default(),
+                not_before_ms: None,
+            };
+            let _ = store
+                .commit(Commit::append(stream, None, vec![command]))
+                .await;
+        });
+        sent += 1;
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+        if Instant::now() >= next_report {
+            let mut window_latencies =
+                std::mem::take(&mut *latencies.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+            handled += window_latencies.len() as u64;
+            window_latencies.sort();
+            println!(
+                "| {:>6} | {:>8} | {:>8} | {:>9.2} | {:>9.2} | {:>9.2} | {:>8.1} |",
+                start.elapsed().as_secs(),
+                sent,
+                handled,
+                percentile(&window_latencies, 0.5).as_secs_f64() * 1e3,
+                percentile(&window_latencies, 0.99).as_secs_f64() * 1e3,
+                window_latencies
+                    .last()
+                    .copied()
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    * 1e3,
+                resident_mib()
+            );
+            next_report += window;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    observer.abort();
+    running.shutdown().await;
+    let pending = sent_at.lock().map(|m| m.len()).unwrap_or(0);
+    println!("done: {sent} sent, {pending} not seen handled within 2 s of the end");
+    Ok(())
+}
