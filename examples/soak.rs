@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! (cd guests && cargo build --release --target wasm32-wasip2)
-//! cargo run --release --example soak -- --seconds 180 --rate 200
+//! cargo run --example soak -- --seconds 240 --rate 200
 //! ```
 
 use std::collections::HashMap;
@@ -52,7 +52,13 @@ async fn main() -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let component = root.join("guests/target/wasm32-wasip2/release/counter.wasm");
     let dir = tempfile::tempdir()?;
-    let store: Arc<dyn MessageStore> = Arc::new(SledStore::open(dir.path().join("store"))?);
+    // A small page cache, so that resident memory shows growth per message rather than sled
+    // filling its cache (256 MiB by default).
+    let cache_mib = arg("--sled-cache-mib", 16);
+    let store: Arc<dyn MessageStore> = Arc::new(SledStore::open_with_cache(
+        dir.path().join("store"),
+        cache_mib * 1024 * 1024,
+    )?);
     let runtime = Runtime::new(Some(dir.path().join("cache")))?;
     let loaded = LoadedService {
         component: runtime

@@ -35,6 +35,8 @@ use super::{
 const FORMAT: &[u8] = b"ferry-sled/1";
 /// Upper bound of category entries one `read_category` call scans when a filter drops messages.
 const MAX_SCAN: usize = 10_000;
+/// sled's page cache unless told otherwise.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 /// Upper bound of commits applied before one flush.
 const MAX_GROUP: usize = 512;
 
@@ -149,15 +151,22 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `path`. A folder locked by another process, of another
-    /// format, or that sled cannot read gives a clear error and is left untouched.
+    /// Opens (or creates) the store in `path`, with sled's default page cache for Ferry (256 MiB).
+    /// A folder locked by another process, of another format, or that sled cannot read gives a
+    /// clear error and is left untouched.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens the store with a page cache of at most `cache_bytes`: sled keeps recently used pages
+    /// in memory up to this size, so the process grows with the data until it reaches it.
+    pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: u64) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let shown = path.display().to_string();
         let db = sled::Config::new()
             .path(&path)
             .flush_every_ms(None)
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| {
                 let text = e.to_string();
