@@ -37,6 +37,20 @@ fn resident_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Bytes sled keeps on disk, for comparing memory growth with data growth.
+fn store_mib(path: &std::path::Path) -> f64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum::<u64>()
+        })
+        .unwrap_or(0) as f64
+        / (1024.0 * 1024.0)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -104,13 +118,16 @@ async fn main() -> anyhow::Result<()> {
     };
 
     println!(
-        "soak: {rate} commands/s for {seconds} s, sled, counter guest, fresh instance per message"
+        "soak: {rate} commands/s for {seconds} s, sled page cache {cache_mib} MiB, counter guest, \
+         fresh instance per message"
     );
     println!(
-        "| {:>6} | {:>8} | {:>8} | {:>9} | {:>9} | {:>9} | {:>8} |",
-        "t (s)", "sent", "handled", "p50 (ms)", "p99 (ms)", "max (ms)", "RSS MiB"
+        "| {:>6} | {:>8} | {:>8} | {:>9} | {:>9} | {:>9} | {:>8} | {:>9} |",
+        "t (s)", "sent", "handled", "p50 (ms)", "p99 (ms)", "max (ms)", "RSS MiB", "store MiB"
     );
-    println!("|-------:|---------:|---------:|----------:|----------:|----------:|---------:|");
+    println!(
+        "|-------:|---------:|---------:|----------:|----------:|----------:|---------:|----------:|"
+    );
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let mut next = start;
@@ -145,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
             handled += window_latencies.len() as u64;
             window_latencies.sort();
             println!(
-                "| {:>6} | {:>8} | {:>8} | {:>9.2} | {:>9.2} | {:>9.2} | {:>8.1} |",
+                "| {:>6} | {:>8} | {:>8} | {:>9.2} | {:>9.2} | {:>9.2} | {:>8.1} | {:>9.1} |",
                 start.elapsed().as_secs(),
                 sent,
                 handled,
@@ -157,7 +174,8 @@ async fn main() -> anyhow::Result<()> {
                     .unwrap_or_default()
                     .as_secs_f64()
                     * 1e3,
-                resident_mib()
+                resident_mib(),
+                store_mib(&dir.path().join("store"))
             );
             next_report += window;
         }

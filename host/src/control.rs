@@ -276,8 +276,14 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((connection, _)) = listener.accept().await else {
-                continue;
+            let connection = match listener.accept().await {
+                Ok((connection, _)) => connection,
+                Err(e) => {
+                    // Out of file descriptors, say: wait instead of spinning.
+                    tracing::warn!("control socket: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let context = context.clone();
             tokio::spawn(async move {

@@ -1,0 +1,407 @@
+//! The benchmark program: one run, one table. Each row is the median over several rounds.
+//!
+//! ```sh
+//! (cd guests && cargo build --release --target wasm32-wasip2)
+//! cargo run --example bench            # a few minutes on a 2-core machine
+//! cargo run --example bench -- --quick # CI: checks that it runs
+//! ```
+//!
+//! Rows: the raw store's durable append rate (row 1), end-to-end durable command throughput and
+//! latency through the `counter` guest (with the ratio to row 1), the Wasm cost per message, cold
+//! start, and resident memory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
+use ferry::store::{
+    Category, Commit, ConsumerId, Message, MessageStore, NewMessage, SledStore, StreamName,
+};
+use ferry::wasm::{GuestHost, Limits, Runtime};
+
+struct NullHost;
+
+impl GuestHost for NullHost {
+    fn read_stream(&mut self, _: &str, _: u64) -> Result<Vec<Message>, String> {
+        Ok(Vec::new())
+    }
+    fn view_get(&mut self, _: &str, _: &str) -> Result<Option<String>, String> {
+        Ok(None)
+    }
+    fn new_id(&mut self, name: &str) -> String {
+        name.to_owned()
+    }
+    fn deliver_email(&mut self, _: &str, _: &str) -> Result<(), String> {
+        Err("no mail here".into())
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn resident_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<f64>().ok())
+        })
+        .map(|pages| pages * 4096.0 / (1024.0 * 1024.0))
+        .unwrap_or(0.0)
+}
+
+fn guest(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../guests/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"))
+}
+
+fn command(id: String, by: i64) -> NewMessage {
+    NewMessage {
+        id,
+        message_type: "Increment".into(),
+        data: serde_json::json!({ "by": by, "note": "x".repeat(160) }),
+        metadata: Default::default(),
+        not_before_ms: None,
+    }
+}
+
+fn sample_message() -> Message {
+    Message {
+        id: "m-1".into(),
+        stream: StreamName::parse("counter:command.e1").expect("valid"),
+        message_type: "Increment".into(),
+        data: serde_json::json!({ "by": 1, "note": "x".repeat(160) }),
+        metadata: Default::default(),
+        position: 0,
+        global_position: 1,
+        time_ms: 0,
+        not_before_ms: None,
+    }
+}
+
+struct Table {
+    rows: Vec<(String, String, String)>,
+}
+
+impl Table {
+    fn row(&mut self, what: &str, value: String, note: String) {
+        eprintln!("  {what}: {value} {note}");
+        self.rows.push((what.into(), value, note));
+    }
+
+    fn print(&self) {
+        println!("| measurement | median | note |");
+        println!("|---|---:|---|");
+        for (what, value, note) in &self.rows {
+            println!("| {what} | {value} | {note} |");
+        }
+    }
+}
+
+/// Row 1: sled on its own, an insert of a message-sized record and a flush per append.
+fn raw_sled_appends(appends: usize) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let db = sled::Config::new()
+        .path(dir.path())
+        .flush_every_ms(None)
+        .open()?;
+    let tree = db.open_tree("messages")?;
+    let value = vec![b'x'; 400];
+    let start = Instant::now();
+    for n in 0..appends as u64 {
+        tree.insert(n.to_be_bytes(), value.as_slice())?;
+        db.flush()?;
+    }
+    Ok(appends as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn start_counter(dir: &std::path::Path) -> anyhow::Result<(Arc<dyn MessageStore>, Running)> {
+    let store: Arc<dyn MessageStore> = Arc::new(SledStore::open(dir.join("store"))?);
+    let runtime = Runtime::new(Some(dir.join("cache")))?;
+    let path = guest("counter");
+    let component = runtime.load_file(&path, Limits::default())?;
+    let running = Running::start(
+        store.clone(),
+        &[LoadedService { path, component }],
+        RunnerConfig::default(),
+        &Capabilities::default(),
+    )?;
+    Ok((store, running))
+}
+
+async fn wait_handled(store: &Arc<dyn MessageStore>, global: u64) -> anyhow::Result<()> {
+    let consumer = ConsumerId::new(Category::parse("counter:command")?, "microservice:counter");
+    while store.consumer_position(&consumer).await? < global {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+/// Row 2: commands appended by 32 concurrent writers while the host handles them; the rate at
+/// which they are handled to the end (outcome and position durable).
+async fn end_to_end_throughput(commands: usize) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let (store, running) = start_counter(dir.path()).await?;
+    let start = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..32 {
+        let store = store.clone();
+        writers.spawn(async move {
+            let mut last = 0;
+            for n in (writer..commands).step_by(32) {
+                let stream = StreamName::parse(&format!("counter:command.e{}", n % 100))?;
+                let written = store
+                    .commit(Commit::append(
+                        stream,
+                        None,
+                        vec![command(format!("c{n}"), 1)],
+                    ))
+                    .await?;
+                last = last.max(written.written.first().map_or(0, |m| m.global_position));
+            }
+            anyhow::Ok(last)
+        });
+    }
+    let mut last = 0;
+    while let Some(result) = writers.join_next().await {
+        last = last.max(result??);
+    }
+    wait_handled(&store, last).await?;
+    let rate = commands as f64 / start.elapsed().as_secs_f64();
+    running.shutdown().await;
+    Ok(rate)
+}
+
+/// Row 2b: latency from a command's append to its handling being durable, at a steady rate.
+async fn end_to_end_latency(rate: f64, commands: usize) -> anyhow::Result<(Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let (store, running) = start_counter(dir.path()).await?;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next = Instant::now();
+    for n in 0..commands {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            let stream = StreamName::parse(&format!("counter:command.e{}", n % 100))?;
+            let written = store
+                .commit(Commit::append(
+                    stream,
+                    None,
+                    vec![command(format!("l{n}"), 1)],
+                ))
+                .await?;
+            let global = written.written.first().map_or(0, |m| m.global_position);
+            wait_handled(&store, global).await?;
+            anyhow::Ok(sent.elapsed())
+        });
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let mut latencies = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        latencies.push(result??);
+    }
+    latencies.sort();
+    running.shutdown().await;
+    Ok((percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (rounds, appends, commands) = if quick {
+        (1, 200, 200)
+    } else {
+        (5, 3000, 3000)
+    };
+    let mut table = Table { rows: Vec::new() };
+    eprintln!("ferry bench: {rounds} round(s) per row");
+
+    // 1. The raw store.
+    let mut raw = Vec::new();
+    for _ in 0..rounds {
+        raw.push(raw_sled_appends(appends)?);
+    }
+    let raw = median(raw);
+    table.row(
+        "1. sled durable appends/s (insert + flush each)",
+        format!("{raw:.0}"),
+        "the store's limit".into(),
+    );
+
+    // 2. End to end.
+    let mut rates = Vec::new();
+    for _ in 0..rounds {
+        rates.push(end_to_end_throughput(commands).await?);
+    }
+    let rate = median(rates);
+    table.row(
+        "2. end-to-end durable commands/s (32 writers)",
+        format!("{rate:.0}"),
+        format!(
+            "{:.0}% of row 1; each command is 2 durable writes",
+            rate / raw * 100.0
+        ),
+    );
+    for (label, load) in [("full", 1.0), ("half", 0.5)] {
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        for _ in 0..rounds {
+            let (p50, p99) = end_to_end_latency(rate * load, commands / 2).await?;
+            p50s.push(p50.as_secs_f64() * 1e3);
+            p99s.push(p99.as_secs_f64() * 1e3);
+        }
+        table.row(
+            &format!(
+                "2. latency append → handled, {label} load ({:.0}/s)",
+                rate * load
+            ),
+            format!("p50 {:.2} ms, p99 {:.2} ms", median(p50s), median(p99s)),
+            String::new(),
+        );
+    }
+    let loaded_rss = resident_mib();
+
+    // 3. The Wasm cost.
+    let runtime = Runtime::new(None)?;
+    let counter = runtime.load_file(&guest("counter"), Limits::default())?;
+    let message = sample_message();
+    let calls = if quick { 200 } else { 5000 };
+    let per_call = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        let mut samples = Vec::new();
+        for _ in 0..rounds {
+            let start = Instant::now();
+            for _ in 0..calls {
+                f()?;
+            }
+            samples.push(start.elapsed().as_secs_f64() * 1e6 / calls as f64);
+        }
+        Ok(median(samples))
+    };
+    let fresh = per_call(&mut || {
+        let mut instance = counter.instantiate(Box::new(NullHost))?;
+        instance.handle_command(&message, Some("{\"total\":1}"))?;
+        Ok(())
+    })?;
+    table.row(
+        "3. Wasm per message, fresh instance (instantiate + handle)",
+        format!("{fresh:.1} µs"),
+        String::new(),
+    );
+    let mut reused_instance = counter.instantiate(Box::new(NullHost))?;
+    let reused = per_call(&mut || {
+        reused_instance.handle_command(&message, Some("{\"total\":1}"))?;
+        Ok(())
+    })?;
+    table.row(
+        "3. Wasm per message, reused instance (handle only)",
+        format!("{reused:.1} µs"),
+        "not yet an option of the runner".into(),
+    );
+    let mut event = sample_message();
+    event.message_type = "Incremented".into();
+    let project = per_call(&mut || {
+        reused_instance.project(Some("{\"total\":1}"), &event)?;
+        Ok(())
+    })?;
+    table.row(
+        "3. Wasm per project step",
+        format!("{project:.1} µs"),
+        String::new(),
+    );
+
+    // 4. Cold start.
+    let bytes = std::fs::read(guest("counter"))?;
+    let mut from_source = Vec::new();
+    let mut from_cache = Vec::new();
+    let cache = tempfile::tempdir()?;
+    Runtime::new(Some(cache.path().to_path_buf()))?.load(&bytes, Limits::default())?;
+    for _ in 0..rounds {
+        let runtime = Runtime::new(None)?;
+        let start = Instant::now();
+        runtime.load(&bytes, Limits::default())?;
+        from_source.push(start.elapsed().as_secs_f64() * 1e3);
+        let runtime = Runtime::new(Some(cache.path().to_path_buf()))?;
+        let start = Instant::now();
+        runtime.load(&bytes, Limits::default())?;
+        from_cache.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    table.row(
+        "4. load a service from source (compile)",
+        format!("{:.1} ms", median(from_source)),
+        "counter, 135 KB".into(),
+    );
+    table.row(
+        "4. load a service from the precompiled cache",
+        format!("{:.2} ms", median(from_cache)),
+        String::new(),
+    );
+    let mut host_start = Vec::new();
+    for _ in 0..rounds {
+        let dir = tempfile::tempdir()?;
+        for pass in 0..2 {
+            let start = Instant::now();
+            let store: Arc<dyn MessageStore> = Arc::new(SledStore::open(dir.path().join("store"))?);
+            let runtime = Runtime::new(Some(dir.path().join("cache")))?;
+            let mut services = Vec::new();
+            for name in ["user", "email", "subscription", "user_aggregator"] {
+                let path = guest(name);
+                services.push(LoadedService {
+                    component: runtime.load_file(&path, Limits::default())?,
+                    path,
+                });
+            }
+            let running = Running::start(
+                store,
+                &services,
+                RunnerConfig::default(),
+                &Capabilities::default(),
+            )?;
+            let elapsed = start.elapsed().as_secs_f64() * 1e3;
+            running.shutdown().await;
+            if pass == 1 {
+                host_start.push(elapsed);
+            }
+        }
+    }
+    table.row(
+        "4. host start with the article's 4 services, from the cache",
+        format!("{:.1} ms", median(host_start)),
+        "store open + load + consumers".into(),
+    );
+
+    // 5. Memory.
+    table.row(
+        "5. resident memory after the end-to-end rows",
+        format!("{loaded_rss:.1} MiB"),
+        "whole benchmark process".into(),
+    );
+    table.row(
+        "5. resident memory at the end",
+        format!("{:.1} MiB", resident_mib()),
+        String::new(),
+    );
+
+    println!();
+    println!(
+        "ferry bench ({}), {} core(s)",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    table.print();
+    Ok(())
+}
