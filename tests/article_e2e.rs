@@ -405,3 +405,23 @@ fn rebuilds_the_users_view_from_the_event_history() {
         .collect();
     assert_eq!(again, before);
 }
+
+#[test]
+fn rejects_a_taken_username_among_commands_handled_together() {
+    // Sent while no host runs, the registrations are read and decided as one batch: the second
+    // must see the claim the first made, although it is not committed yet.
+    let setup = Setup::new(&["user"]);
+    register(&setup, "first", "sam", "sam@example.com");
+    register(&setup, "second", "Sam", "sam2@example.com");
+    register(&setup, "third", "sam3", "SAM@example.com");
+    let _host = setup.start(&[]);
+    assert_eq!(
+        types(&setup.wait_for_stream("user.first", 1)),
+        ["UserRegistered"]
+    );
+    let second = setup.wait_for_stream("user.second", 1);
+    assert_eq!(types(&second), ["UserRegistrationRejected"]);
+    assert_eq!(second[0]["data"]["reason"], "username is taken");
+    let third = setup.wait_for_stream("user.third", 1);
+    assert_eq!(third[0]["data"]["reason"], "email is taken");
+}

@@ -8,7 +8,7 @@
 //! failures, traps, timeouts, invalid outcomes and messages past the maximum number of deliveries
 //! are parked and the consumer moves on. Messages whose not-before time lies ahead are deferred.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -381,10 +381,12 @@ impl Consumer {
             )
             .await?;
         let idle = page.messages.is_empty();
-        for message in page.messages {
-            let global = message.global_position;
-            self.handle(message, Source::Category).await?;
-            self.position = global;
+        if !idle && !self.handle_batch(page.messages.clone()).await? {
+            for message in page.messages {
+                let global = message.global_position;
+                self.handle(message, Source::Category).await?;
+                self.position = global;
+            }
         }
         if page.scanned_to > position && idle {
             // Everything scanned was filtered out: remember that, so a restart does not rescan.
@@ -412,6 +414,83 @@ impl Consumer {
             () = store.wait_for_category(&self.id.category, page.scanned_to.max(position)) => Ok(()),
             () = wait_for_due => Ok(()),
             _ = self.shutdown.changed() => Err(Interrupted::Shutdown),
+        }
+    }
+
+    /// Handles a page of the category as one commit: every outcome, parked and deferred message,
+    /// and the consumer's new position, with one flush. Returns false, having written nothing,
+    /// when the page needs the one-by-one path (a transient failure to retry, a conflict).
+    async fn handle_batch(&mut self, messages: Vec<Message>) -> Result<bool, Interrupted> {
+        let Some(last) = messages.last().map(|m| m.global_position) else {
+            return Ok(true);
+        };
+        let count = messages.len();
+        let decision = match decide_batch(
+            self.component.clone(),
+            self.projections.clone(),
+            self.store.clone(),
+            self.mail.clone(),
+            messages,
+        )
+        .await
+        {
+            Ok(decision) => decision,
+            Err(BatchDecline::OneByOne) => return Ok(false),
+            Err(BatchDecline::Store(e)) => return Err(e.into()),
+        };
+        let mut commit = Commit {
+            settle: Some(Settle::Advance {
+                consumer: self.id.clone(),
+                from: self.position,
+                to: last,
+            }),
+            ..Commit::default()
+        };
+        let mut outgoing = Vec::new();
+        for item in decision.items {
+            match item {
+                BatchItem::Decided(checked) => {
+                    outgoing.extend(checked.messages);
+                    commit.views.extend(checked.views);
+                }
+                BatchItem::Park { message, reason } => {
+                    tracing::warn!(consumer = %self.id, id = %message.id, "parked: {reason}");
+                    commit.park.push(ParkedMessage {
+                        consumer: self.id.clone(),
+                        message,
+                        reason,
+                        attempts: 1,
+                        parked_at_ms: now_ms(),
+                    });
+                }
+                BatchItem::Defer { message, due_ms } => {
+                    commit.defer.push(DeferredMessage {
+                        consumer: self.id.clone(),
+                        message,
+                        due_ms,
+                    });
+                }
+            }
+        }
+        commit.appends = group_appends(outgoing, |stream| decision.expected.get(stream).copied());
+        match self.store.commit(commit).await {
+            Ok(committed) => {
+                tracing::debug!(
+                    consumer = %self.id, count, written = committed.written.len(),
+                    duplicates = committed.duplicates.len(), "handled a batch"
+                );
+                self.position = last;
+                for (stream, state, version) in decision.cacheable {
+                    self.projections.put(&stream, version, &state);
+                }
+                Ok(true)
+            }
+            Err(
+                StoreError::Conflict { .. }
+                | StoreError::Name(_)
+                | StoreError::InvalidMessage { .. },
+            ) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -457,11 +536,11 @@ impl Consumer {
             self.store
                 .commit(Commit {
                     settle: Some(settle),
-                    defer: Some(DeferredMessage {
+                    defer: vec![DeferredMessage {
                         consumer: self.id.clone(),
                         message,
                         due_ms,
-                    }),
+                    }],
                     ..Commit::default()
                 })
                 .await?;
@@ -529,13 +608,13 @@ impl Consumer {
             self.store
                 .commit(Commit {
                     settle: Some(settle),
-                    park: Some(ParkedMessage {
+                    park: vec![ParkedMessage {
                         consumer: self.id.clone(),
                         message,
                         reason: failure,
                         attempts: deliveries,
                         parked_at_ms: now_ms(),
-                    }),
+                    }],
                     ..Commit::default()
                 })
                 .await?;
@@ -558,118 +637,143 @@ impl Consumer {
         decision: Decision,
         settle: Settle,
     ) -> Result<Commit, String> {
-        let manifest = self.component.manifest();
         let Decision {
             outcome,
             entity,
             version,
         } = decision;
-        if outcome.messages.len() > MAX_OUTCOME_MESSAGES {
+        let checked = check_outcome(self.component.manifest(), handled, outcome)?;
+        Ok(Commit {
+            appends: group_appends(checked.messages, |stream| {
+                (entity.as_ref() == Some(stream)).then_some(version)
+            }),
+            views: checked.views,
+            settle: Some(settle),
+            park: Vec::new(),
+            defer: Vec::new(),
+        })
+    }
+}
+
+/// An outcome that passed the checks: messages with their ids and metadata, view writes.
+#[derive(Debug, Default)]
+struct CheckedOutcome {
+    messages: Vec<(StreamName, NewMessage)>,
+    views: Vec<ViewWrite>,
+}
+
+/// Checks what a guest returned for `handled`: sizes, stream names, ownership of event categories,
+/// JSON, declared views. Derives the outgoing ids and propagates the metadata.
+fn check_outcome(
+    manifest: &crate::wasm::Manifest,
+    handled: &Message,
+    outcome: Outcome,
+) -> Result<CheckedOutcome, String> {
+    if outcome.messages.len() > MAX_OUTCOME_MESSAGES {
+        return Err(format!(
+            "{} messages, more than the limit of {MAX_OUTCOME_MESSAGES}",
+            outcome.messages.len()
+        ));
+    }
+    let bytes: usize = outcome
+        .messages
+        .iter()
+        .map(|m| m.data.len() + m.metadata.as_ref().map_or(0, String::len))
+        .chain(
+            outcome
+                .views
+                .iter()
+                .map(|v| v.value.as_ref().map_or(0, String::len)),
+        )
+        .sum();
+    if bytes > MAX_OUTCOME_BYTES {
+        return Err(format!(
+            "{bytes} bytes of JSON, more than the limit of {MAX_OUTCOME_BYTES}"
+        ));
+    }
+
+    let mut propagated = Map::new();
+    for key in ["originEntity", "correlationId"] {
+        if let Some(value) = handled.metadata.get(key) {
+            propagated.insert(key.to_owned(), value.clone());
+        }
+    }
+    propagated.insert("causationId".into(), Value::String(handled.id.clone()));
+
+    let mut checked = CheckedOutcome::default();
+    for (index, outgoing) in outcome.messages.into_iter().enumerate() {
+        let stream = StreamName::parse(&outgoing.stream).map_err(|e| e.to_string())?;
+        if !stream.is_command() && stream.category_str() != manifest.name {
             return Err(format!(
-                "{} messages, more than the limit of {MAX_OUTCOME_MESSAGES}",
-                outcome.messages.len()
+                "service {} may write events only to its own category {}, not to {stream}",
+                manifest.name, manifest.name
             ));
         }
-        let bytes: usize = outcome
-            .messages
-            .iter()
-            .map(|m| m.data.len() + m.metadata.as_ref().map_or(0, String::len))
-            .chain(
-                outcome
-                    .views
-                    .iter()
-                    .map(|v| v.value.as_ref().map_or(0, String::len)),
-            )
-            .sum();
-        if bytes > MAX_OUTCOME_BYTES {
-            return Err(format!(
-                "{bytes} bytes of JSON, more than the limit of {MAX_OUTCOME_BYTES}"
-            ));
+        let data = json_object(&outgoing.data, "data")?;
+        let mut metadata = propagated.clone();
+        if let Some(extra) = &outgoing.metadata {
+            metadata.extend(json_object(extra, "metadata")?);
         }
-
-        let mut propagated = Map::new();
-        for key in ["originEntity", "correlationId"] {
-            if let Some(value) = handled.metadata.get(key) {
-                propagated.insert(key.to_owned(), value.clone());
-            }
+        if outgoing.message_type.is_empty() {
+            return Err("a message has an empty type".into());
         }
-        propagated.insert("causationId".into(), Value::String(handled.id.clone()));
-
-        let mut appends: BTreeMap<StreamName, Vec<NewMessage>> = BTreeMap::new();
-        let mut order = Vec::new();
-        for (index, outgoing) in outcome.messages.into_iter().enumerate() {
-            let stream = StreamName::parse(&outgoing.stream).map_err(|e| e.to_string())?;
-            if !stream.is_command() && stream.category_str() != manifest.name {
-                return Err(format!(
-                    "service {} may write events only to its own category {}, not to {stream}",
-                    manifest.name, manifest.name
-                ));
-            }
-            let data = json_object(&outgoing.data, "data")?;
-            let mut metadata = propagated.clone();
-            if let Some(extra) = &outgoing.metadata {
-                metadata.extend(json_object(extra, "metadata")?);
-            }
-            if outgoing.message_type.is_empty() {
-                return Err("a message has an empty type".into());
-            }
-            let id = derived_id(&[&manifest.name, &handled.id, &index.to_string()]);
-            if !appends.contains_key(&stream) {
-                order.push(stream.clone());
-            }
-            appends.entry(stream).or_default().push(NewMessage {
+        let id = derived_id(&[&manifest.name, &handled.id, &index.to_string()]);
+        checked.messages.push((
+            stream,
+            NewMessage {
                 id,
                 message_type: outgoing.message_type,
                 data: Value::Object(data),
                 metadata,
                 not_before_ms: outgoing.not_before_ms,
-            });
-        }
-
-        let mut views = Vec::with_capacity(outcome.views.len());
-        for change in outcome.views {
-            if !manifest.views.contains(&change.table) {
-                return Err(format!(
-                    "view table {} is not declared in the manifest of {}",
-                    change.table, manifest.name
-                ));
-            }
-            let value = match change.value {
-                Some(text) => Some(serde_json::from_str::<Value>(&text).map_err(|e| {
-                    format!(
-                        "view row {}/{}: invalid JSON: {e}",
-                        change.table, change.key
-                    )
-                })?),
-                None => None,
-            };
-            views.push(ViewWrite {
-                table: change.table,
-                key: change.key,
-                value,
-                seq: handled.global_position,
-            });
-        }
-
-        Ok(Commit {
-            appends: order
-                .into_iter()
-                .map(|stream| {
-                    let expected_version = (entity.as_ref() == Some(&stream)).then_some(version);
-                    let messages = appends.remove(&stream).unwrap_or_default();
-                    StreamAppend {
-                        stream,
-                        expected_version,
-                        messages,
-                    }
-                })
-                .collect(),
-            views,
-            settle: Some(settle),
-            park: None,
-            defer: None,
-        })
+            },
+        ));
     }
+
+    for change in outcome.views {
+        if !manifest.views.contains(&change.table) {
+            return Err(format!(
+                "view table {} is not declared in the manifest of {}",
+                change.table, manifest.name
+            ));
+        }
+        let value = match change.value {
+            Some(text) => Some(serde_json::from_str::<Value>(&text).map_err(|e| {
+                format!(
+                    "view row {}/{}: invalid JSON: {e}",
+                    change.table, change.key
+                )
+            })?),
+            None => None,
+        };
+        checked.views.push(ViewWrite {
+            table: change.table,
+            key: change.key,
+            value,
+            seq: handled.global_position,
+        });
+    }
+    Ok(checked)
+}
+
+/// Groups messages by stream, streams in order of first appearance, each with its expected
+/// version.
+fn group_appends(
+    messages: Vec<(StreamName, NewMessage)>,
+    expected_version: impl Fn(&StreamName) -> Option<u64>,
+) -> Vec<StreamAppend> {
+    let mut appends: Vec<StreamAppend> = Vec::new();
+    for (stream, message) in messages {
+        match appends.iter_mut().find(|a| a.stream == stream) {
+            Some(append) => append.messages.push(message),
+            None => appends.push(StreamAppend {
+                expected_version: expected_version(&stream),
+                stream,
+                messages: vec![message],
+            }),
+        }
+    }
+    appends
 }
 
 fn json_object(text: &str, what: &str) -> Result<Map<String, Value>, String> {
@@ -727,6 +831,7 @@ async fn decide(
             service,
             handled_id: message.id.clone(),
             mail,
+            overlay: None,
         };
         let mut instance = component
             .instantiate(Box::new(host))
@@ -735,7 +840,7 @@ async fn decide(
             Some(stream) => {
                 let start = projections.get(stream);
                 let (state, version) =
-                    fold(&runtime, store.as_ref(), &mut instance, stream, start)?;
+                    fold(&runtime, store.as_ref(), None, &mut instance, stream, start)?;
                 projections.put(stream, version, &state);
                 (state, version)
             }
@@ -761,18 +866,196 @@ async fn decide(
     }
 }
 
+/// What a batch decided for one message.
+enum BatchItem {
+    Decided(CheckedOutcome),
+    Park { message: Message, reason: String },
+    Defer { message: Message, due_ms: u64 },
+}
+
+/// A batch's decisions, ready to be committed together.
+struct BatchDecision {
+    items: Vec<BatchItem>,
+    /// The stored version of each entity the batch projected: the expected versions.
+    expected: HashMap<StreamName, u64>,
+    /// States worth caching: entities projected from stored events only.
+    cacheable: Vec<(StreamName, Option<String>, u64)>,
+}
+
+/// Why a batch could not be decided as one.
+enum BatchDecline {
+    /// A message failed transiently: handle the page one message at a time, with retries.
+    OneByOne,
+    Store(StoreError),
+}
+
+/// Decides a page of messages on one blocking thread, each in a fresh instance, each seeing what
+/// the earlier ones decided (through an [`Overlay`]), so that their outcomes can be committed
+/// together with one flush.
+async fn decide_batch(
+    component: Arc<ServiceComponent>,
+    projections: Arc<ProjectionCache>,
+    store: Arc<dyn MessageStore>,
+    mail: Option<Arc<Maildir>>,
+    messages: Vec<Message>,
+) -> Result<BatchDecision, BatchDecline> {
+    let runtime = Handle::current();
+    let joined = tokio::task::spawn_blocking(move || {
+        let manifest = component.manifest();
+        let overlay: SharedOverlay = Arc::default();
+        let mut states: HashMap<StreamName, (Option<String>, u64)> = HashMap::new();
+        let mut decision = BatchDecision {
+            items: Vec::with_capacity(messages.len()),
+            expected: HashMap::new(),
+            cacheable: Vec::new(),
+        };
+        for message in messages {
+            if let Some(due_ms) = message.not_before_ms
+                && due_ms > now_ms()
+            {
+                decision.items.push(BatchItem::Defer { message, due_ms });
+                continue;
+            }
+            let entity = entity_of(&manifest.name, &message);
+            let host = StoreHost {
+                runtime: runtime.clone(),
+                store: store.clone(),
+                service: manifest.name.clone(),
+                handled_id: message.id.clone(),
+                mail: mail.clone(),
+                overlay: Some(overlay.clone()),
+            };
+            let decided = component
+                .instantiate(Box::new(host))
+                .map_err(Decline::Guest)
+                .and_then(|mut instance| {
+                    let state = match &entity {
+                        Some(stream) => {
+                            let start = states
+                                .get(stream)
+                                .cloned()
+                                .unwrap_or_else(|| projections.get(stream));
+                            let folded = fold(
+                                &runtime,
+                                store.as_ref(),
+                                Some(&overlay),
+                                &mut instance,
+                                stream,
+                                start,
+                            )?;
+                            states.insert(stream.clone(), folded.clone());
+                            let added = overlay
+                                .lock()
+                                .ok()
+                                .and_then(|o| o.pending.get(stream).map(|(_, p)| p.len() as u64))
+                                .unwrap_or(0);
+                            decision
+                                .expected
+                                .entry(stream.clone())
+                                .or_insert(folded.1 - added);
+                            folded.0
+                        }
+                        None => None,
+                    };
+                    if message.stream.is_command() {
+                        instance.handle_command(&message, state.as_deref())
+                    } else {
+                        instance.handle_event(&message, state.as_deref())
+                    }
+                    .map_err(Decline::Guest)
+                });
+            let outcome = match decided {
+                Ok(outcome) => outcome,
+                Err(Decline::Store(e)) => return Err(BatchDecline::Store(e)),
+                Err(Decline::Guest(GuestError::Transient(_))) => {
+                    return Err(BatchDecline::OneByOne);
+                }
+                Err(Decline::Guest(e)) => {
+                    decision.items.push(BatchItem::Park {
+                        message,
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let checked = match check_outcome(manifest, &message, outcome) {
+                Ok(checked) => checked,
+                Err(reason) => {
+                    decision.items.push(BatchItem::Park {
+                        message,
+                        reason: format!("invalid outcome: {reason}"),
+                    });
+                    continue;
+                }
+            };
+            let Ok(mut pending) = overlay.lock() else {
+                return Err(BatchDecline::OneByOne);
+            };
+            for (stream, new) in &checked.messages {
+                let (base, added) = match pending.pending.get_mut(stream) {
+                    Some(entry) => entry,
+                    None => {
+                        let stored = runtime
+                            .block_on(store.stream_version(stream))
+                            .map_err(BatchDecline::Store)?;
+                        pending
+                            .pending
+                            .entry(stream.clone())
+                            .or_insert((stored, Vec::new()))
+                    }
+                };
+                let position = *base + added.len() as u64;
+                added.push(Message {
+                    id: new.id.clone(),
+                    stream: stream.clone(),
+                    message_type: new.message_type.clone(),
+                    data: new.data.clone(),
+                    metadata: new.metadata.clone(),
+                    position,
+                    global_position: 0,
+                    time_ms: now_ms(),
+                    not_before_ms: new.not_before_ms,
+                });
+            }
+            for view in &checked.views {
+                pending
+                    .views
+                    .insert((view.table.clone(), view.key.clone()), view.value.clone());
+            }
+            drop(pending);
+            decision.items.push(BatchItem::Decided(checked));
+        }
+        // A state folded over pending events saw them without their global positions: do not
+        // keep it; the next fold reads those events from the store.
+        let written: std::collections::HashSet<StreamName> = overlay
+            .lock()
+            .map(|o| o.pending.keys().cloned().collect())
+            .unwrap_or_default();
+        decision.cacheable = states
+            .into_iter()
+            .filter(|(stream, _)| !written.contains(stream))
+            .map(|(stream, (state, version))| (stream, state, version))
+            .collect();
+        Ok(decision)
+    });
+    match joined.await {
+        Ok(result) => result,
+        Err(_) => Err(BatchDecline::OneByOne),
+    }
+}
+
 /// Folds a stream through an instance's `project`, from a known `(state, version)`; returns the
 /// state (none for an empty stream) and the stream's version.
 fn fold(
     runtime: &Handle,
     store: &dyn MessageStore,
+    overlay: Option<&SharedOverlay>,
     instance: &mut crate::wasm::GuestInstance,
     stream: &StreamName,
     (mut state, mut version): (Option<String>, u64),
 ) -> Result<(Option<String>, u64), Decline> {
     loop {
-        let page = runtime
-            .block_on(store.read_stream(stream, version, READ_BATCH))
+        let page = read_merged(runtime, store, overlay, stream, version, READ_BATCH)
             .map_err(Decline::Store)?;
         if page.is_empty() {
             return Ok((state, version));
@@ -802,9 +1085,18 @@ pub async fn project(
             service: component.manifest().name.clone(),
             handled_id: String::new(),
             mail: None,
+            overlay: None,
         };
         let mut instance = component.instantiate(Box::new(host))?;
-        fold(&runtime, store.as_ref(), &mut instance, &stream, (None, 0)).map_err(|e| match e {
+        fold(
+            &runtime,
+            store.as_ref(),
+            None,
+            &mut instance,
+            &stream,
+            (None, 0),
+        )
+        .map_err(|e| match e {
             Decline::Guest(e) => anyhow::Error::new(e),
             Decline::Store(e) => anyhow::Error::new(e),
         })
@@ -820,22 +1112,65 @@ struct StoreHost {
     service: String,
     handled_id: String,
     mail: Option<Arc<Maildir>>,
+    /// What earlier messages of the same batch decided, not yet committed.
+    overlay: Option<SharedOverlay>,
+}
+
+/// Messages and view rows decided by earlier messages of a batch and not yet committed. Later
+/// messages of the batch read through it, so they decide on what the batch will have written
+/// (the users view, a username claim, the entity's own events).
+#[derive(Debug, Default)]
+struct Overlay {
+    /// Stream → (its stored version when the batch first wrote to it, the pending messages).
+    pending: HashMap<StreamName, (u64, Vec<Message>)>,
+    views: HashMap<(String, String), Option<Value>>,
+}
+
+type SharedOverlay = Arc<std::sync::Mutex<Overlay>>;
+
+/// A stream as a handler should see it: the stored messages, then those the batch added.
+fn read_merged(
+    runtime: &Handle,
+    store: &dyn MessageStore,
+    overlay: Option<&SharedOverlay>,
+    stream: &StreamName,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<Message>, StoreError> {
+    let mut messages = runtime.block_on(store.read_stream(stream, from, limit))?;
+    if let Some(overlay) = overlay
+        && let Ok(overlay) = overlay.lock()
+        && let Some((base, pending)) = overlay.pending.get(stream)
+    {
+        messages.retain(|m| m.position < *base);
+        messages.extend(pending.iter().filter(|m| m.position >= from).cloned());
+        messages.truncate(limit);
+    }
+    Ok(messages)
 }
 
 impl GuestHost for StoreHost {
     fn read_stream(&mut self, stream: &str, from_position: u64) -> Result<Vec<Message>, String> {
         let stream = StreamName::parse(stream).map_err(|e| e.to_string())?;
-        self.runtime
-            .block_on(self.store.read_stream(
-                &stream,
-                from_position,
-                crate::wasm::READ_STREAM_LIMIT,
-            ))
-            .map_err(|e| e.to_string())
+        read_merged(
+            &self.runtime,
+            self.store.as_ref(),
+            self.overlay.as_ref(),
+            &stream,
+            from_position,
+            crate::wasm::READ_STREAM_LIMIT,
+        )
+        .map_err(|e| e.to_string())
     }
 
     fn view_get(&mut self, table: &str, key: &str) -> Result<Option<String>, String> {
         validate_table_name(table).map_err(|e| e.to_string())?;
+        if let Some(overlay) = &self.overlay
+            && let Ok(overlay) = overlay.lock()
+            && let Some(row) = overlay.views.get(&(table.to_owned(), key.to_owned()))
+        {
+            return Ok(row.as_ref().map(Value::to_string));
+        }
         self.runtime
             .block_on(self.store.view_get(table, key))
             .map(|row| row.map(|row| row.value.to_string()))

@@ -548,13 +548,13 @@ pub async fn parks_and_replays_a_message(store: Store) {
                 from: 0,
                 to: message.global_position,
             }),
-            park: Some(ParkedMessage {
+            park: vec![ParkedMessage {
                 consumer: consumer.clone(),
                 message: message.clone(),
                 reason: "guest trapped".into(),
                 attempts: 1,
                 parked_at_ms: 1,
-            }),
+            }],
             ..Commit::default()
         })
         .await

@@ -171,8 +171,10 @@ pub struct Commit {
     pub appends: Vec<StreamAppend>,
     pub views: Vec<ViewWrite>,
     pub settle: Option<Settle>,
-    pub park: Option<ParkedMessage>,
-    pub defer: Option<DeferredMessage>,
+    /// Messages the consumer gave up on.
+    pub park: Vec<ParkedMessage>,
+    /// Messages the consumer set aside until they are due.
+    pub defer: Vec<DeferredMessage>,
 }
 
 impl Commit {

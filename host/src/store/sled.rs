@@ -533,11 +533,11 @@ fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>)
             }
             None => {}
         }
-        if let Some(park) = &commit.park {
+        for park in &commit.park {
             let key = consumer_message_key(&park.consumer, park.message.global_position);
             parked.insert(key, encode(park))?;
         }
-        if let Some(defer) = &commit.defer {
+        for defer in &commit.defer {
             let key = consumer_message_key(&defer.consumer, defer.message.global_position);
             deferred.insert(key, encode(defer))?;
             touched.insert(defer.consumer.category.as_str().to_owned());
