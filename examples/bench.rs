@@ -126,7 +126,10 @@ fn raw_sled_appends(appends: usize) -> anyhow::Result<f64> {
     Ok(appends as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn start_counter(dir: &std::path::Path) -> anyhow::Result<(Arc<dyn MessageStore>, Running)> {
+async fn start_counter(
+    dir: &std::path::Path,
+    config: RunnerConfig,
+) -> anyhow::Result<(Arc<dyn MessageStore>, Running)> {
     let store: Arc<dyn MessageStore> = Arc::new(SledStore::open(dir.join("store"))?);
     let runtime = Runtime::new(Some(dir.join("cache")))?;
     let path = guest("counter");
@@ -134,7 +137,7 @@ async fn start_counter(dir: &std::path::Path) -> anyhow::Result<(Arc<dyn Message
     let running = Running::start(
         store.clone(),
         &[LoadedService { path, component }],
-        RunnerConfig::default(),
+        config,
         &Capabilities::default(),
     )?;
     Ok((store, running))
@@ -150,9 +153,9 @@ async fn wait_handled(store: &Arc<dyn MessageStore>, global: u64) -> anyhow::Res
 
 /// Row 2: commands appended by 32 concurrent writers while the host handles them; the rate at
 /// which they are handled to the end (outcome and position durable).
-async fn end_to_end_throughput(commands: usize) -> anyhow::Result<f64> {
+async fn end_to_end_throughput(commands: usize, config: RunnerConfig) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
-    let (store, running) = start_counter(dir.path()).await?;
+    let (store, running) = start_counter(dir.path(), config).await?;
     let start = Instant::now();
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..32 {
@@ -186,7 +189,7 @@ async fn end_to_end_throughput(commands: usize) -> anyhow::Result<f64> {
 /// Row 2b: latency from a command's append to its handling being durable, at a steady rate.
 async fn end_to_end_latency(rate: f64, commands: usize) -> anyhow::Result<(Duration, Duration)> {
     let dir = tempfile::tempdir()?;
-    let (store, running) = start_counter(dir.path()).await?;
+    let (store, running) = start_counter(dir.path(), RunnerConfig::default()).await?;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let mut tasks = tokio::task::JoinSet::new();
     let mut next = Instant::now();
@@ -243,8 +246,14 @@ async fn main() -> anyhow::Result<()> {
 
     // 2. End to end.
     let mut rates = Vec::new();
+    let mut reused_rates = Vec::new();
+    let reuse = RunnerConfig {
+        reuse_instances: true,
+        ..RunnerConfig::default()
+    };
     for _ in 0..rounds {
-        rates.push(end_to_end_throughput(commands).await?);
+        rates.push(end_to_end_throughput(commands, RunnerConfig::default()).await?);
+        reused_rates.push(end_to_end_throughput(commands, reuse).await?);
     }
     let rate = median(rates);
     table.row(
@@ -254,6 +263,12 @@ async fn main() -> anyhow::Result<()> {
             "{:.0}% of row 1; each command is 2 durable writes",
             rate / raw * 100.0
         ),
+    );
+    let reused_rate = median(reused_rates);
+    table.row(
+        "2. the same with --reuse-instances",
+        format!("{reused_rate:.0}"),
+        format!("{:.0}% of row 1", reused_rate / raw * 100.0),
     );
     for (label, load) in [("full", 1.0), ("half", 0.5)] {
         let mut p50s = Vec::new();
@@ -308,7 +323,7 @@ async fn main() -> anyhow::Result<()> {
     table.row(
         "3. Wasm per message, reused instance (handle only)",
         format!("{reused:.1} µs"),
-        "not yet an option of the runner".into(),
+        "--reuse-instances".into(),
     );
     let mut event = sample_message();
     event.message_type = "Incremented".into();

@@ -343,3 +343,33 @@ fn runs_the_good_components_beside_a_broken_one() {
         "{log}"
     );
 }
+
+#[test]
+fn reuses_healthy_instances_and_drops_one_that_trapped() {
+    let setup = Setup::new(&["counter", "chaos"]);
+    // Sent while no host runs, so each consumer reads them as one batch.
+    for _ in 0..5 {
+        setup.ferry_json(&["send", "counter:command.r", "Increment", r#"{"by":1}"#]);
+    }
+    setup.ferry_json(&["send", "chaos:command.a", "Ok", "{}"]);
+    setup.ferry_json(&["send", "chaos:command.b", "Trap", "{}"]);
+    setup.ferry_json(&["send", "chaos:command.c", "Ok", "{}"]);
+    let _host = setup.start(&["--reuse-instances"]);
+    let totals: Vec<u64> = setup
+        .wait_for_stream("counter.r", 5)
+        .iter()
+        .map(|e| e["data"]["total"].as_u64().unwrap_or_default())
+        .collect();
+    assert_eq!(totals, [1, 2, 3, 4, 5]);
+    setup.wait_for_stream("chaos.a", 1);
+    // The message after the trap ran in a new instance.
+    setup.wait_for_stream("chaos.c", 1);
+    let parked = setup.parked();
+    assert_eq!(parked.len(), 1);
+    assert!(
+        parked[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("trapped")
+    );
+}

@@ -53,6 +53,10 @@ pub enum Command {
         /// First retry delay after a transient failure, in milliseconds (doubles each time).
         #[arg(long, default_value_t = 100)]
         retry_base_ms: u64,
+        /// Reuse a healthy guest instance for the messages of a batch instead of a fresh one per
+        /// message (faster; only for guests that keep no state between calls).
+        #[arg(long)]
+        reuse_instances: bool,
         /// A limit for one service, overriding the defaults above:
         /// `SERVICE:timeout-ms=N` or `SERVICE:memory-mib=N` (repeatable).
         #[arg(long = "service-limit", value_name = "SERVICE:KEY=N", value_parser = parse_service_limit)]
@@ -134,6 +138,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             guest_memory_mib,
             max_deliveries,
             retry_base_ms,
+            reuse_instances,
             mail_grants,
             service_limits,
         } => {
@@ -144,6 +149,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             let config = RunnerConfig {
                 max_deliveries: max_deliveries.max(1),
                 retry_base: Duration::from_millis(retry_base_ms),
+                reuse_instances,
                 ..RunnerConfig::default()
             };
             let capabilities = Capabilities {

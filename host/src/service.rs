@@ -45,6 +45,10 @@ pub struct RunnerConfig {
     pub retry_base: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
+    /// Handle the messages of a batch in one instance while it stays healthy, instead of a fresh
+    /// instance per message (cheaper; a guest can then keep state between messages, so only for
+    /// guests that do not). An instance is never used again after a failure.
+    pub reuse_instances: bool,
 }
 
 impl Default for RunnerConfig {
@@ -53,6 +57,7 @@ impl Default for RunnerConfig {
             max_deliveries: 5,
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
+            reuse_instances: false,
         }
     }
 }
@@ -431,6 +436,7 @@ impl Consumer {
             self.store.clone(),
             self.mail.clone(),
             messages,
+            self.config.reuse_instances,
         )
         .await
         {
@@ -898,12 +904,14 @@ async fn decide_batch(
     store: Arc<dyn MessageStore>,
     mail: Option<Arc<Maildir>>,
     messages: Vec<Message>,
+    reuse_instances: bool,
 ) -> Result<BatchDecision, BatchDecline> {
     let runtime = Handle::current();
     let joined = tokio::task::spawn_blocking(move || {
         let manifest = component.manifest();
         let overlay: SharedOverlay = Arc::default();
         let mut states: HashMap<StreamName, (Option<String>, u64)> = HashMap::new();
+        let mut reusable: Option<crate::wasm::GuestInstance> = None;
         let mut decision = BatchDecision {
             items: Vec::with_capacity(messages.len()),
             expected: HashMap::new(),
@@ -925,45 +933,54 @@ async fn decide_batch(
                 mail: mail.clone(),
                 overlay: Some(overlay.clone()),
             };
-            let decided = component
-                .instantiate(Box::new(host))
-                .map_err(Decline::Guest)
-                .and_then(|mut instance| {
-                    let state = match &entity {
-                        Some(stream) => {
-                            let start = states
-                                .get(stream)
-                                .cloned()
-                                .unwrap_or_else(|| projections.get(stream));
-                            let folded = fold(
-                                &runtime,
-                                store.as_ref(),
-                                Some(&overlay),
-                                &mut instance,
-                                stream,
-                                start,
-                            )?;
-                            states.insert(stream.clone(), folded.clone());
-                            let added = overlay
-                                .lock()
-                                .ok()
-                                .and_then(|o| o.pending.get(stream).map(|(_, p)| p.len() as u64))
-                                .unwrap_or(0);
-                            decision
-                                .expected
-                                .entry(stream.clone())
-                                .or_insert(folded.1 - added);
-                            folded.0
-                        }
-                        None => None,
-                    };
-                    if message.stream.is_command() {
-                        instance.handle_command(&message, state.as_deref())
-                    } else {
-                        instance.handle_event(&message, state.as_deref())
+            let instance = match reusable.take() {
+                Some(mut instance) => {
+                    instance.set_host(Box::new(host));
+                    Ok(instance)
+                }
+                None => component.instantiate(Box::new(host)),
+            };
+            let decided = instance.map_err(Decline::Guest).and_then(|mut instance| {
+                let state = match &entity {
+                    Some(stream) => {
+                        let start = states
+                            .get(stream)
+                            .cloned()
+                            .unwrap_or_else(|| projections.get(stream));
+                        let folded = fold(
+                            &runtime,
+                            store.as_ref(),
+                            Some(&overlay),
+                            &mut instance,
+                            stream,
+                            start,
+                        )?;
+                        states.insert(stream.clone(), folded.clone());
+                        let added = overlay
+                            .lock()
+                            .ok()
+                            .and_then(|o| o.pending.get(stream).map(|(_, p)| p.len() as u64))
+                            .unwrap_or(0);
+                        decision
+                            .expected
+                            .entry(stream.clone())
+                            .or_insert(folded.1 - added);
+                        folded.0
                     }
-                    .map_err(Decline::Guest)
-                });
+                    None => None,
+                };
+                let outcome = if message.stream.is_command() {
+                    instance.handle_command(&message, state.as_deref())
+                } else {
+                    instance.handle_event(&message, state.as_deref())
+                }
+                .map_err(Decline::Guest)?;
+                if reuse_instances {
+                    // Only an instance whose every call succeeded is used again.
+                    reusable = Some(instance);
+                }
+                Ok(outcome)
+            });
             let outcome = match decided {
                 Ok(outcome) => outcome,
                 Err(Decline::Store(e)) => return Err(BatchDecline::Store(e)),

@@ -571,6 +571,13 @@ impl GuestInstance {
         }
     }
 
+    /// Gives the instance a new host (the next message's view of the store), so that one healthy
+    /// instance can handle several messages. Only for instances whose last call did not trap: a
+    /// trap poisons the store and every later call fails.
+    pub fn set_host(&mut self, host: Box<dyn GuestHost>) {
+        self.store.data_mut().host = host;
+    }
+
     pub fn manifest(&mut self) -> Result<Manifest, GuestError> {
         let manifest = self.call(|h, s| h.call_manifest(s).map(Ok))?;
         Ok(Manifest {
