@@ -96,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
             let category = Category::parse("counter").expect("category");
             let mut after = 0;
             loop {
+                let mut changes = store.watch_category(&category);
                 let page = match store.read_category(&category, after, None, 1000).await {
                     Ok(page) => page,
                     Err(_) => return,
@@ -111,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 after = page.scanned_to;
                 if page.messages.is_empty() {
-                    store.wait_for_category(&category, after).await;
+                    let _ = changes.changed().await;
                 }
             }
         })

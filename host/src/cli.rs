@@ -144,7 +144,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let limits = Limits {
                 call_timeout: Duration::from_millis(guest_timeout_ms),
-                memory_bytes: guest_memory_mib * 1024 * 1024,
+                memory_bytes: guest_memory_mib.saturating_mul(1024 * 1024),
             };
             let config = RunnerConfig {
                 max_deliveries: max_deliveries.max(1),

@@ -183,6 +183,18 @@ fn check_unique(admitted: &[LoadedService], candidate: &LoadedService) -> anyhow
             other.path.display()
         );
     }
+    for view in &candidate.component.manifest().views {
+        if let Some(other) = admitted
+            .iter()
+            .find(|a| a.component.manifest().views.contains(view))
+        {
+            anyhow::bail!(
+                "view {view} is already written by service {} ({}); a view has one writer",
+                other.component.manifest().name,
+                other.path.display()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -365,6 +377,9 @@ impl Consumer {
 
     /// Handles what is due, then waits for more.
     async fn poll(&mut self) -> Result<(), Interrupted> {
+        // Taken before reading anything, so a write, replay or rebuild that lands while this
+        // poll reads is not missed when it goes to sleep below.
+        let mut changes = self.store.watch_category(&self.id.category);
         let mut next_due = None;
         for deferred in self.store.deferred(&self.id).await? {
             if deferred.due_ms > now_ms() {
@@ -414,9 +429,8 @@ impl Consumer {
                 None => std::future::pending().await,
             }
         };
-        let store = self.store.clone();
         tokio::select! {
-            () = store.wait_for_category(&self.id.category, page.scanned_to.max(position)) => Ok(()),
+            _ = changes.changed() => Ok(()),
             () = wait_for_due => Ok(()),
             _ = self.shutdown.changed() => Err(Interrupted::Shutdown),
         }
@@ -1009,6 +1023,19 @@ async fn decide_batch(
                 return Err(BatchDecline::OneByOne);
             };
             for (stream, new) in &checked.messages {
+                // A message whose id is stored (a replayed event's outcome) will be dropped by
+                // the store: later messages must not see it twice.
+                let stored = runtime
+                    .block_on(store.message(&new.id))
+                    .map_err(BatchDecline::Store)?
+                    .is_some();
+                let already_pending = pending
+                    .pending
+                    .get(stream)
+                    .is_some_and(|(_, added)| added.iter().any(|m| m.id == new.id));
+                if stored || already_pending {
+                    continue;
+                }
                 let (base, added) = match pending.pending.get_mut(stream) {
                     Some(entry) => entry,
                     None => {

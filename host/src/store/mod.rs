@@ -274,9 +274,11 @@ pub trait MessageStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<CategoryPage, StoreError>;
 
-    /// Returns once the category may hold a message past `after`, or its consumers' deferred sets
-    /// changed. May return early; callers read again.
-    async fn wait_for_category(&self, category: &Category, after: u64);
+    /// A receiver that changes after every durable write to the category, and whenever a replay
+    /// or rebuild changes its consumers' deferred sets or positions. Take it before reading, then
+    /// await `changed()`: nothing that happens after it was taken is missed. It may also change
+    /// when nothing relevant did; callers read again.
+    fn watch_category(&self, category: &Category) -> tokio::sync::watch::Receiver<u64>;
 
     /// The message with this id.
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError>;

@@ -279,7 +279,7 @@ impl SledStore {
         if let Ok(watchers) = self.inner.watchers.lock()
             && let Some(sender) = watchers.get(category.as_str())
         {
-            sender.send_modify(|_| {});
+            sender.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 }
@@ -314,16 +314,20 @@ fn write_loop(
         }
         // Group commit: one fsync makes every transaction above durable.
         if let Err(e) = db.flush() {
-            let reason = format!("flush failed: {e}");
+            // The group is applied in memory but maybe not on disk: neither "failed" nor
+            // "written" is true, so stop. Every caller learns the store stopped; nothing is
+            // accepted after this point.
+            let reason = format!("flush failed, the store stopped (restart to recover): {e}");
+            tracing::error!("{reason}");
             for request in group {
                 request.reply(Err(StoreError::Backend(reason.clone())));
             }
-            continue;
+            return;
         }
         if let Ok(watchers) = watchers.lock() {
             for category in &touched {
                 if let Some(sender) = watchers.get(category) {
-                    sender.send_modify(|_| {});
+                    sender.send_modify(|n| *n = n.wrapping_add(1));
                 }
             }
         }
@@ -497,14 +501,20 @@ fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>)
         }
         meta.insert("head", &head.to_be_bytes())?;
 
+        // Rows this commit wrote: a later change to the same row in the commit replaces it, even
+        // with the same `seq` (one outcome may upsert a row twice, or delete and upsert it).
+        let mut written_rows: BTreeSet<Vec<u8>> = BTreeSet::new();
         for write in &commit.views {
             let key = key2(&write.table, write.key.as_bytes());
-            if let Some(existing) = views.get(&key)? {
+            if !written_rows.contains(&key)
+                && let Some(existing) = views.get(&key)?
+            {
                 let row: ViewRow = decode("view row", &existing).map_err(abort)?;
                 if write.seq <= row.last_update_seq {
                     continue;
                 }
             }
+            written_rows.insert(key.clone());
             let row = ViewRow {
                 value: write.value.clone().unwrap_or(Value::Null),
                 last_update_seq: write.seq,
@@ -525,12 +535,21 @@ fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>)
                 }
                 consumers.insert(key, &to.to_be_bytes())?;
             }
+            // Gone means a rebuild cleared it meanwhile: this outcome is stale.
             Some(Settle::ClearDeferred {
                 consumer,
                 global_position,
-            }) => {
-                deferred.remove(consumer_message_key(consumer, *global_position))?;
+            }) if deferred
+                .remove(consumer_message_key(consumer, *global_position))?
+                .is_none() =>
+            {
+                return Err(abort(StoreError::ConsumerMoved {
+                    consumer: consumer.to_string(),
+                    expected: *global_position,
+                    actual: 0,
+                }));
             }
+            Some(Settle::ClearDeferred { .. }) => {}
             None => {}
         }
         for park in &commit.park {
@@ -649,21 +668,15 @@ impl MessageStore for SledStore {
         Ok(page)
     }
 
-    async fn wait_for_category(&self, category: &Category, after: u64) {
-        let mut receiver = {
-            let Ok(mut watchers) = self.inner.watchers.lock() else {
-                return;
-            };
-            let head = self.category_head(category.as_str()).unwrap_or(u64::MAX);
-            let sender = watchers
+    fn watch_category(&self, category: &Category) -> watch::Receiver<u64> {
+        match self.inner.watchers.lock() {
+            Ok(mut watchers) => watchers
                 .entry(category.as_str().to_owned())
-                .or_insert_with(|| watch::channel(0).0);
-            if head > after {
-                return;
-            }
-            sender.subscribe()
-        };
-        let _ = receiver.changed().await;
+                .or_insert_with(|| watch::channel(0).0)
+                .subscribe(),
+            // A poisoned lock: a receiver whose sender is gone, so waiting returns at once.
+            Err(_) => watch::channel(0).1,
+        }
     }
 
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError> {
