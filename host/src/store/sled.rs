@@ -64,14 +64,34 @@ enum WriteRequest {
         consumers: Vec<ConsumerId>,
         reply: oneshot::Sender<Result<Committed, StoreError>>,
     },
+    Replay {
+        chosen: Vec<ParkedMessage>,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
+}
+
+/// What the writer did for one request.
+enum Applied {
+    Committed(Committed),
+    Moved(usize),
 }
 
 impl WriteRequest {
-    fn reply(self, result: Result<Committed, StoreError>) {
-        let reply = match self {
-            Self::Commit { reply, .. } | Self::RebuildViews { reply, .. } => reply,
-        };
-        let _ = reply.send(result);
+    fn reply(self, result: Result<Applied, StoreError>) {
+        match self {
+            Self::Commit { reply, .. } | Self::RebuildViews { reply, .. } => {
+                let _ = reply.send(result.map(|applied| match applied {
+                    Applied::Committed(committed) => committed,
+                    Applied::Moved(_) => Committed::default(),
+                }));
+            }
+            Self::Replay { reply, .. } => {
+                let _ = reply.send(result.map(|applied| match applied {
+                    Applied::Moved(moved) => moved,
+                    Applied::Committed(_) => 0,
+                }));
+            }
+        }
     }
 }
 
@@ -79,7 +99,6 @@ type Watchers = Arc<Mutex<HashMap<String, watch::Sender<u64>>>>;
 
 struct Inner {
     path: PathBuf,
-    db: sled::Db,
     trees: Trees,
     writer: Option<mpsc::UnboundedSender<WriteRequest>>,
     writer_thread: Option<JoinHandle<()>>,
@@ -230,7 +249,6 @@ impl SledStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
-                db,
                 trees,
                 writer: Some(writer),
                 writer_thread: Some(writer_thread),
@@ -274,14 +292,6 @@ impl SledStore {
             .ok_or_else(|| backend(format!("index points at missing message {global}")))?;
         decode("message", &bytes)
     }
-
-    fn wake(&self, category: &Category) {
-        if let Ok(watchers) = self.inner.watchers.lock()
-            && let Some(sender) = watchers.get(category.as_str())
-        {
-            sender.send_modify(|n| *n = n.wrapping_add(1));
-        }
-    }
 }
 
 fn write_loop(
@@ -302,15 +312,20 @@ fn write_loop(
         let mut touched: BTreeSet<String> = BTreeSet::new();
         for request in &group {
             let result = match request {
-                WriteRequest::Commit { commit, .. } => apply(&trees, commit),
+                WriteRequest::Commit { commit, .. } => {
+                    apply(&trees, commit).map(|(c, t)| (Applied::Committed(c), t))
+                }
                 WriteRequest::RebuildViews {
                     tables, consumers, ..
-                } => rebuild(&trees, tables, consumers),
+                } => rebuild(&trees, tables, consumers).map(|(c, t)| (Applied::Committed(c), t)),
+                WriteRequest::Replay { chosen, .. } => {
+                    replay(&trees, chosen).map(|(n, t)| (Applied::Moved(n), t))
+                }
             };
             if let Ok((_, categories)) = &result {
                 touched.extend(categories.iter().cloned());
             }
-            results.push(result.map(|(committed, _)| committed));
+            results.push(result.map(|(applied, _)| applied));
         }
         // Group commit: one fsync makes every transaction above durable.
         if let Err(e) = db.flush() {
@@ -389,6 +404,38 @@ fn rebuild(
         .map(|c| c.category.as_str().to_owned())
         .collect();
     Ok((Committed::default(), touched))
+}
+
+/// Moves parked messages to their consumers' deferred sets, due at once. In the writer thread,
+/// like every write, so it cannot interleave with a rebuild that clears those sets.
+fn replay(
+    trees: &Trees,
+    chosen: &[ParkedMessage],
+) -> Result<(usize, BTreeSet<String>), StoreError> {
+    let now = now_ms();
+    let mut moved = 0;
+    let mut touched = BTreeSet::new();
+    for park in chosen {
+        let key = consumer_message_key(&park.consumer, park.message.global_position);
+        let defer = DeferredMessage {
+            consumer: park.consumer.clone(),
+            message: park.message.clone(),
+            due_ms: now,
+        };
+        let result = (&trees.parked, &trees.deferred).transaction(|(parked, deferred)| {
+            if parked.remove(key.as_slice())?.is_some() {
+                deferred.insert(key.as_slice(), encode(&defer))?;
+                Ok(true)
+            } else {
+                Ok::<_, ConflictableTransactionError<StoreError>>(false)
+            }
+        });
+        if result.map_err(|e| backend(format!("{e:?}")))? {
+            touched.insert(park.consumer.category.as_str().to_owned());
+            moved += 1;
+        }
+    }
+    Ok((moved, touched))
 }
 
 type Abort = ConflictableTransactionError<StoreError>;
@@ -824,36 +871,8 @@ impl MessageStore for SledStore {
             .into_iter()
             .filter(|p| message_id.is_none_or(|id| p.message.id == id))
             .collect();
-        // Each move is its own small transaction on the two trees; sled retries it if it races the
-        // writer thread, which touches them too.
-        let trees = self.trees().clone();
-        let now = now_ms();
-        let mut moved = 0;
-        let mut woken = BTreeSet::new();
-        for park in chosen {
-            let key = consumer_message_key(&park.consumer, park.message.global_position);
-            let defer = DeferredMessage {
-                consumer: park.consumer.clone(),
-                message: park.message.clone(),
-                due_ms: now,
-            };
-            let result = (&trees.parked, &trees.deferred).transaction(|(parked, deferred)| {
-                if parked.remove(key.as_slice())?.is_some() {
-                    deferred.insert(key.as_slice(), encode(&defer))?;
-                    Ok(true)
-                } else {
-                    Ok::<_, ConflictableTransactionError<StoreError>>(false)
-                }
-            });
-            if result.map_err(|e| backend(format!("{e:?}")))? {
-                woken.insert(park.consumer.category.clone());
-                moved += 1;
-            }
-        }
-        self.inner.db.flush_async().await.map_err(backend)?;
-        for category in &woken {
-            self.wake(category);
-        }
-        Ok(moved)
+        let (reply, answer) = oneshot::channel();
+        self.write(WriteRequest::Replay { chosen, reply })?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 }
