@@ -10,6 +10,9 @@
 //! latency through the `counter` guest (with the ratio to row 1), the Wasm cost per message, cold
 //! start, and resident memory.
 
+#[path = "measure/mod.rs"]
+mod measure;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +21,7 @@ use ferry::store::{
     Category, Commit, ConsumerId, Message, MessageStore, NewMessage, SledStore, StreamName,
 };
 use ferry::wasm::{GuestHost, Limits, Runtime};
+use measure::{percentile, resident_mib};
 
 struct NullHost;
 
@@ -39,25 +43,6 @@ impl GuestHost for NullHost {
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn resident_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<f64>().ok())
-        })
-        .map(|pages| pages * 4096.0 / (1024.0 * 1024.0))
-        .unwrap_or(0.0)
 }
 
 fn guest(name: &str) -> std::path::PathBuf {

@@ -7,6 +7,9 @@
 //! cargo run --example soak -- --seconds 240 --rate 200
 //! ```
 
+#[path = "measure/mod.rs"]
+mod measure;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +18,7 @@ use anyhow::Context as _;
 use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
 use ferry::store::{Category, Commit, MessageStore, NewMessage, SledStore, StreamName};
 use ferry::wasm::{Limits, Runtime};
+use measure::{percentile, resident_mib};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -23,18 +27,6 @@ fn arg(name: &str, default: u64) -> u64 {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn resident_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<f64>().ok())
-        })
-        .map(|pages| pages * 4096.0 / (1024.0 * 1024.0))
-        .unwrap_or(0.0)
 }
 
 /// Bytes sled keeps on disk, for comparing memory growth with data growth.
@@ -49,13 +41,6 @@ fn store_mib(path: &std::path::Path) -> f64 {
         })
         .unwrap_or(0) as f64
         / (1024.0 * 1024.0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 #[tokio::main]
