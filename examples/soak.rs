@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
-use ferry::store::{Category, Commit, MessageStore, NewMessage, SledStore, StreamName};
+use ferry::store::{
+    Category, Commit, ConsumerId, MessageStore, NewMessage, SledStore, StreamName,
+};
 use ferry::wasm::{Limits, Runtime};
 use measure::{percentile, resident_mib};
 
@@ -79,9 +81,12 @@ async fn main() -> anyhow::Result<()> {
         let (store, sent_at, latencies) = (store.clone(), sent_at.clone(), latencies.clone());
         tokio::spawn(async move {
             let category = Category::parse("counter").expect("category");
+            let observer = ConsumerId::new(category.clone(), "soak-observer");
             let mut after = 0;
             loop {
-                let mut changes = store.watch_category(&category);
+                let Ok(mut changes) = store.watch(&observer).await else {
+                    return;
+                };
                 let page = match store.read_category(&category, after, None, 1000).await {
                     Ok(page) => page,
                     Err(_) => return,

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::control::{self, Context, Request};
 use crate::mail::Maildir;
 use crate::service::{self, Capabilities, LoadedService, RunnerConfig, Running};
-use crate::store::{MessageStore, SledStore, StoreError};
+use crate::store::{MessageStore, NatsStore, SledStore, StoreError};
 use crate::wasm::{Limits, Runtime};
 
 /// Ferry: event-driven services as sandboxed Wasm components.
@@ -30,6 +30,16 @@ pub struct Cli {
         env = "FERRY_SERVICES"
     )]
     pub services: PathBuf,
+    /// The store: `sled` (embedded, in the data folder) or `nats://HOST:PORT[/NAMESPACE]` (a
+    /// JetStream that several Ferry processes share).
+    #[arg(
+        long,
+        global = true,
+        default_value = "sled",
+        env = "FERRY_STORE",
+        value_parser = parse_store
+    )]
+    pub store: StoreChoice,
     /// Print answers as JSON, for scripts.
     #[arg(long, global = true)]
     pub json: bool,
@@ -37,10 +47,35 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where the messages live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// The embedded sled store in `DATA/store`, one process at a time.
+    Sled,
+    /// A JetStream namespace: `nats://HOST:PORT[/NAMESPACE]`.
+    Nats(String),
+}
+
+fn parse_store(text: &str) -> Result<StoreChoice, String> {
+    if text == "sled" {
+        Ok(StoreChoice::Sled)
+    } else if text.starts_with("nats://") {
+        Ok(StoreChoice::Nats(text.to_owned()))
+    } else {
+        Err(format!(
+            "{text:?}: expected sled or nats://HOST:PORT[/NAMESPACE]"
+        ))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the services of the services folder until interrupted.
     Run {
+        /// Run only these services of the services folder (comma-separated names), so that the
+        /// same components run as one process or as one process per service.
+        #[arg(long, value_delimiter = ',', value_name = "SERVICE,...")]
+        only: Vec<String>,
         /// Longest time one call into a guest may run, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         guest_timeout_ms: u64,
@@ -134,6 +169,7 @@ pub enum Command {
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
+            only,
             guest_timeout_ms,
             guest_memory_mib,
             max_deliveries,
@@ -157,6 +193,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 mail_grants,
             };
             let settings = HostSettings {
+                store: cli.store,
+                only,
                 limits,
                 service_limits,
                 config,
@@ -164,7 +202,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             };
             run(&cli.data, &cli.services, &settings).await
         }
-        Command::Rebuild { table } => rebuild(&cli.data, &cli.services, table, cli.json).await,
+        Command::Rebuild { table } => {
+            rebuild(&cli.data, &cli.services, &cli.store, table, cli.json).await
+        }
         Command::Inspect { component } => {
             let runtime = Runtime::new(Some(cache_dir(&cli.data)))?;
             let loaded = runtime
@@ -184,7 +224,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         command => {
             let request = request_of(command).context("this command is not a store request")?;
-            let answer = answer(&cli.data, &cli.services, request.clone()).await?;
+            let answer = answer(&cli.data, &cli.services, &cli.store, request.clone()).await?;
             print(cli.json, kind_of(&request), &answer);
             Ok(())
         }
@@ -271,19 +311,25 @@ fn cache_dir(data: &Path) -> PathBuf {
     data.join("cache")
 }
 
-fn open_store(data: &Path) -> anyhow::Result<Arc<dyn MessageStore>> {
+async fn open_store(data: &Path, store: &StoreChoice) -> anyhow::Result<Arc<dyn MessageStore>> {
     std::fs::create_dir_all(data)
         .with_context(|| format!("cannot create the data folder {}", data.display()))?;
-    Ok(Arc::new(SledStore::open(store_dir(data))?))
+    Ok(match store {
+        StoreChoice::Sled => Arc::new(SledStore::open(store_dir(data))?),
+        StoreChoice::Nats(url) => Arc::new(NatsStore::connect(url).await?),
+    })
 }
 
-/// Opens the store for `ferry run`. A CLI command that opened the folder while no host ran holds
-/// it for a moment: wait for it rather than fail, but not for a host that keeps it.
-async fn open_store_for_host(data: &Path) -> anyhow::Result<Arc<dyn MessageStore>> {
+/// Opens the store for `ferry run`. A CLI command that opened the sled folder while no host ran
+/// holds it for a moment: wait for it rather than fail, but not for a host that keeps it.
+async fn open_store_for_host(
+    data: &Path,
+    store: &StoreChoice,
+) -> anyhow::Result<Arc<dyn MessageStore>> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut told = false;
     loop {
-        match open_store(data) {
+        match open_store(data, store).await {
             Err(e)
                 if matches!(
                     e.downcast_ref::<StoreError>(),
@@ -301,15 +347,24 @@ async fn open_store_for_host(data: &Path) -> anyhow::Result<Arc<dyn MessageStore
     }
 }
 
-/// Runs a request in the running host when one listens, otherwise on the store directly. A host
-/// that is starting holds the store before it listens: wait for it a little.
-async fn answer(data: &Path, services: &Path, request: Request) -> anyhow::Result<Value> {
+/// Runs a request in the running host when one listens on the sled folder, otherwise on the
+/// store directly (always for JetStream, which any number of processes share). A host that is
+/// starting holds the sled folder before it listens: wait for it a little.
+async fn answer(
+    data: &Path,
+    services: &Path,
+    store: &StoreChoice,
+    request: Request,
+) -> anyhow::Result<Value> {
+    if matches!(store, StoreChoice::Nats(_)) {
+        return execute_locally(data, services, store, request).await;
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(answer) = control::try_remote(data, &request).await? {
             return Ok(answer);
         }
-        match execute_locally(data, services, request.clone()).await {
+        match execute_locally(data, services, store, request.clone()).await {
             Err(e)
                 if matches!(
                     e.downcast_ref::<StoreError>(),
@@ -323,8 +378,13 @@ async fn answer(data: &Path, services: &Path, request: Request) -> anyhow::Resul
     }
 }
 
-async fn execute_locally(data: &Path, services: &Path, request: Request) -> anyhow::Result<Value> {
-    let store = open_store(data)?;
+async fn execute_locally(
+    data: &Path,
+    services: &Path,
+    store: &StoreChoice,
+    request: Request,
+) -> anyhow::Result<Value> {
+    let store = open_store(data, store).await?;
     let mut components = Default::default();
     if matches!(request, Request::Project { .. }) {
         let runtime = Runtime::new(Some(cache_dir(data)))?;
@@ -341,6 +401,9 @@ async fn execute_locally(data: &Path, services: &Path, request: Request) -> anyh
 /// Everything `ferry run` is configured with besides its folders.
 #[derive(Debug, Clone)]
 pub struct HostSettings {
+    pub store: StoreChoice,
+    /// Run only these services (all when empty).
+    pub only: Vec<String>,
     /// Default limits of every service.
     pub limits: Limits,
     /// Per-service overrides.
@@ -411,12 +474,20 @@ impl Rebuilder<'_> {
 }
 
 /// `ferry rebuild TABLE`.
-async fn rebuild(data: &Path, services: &Path, table: String, json: bool) -> anyhow::Result<()> {
+async fn rebuild(
+    data: &Path,
+    services: &Path,
+    store: &StoreChoice,
+    table: String,
+    json: bool,
+) -> anyhow::Result<()> {
     let request = Request::Rebuild { table };
-    if let Some(answer) = control::try_remote(data, &request).await? {
+    if *store == StoreChoice::Sled
+        && let Some(answer) = control::try_remote(data, &request).await?
+    {
         return follow_rebuild(&Rebuilder::Host(data), &answer, json).await;
     }
-    let store = open_store(data)?;
+    let store = open_store(data, store).await?;
     let runtime = Runtime::new(Some(cache_dir(data)))?;
     let (loaded, _) = service::load_folder(&runtime, services, Limits::default())?;
     let admitted = service::admit(loaded).0;
@@ -494,18 +565,28 @@ async fn follow_rebuild(
 /// control socket, and runs until SIGINT or SIGTERM.
 pub async fn run(data: &Path, services: &Path, settings: &HostSettings) -> anyhow::Result<()> {
     let HostSettings {
+        store,
+        only,
         limits,
         service_limits,
         config,
         capabilities,
     } = settings;
-    let store = open_store_for_host(data).await?;
+    let store = open_store_for_host(data, store).await?;
     let runtime = Runtime::new(Some(cache_dir(data)))?;
     std::fs::create_dir_all(services)
         .with_context(|| format!("cannot create the services folder {}", services.display()))?;
-    let (loaded, failed) = service::load_folder(&runtime, services, *limits)?;
+    let (mut loaded, failed) = service::load_folder(&runtime, services, *limits)?;
     for (path, error) in &failed {
         tracing::error!(path = %path.display(), "component refused: {error:#}");
+    }
+    if !only.is_empty() {
+        loaded.retain(|s| only.contains(&s.component.manifest().name));
+        for name in only {
+            if !loaded.iter().any(|s| &s.component.manifest().name == name) {
+                tracing::warn!(service = %name, "--only names a service the folder does not hold");
+            }
+        }
     }
     let (admitted, refused) = service::admit(loaded);
     let admitted: Vec<LoadedService> = admitted

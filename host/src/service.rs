@@ -32,6 +32,7 @@ const MAX_OUTCOME_MESSAGES: usize = 1000;
 const MAX_OUTCOME_BYTES: usize = 4 * 1024 * 1024;
 /// How often an outcome is recomputed on fresh state after an expected-version conflict.
 const CONFLICT_RETRIES: u32 = 10;
+/// Messages of a stream read per request while projecting.
 const READ_BATCH: usize = 256;
 /// Namespace of the deterministic ids Ferry derives (a fixed, random UUID).
 const ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a0f_9a7e_52c4_4f0e_9c1e_2b7d_f1a3_c5e9);
@@ -379,7 +380,7 @@ impl Consumer {
     async fn poll(&mut self) -> Result<(), Interrupted> {
         // Taken before reading anything, so a write, replay or rebuild that lands while this
         // poll reads is not missed when it goes to sleep below.
-        let mut changes = self.store.watch_category(&self.id.category);
+        let mut changes = self.store.watch(&self.id).await?;
         let mut next_due = None;
         for deferred in self.store.deferred(&self.id).await? {
             if deferred.due_ms > now_ms() {
@@ -397,7 +398,7 @@ impl Consumer {
                 &self.id.category,
                 position,
                 self.origin_prefix.as_deref(),
-                READ_BATCH,
+                self.store.batch_size(),
             )
             .await?;
         let idle = page.messages.is_empty();
@@ -508,7 +509,8 @@ impl Consumer {
             Err(
                 StoreError::Conflict { .. }
                 | StoreError::Name(_)
-                | StoreError::InvalidMessage { .. },
+                | StoreError::InvalidMessage { .. }
+                | StoreError::TooLarge { .. },
             ) => Ok(false),
             Err(e) => Err(e.into()),
         }
@@ -600,7 +602,11 @@ impl Consumer {
                         Err(e @ StoreError::Conflict { .. }) => {
                             format!("the entity kept changing while handling: {e}")
                         }
-                        Err(e @ (StoreError::Name(_) | StoreError::InvalidMessage { .. })) => {
+                        Err(
+                            e @ (StoreError::Name(_)
+                            | StoreError::InvalidMessage { .. }
+                            | StoreError::TooLarge { .. }),
+                        ) => {
                             format!("invalid outcome: {e}")
                         }
                         Err(e) => return Err(e.into()),

@@ -1,6 +1,6 @@
 //! The message store: streams, categories, consumer positions, view tables, parked and deferred
 //! messages. Owns the [`MessageStore`] trait, the types that cross it, and its backends; it is the
-//! only part of Ferry that touches sled (and, later, NATS).
+//! only part of Ferry that touches sled or NATS.
 //!
 //! The unit of writing is a [`Commit`]: messages for several streams (each with an optional
 //! expected version), view changes, and what happened to the message a consumer handled (its new
@@ -8,6 +8,7 @@
 //! at all.
 
 mod names;
+mod nats;
 mod sled;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,6 +20,7 @@ use serde_json::{Map, Value};
 pub use self::names::{
     COMMAND_SUFFIX, Category, NameError, StreamName, validate_service_name, validate_table_name,
 };
+pub use self::nats::NatsStore;
 pub use self::sled::SledStore;
 
 /// A stored message. See the WIT `message` record for the meaning of each field.
@@ -32,7 +34,8 @@ pub struct Message {
     pub metadata: Map<String, Value>,
     /// 0-based index within the stream.
     pub position: u64,
-    /// Store-wide sequence number, 1-based.
+    /// Store-wide position, 1-based and increasing in commit order; dense on sled, with gaps on
+    /// JetStream (where the same sequence also numbers positions and view rows).
     pub global_position: u64,
     pub time_ms: u64,
     /// Consumers hold the message back until this time.
@@ -239,6 +242,8 @@ pub enum StoreError {
     Locked { path: String },
     #[error("the data folder {path} cannot be used: {reason}")]
     Unusable { path: String, reason: String },
+    #[error("the commit holds {entries} entries, more than the store takes at once ({limit})")]
+    TooLarge { entries: usize, limit: usize },
     #[error("the store is closed")]
     Closed,
     #[error("store backend: {0}")]
@@ -274,11 +279,19 @@ pub trait MessageStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<CategoryPage, StoreError>;
 
-    /// A receiver that changes after every durable write to the category, and whenever a replay
-    /// or rebuild changes its consumers' deferred sets or positions. Take it before reading, then
-    /// await `changed()`: nothing that happens after it was taken is missed. It may also change
-    /// when nothing relevant did; callers read again.
-    fn watch_category(&self, category: &Category) -> tokio::sync::watch::Receiver<u64>;
+    /// A receiver that changes after every durable write to the consumer's category, and
+    /// whenever a replay or rebuild changes its deferred set or position. Take it before
+    /// reading, then await `changed()`: nothing that happens after it was taken is missed. It
+    /// may also change when nothing relevant did; callers read again.
+    async fn watch(
+        &self,
+        consumer: &ConsumerId,
+    ) -> Result<tokio::sync::watch::Receiver<u64>, StoreError>;
+
+    /// How many category messages a consumer should handle per commit.
+    fn batch_size(&self) -> usize {
+        256
+    }
 
     /// The message with this id.
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError>;
@@ -328,6 +341,25 @@ pub trait MessageStore: Send + Sync + 'static {
         message_id: Option<&str>,
         consumer: Option<&ConsumerId>,
     ) -> Result<usize, StoreError>;
+}
+
+/// Refuses a commit holding a message no backend may store.
+pub(crate) fn validate_commit(commit: &Commit) -> Result<(), StoreError> {
+    for message in commit.appends.iter().flat_map(|a| &a.messages) {
+        if !message.data.is_object() {
+            return Err(StoreError::InvalidMessage {
+                id: message.id.clone(),
+                reason: "data must be a JSON object".into(),
+            });
+        }
+        if message.id.is_empty() || message.message_type.is_empty() {
+            return Err(StoreError::InvalidMessage {
+                id: message.id.clone(),
+                reason: "id and type must not be empty".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch.

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{
     Category, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo, DeferredMessage, Message,
     MessageStore, ParkedMessage, Settle, StoreError, StreamName, ViewRow, now_ms,
+    validate_commit,
 };
 
 const FORMAT: &[u8] = b"ferry-sled/1";
@@ -447,22 +448,7 @@ fn abort(e: StoreError) -> Abort {
 /// Applies one commit as one sled transaction. Returns what it wrote and the categories whose
 /// consumers should wake.
 fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>), StoreError> {
-    for append in &commit.appends {
-        for message in &append.messages {
-            if !message.data.is_object() {
-                return Err(StoreError::InvalidMessage {
-                    id: message.id.clone(),
-                    reason: "data must be a JSON object".into(),
-                });
-            }
-            if message.id.is_empty() || message.message_type.is_empty() {
-                return Err(StoreError::InvalidMessage {
-                    id: message.id.clone(),
-                    reason: "id and type must not be empty".into(),
-                });
-            }
-        }
-    }
+    validate_commit(commit)?;
     let time_ms = now_ms();
     let all = [
         &trees.meta,
@@ -715,14 +701,13 @@ impl MessageStore for SledStore {
         Ok(page)
     }
 
-    fn watch_category(&self, category: &Category) -> watch::Receiver<u64> {
+    async fn watch(&self, consumer: &ConsumerId) -> Result<watch::Receiver<u64>, StoreError> {
         match self.inner.watchers.lock() {
-            Ok(mut watchers) => watchers
-                .entry(category.as_str().to_owned())
+            Ok(mut watchers) => Ok(watchers
+                .entry(consumer.category.as_str().to_owned())
                 .or_insert_with(|| watch::channel(0).0)
-                .subscribe(),
-            // A poisoned lock: a receiver whose sender is gone, so waiting returns at once.
-            Err(_) => watch::channel(0).1,
+                .subscribe()),
+            Err(_) => Err(StoreError::Backend("the watcher table is poisoned".into())),
         }
     }
 

@@ -1,0 +1,1233 @@
+//! The NATS JetStream backend: the same [`MessageStore`] as sled, shared by any number of Ferry
+//! processes on one JetStream.
+//!
+//! Everything lives in one JetStream stream (named after the namespace, `ferry` by default), so
+//! that a [`Commit`] is one atomic batch publish: all of it is stored or none. Subjects:
+//!
+//! | subject | holds |
+//! |---|---|
+//! | `NS.m.<category>.<id>` | the messages of stream `<category>.<id>`; the stream sequence is the global position |
+//! | `NS.id.<message id>` | an id claim, stored just before its message (so the message is at claim + 1) |
+//! | `NS.pos.<category>.<consumer>` | a consumer's position (rolled up: only the last is kept) |
+//! | `NS.v.<table>.<key>` | a view row with its `lastUpdateSeq` (rolled up) |
+//! | `NS.park.<category>.<consumer>.<global>` | a parked message, empty once replayed (rolled up) |
+//! | `NS.defer.<category>.<consumer>.<global>` | a deferred message, empty once handled (rolled up) |
+//!
+//! Checks ride on the batch: an expected stream version, a consumer's position and a claimed id
+//! are `Nats-Expected-Last-Subject-Sequence` headers, so a commit that raced another process is
+//! refused whole by the server, and is then checked again from scratch. Reads use direct gets;
+//! waiting uses one durable JetStream consumer per Ferry consumer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use async_nats::{Client, HeaderMap};
+use async_trait::async_trait;
+use futures_util::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+
+use super::{
+    Category, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo, DeferredMessage,
+    MessageStore, Message, ParkedMessage, Settle, StoreError, StreamName, ViewRow, now_ms,
+    validate_commit, validate_table_name,
+};
+
+/// JetStream refuses an atomic batch of more messages than this.
+const MAX_BATCH: usize = 1000;
+/// Messages asked for per direct-get request.
+const PAGE: usize = 256;
+/// Most category messages one `read_category` call looks at (as in the sled store).
+const MAX_SCAN: usize = 10_000;
+/// Times a commit is checked and sent again after racing another process.
+const RACE_RETRIES: usize = 20;
+const FORMAT: &str = "ferry-nats/1";
+/// Atomic batches one process sends at once (the server allows 50 per stream by default).
+const MAX_BATCHES_IN_FLIGHT: usize = 16;
+
+/// A message as stored in its subject's payload; the stream and global position come from the
+/// subject and the sequence.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    id: String,
+    #[serde(rename = "type")]
+    message_type: String,
+    data: Value,
+    #[serde(default)]
+    metadata: Map<String, Value>,
+    position: u64,
+    time_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    not_before_ms: Option<u64>,
+}
+
+/// One stored JetStream message, as a direct get answers it.
+struct Entry {
+    seq: u64,
+    subject: String,
+    payload: bytes::Bytes,
+}
+
+/// One message to publish in an atomic batch.
+struct Outgoing {
+    subject: String,
+    payload: Vec<u8>,
+    /// `Nats-Expected-Last-Subject-Sequence`: the subject's last sequence must be this (0: empty).
+    expect: Option<u64>,
+    /// `Nats-Rollup: sub`: the subject keeps only this message.
+    rollup: bool,
+}
+
+/// Why a batch was not stored.
+enum BatchRefused {
+    /// An expected last sequence did not hold: someone else wrote meanwhile.
+    Raced,
+    Other(StoreError),
+}
+
+/// The JetStream store. Cloning shares the connection.
+#[derive(Clone)]
+pub struct NatsStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    stream: stream::Stream,
+    ns: String,
+    url: String,
+    watchers: tokio::sync::Mutex<HashMap<ConsumerId, watch::Sender<u64>>>,
+    /// The server takes a bounded number of unfinished atomic batches per stream.
+    batches: tokio::sync::Semaphore,
+    tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.lock() {
+            for task in tasks.iter() {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for NatsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NatsStore({}/{})", self.inner.url, self.inner.ns)
+    }
+}
+
+fn backend(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("JetStream {what}: {e}"))
+}
+
+impl NatsStore {
+    /// Connects to `nats://HOST:PORT[/NAMESPACE]` and creates the namespace's JetStream stream
+    /// when it does not exist yet.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let (server, ns) = parse_url(url)?;
+        let unusable = |reason: String| StoreError::Unusable {
+            path: url.to_owned(),
+            reason,
+        };
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .name("ferry")
+            .connect(server.as_str())
+            .await
+            .map_err(|e| unusable(format!("cannot connect: {e}")))?;
+        let context = jetstream::new(client.clone());
+        let config = stream::Config {
+            name: ns.clone(),
+            subjects: vec![format!("{ns}.>")],
+            storage: stream::StorageType::File,
+            allow_atomic_publish: true,
+            allow_direct: true,
+            allow_rollup: true,
+            ..Default::default()
+        };
+        let mut stream = context
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| unusable(format!("cannot open the JetStream stream {ns}: {e}")))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| unusable(format!("cannot read the stream {ns}: {e}")))?;
+        let config = &info.config;
+        if !(config.allow_atomic_publish && config.allow_direct && config.allow_rollup) {
+            return Err(unusable(format!(
+                "the stream {ns} exists without atomic publish, direct get and rollups"
+            )));
+        }
+        let store = Self {
+            inner: Arc::new(Inner {
+                client,
+                stream,
+                ns,
+                url: server,
+                watchers: Default::default(),
+                batches: tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT),
+                tasks: Default::default(),
+            }),
+        };
+        store.check_format().await?;
+        Ok(store)
+    }
+
+    /// Marks a new namespace with the format; refuses one of another format.
+    async fn check_format(&self) -> Result<(), StoreError> {
+        let subject = format!("{}.meta.format", self.inner.ns);
+        match self.last(&subject).await? {
+            Some(entry) if entry.payload.as_ref() == FORMAT.as_bytes() => Ok(()),
+            Some(entry) => Err(StoreError::Unusable {
+                path: format!("{}/{}", self.inner.url, self.inner.ns),
+                reason: format!(
+                    "it holds format {:?}, this Ferry reads {FORMAT}",
+                    String::from_utf8_lossy(&entry.payload)
+                ),
+            }),
+            None => {
+                let claim = Outgoing {
+                    subject,
+                    payload: FORMAT.as_bytes().to_vec(),
+                    expect: Some(0),
+                    rollup: false,
+                };
+                match self.publish(vec![claim]).await {
+                    Ok(_) | Err(BatchRefused::Raced) => Ok(()),
+                    Err(BatchRefused::Other(e)) => Err(e),
+                }
+            }
+        }
+    }
+
+    fn subject(&self, rest: &str) -> String {
+        format!("{}.{rest}", self.inner.ns)
+    }
+
+    fn message_subject(&self, stream: &StreamName) -> String {
+        self.subject(&format!("m.{}", stream.as_str()))
+    }
+
+    fn category_filter(&self, category: &Category) -> String {
+        self.subject(&format!("m.{}.*", category.as_str()))
+    }
+
+    fn consumer_part(consumer: &ConsumerId) -> String {
+        format!("{}.{}", consumer.category.as_str(), token(&consumer.name))
+    }
+
+    fn position_subject(&self, consumer: &ConsumerId) -> String {
+        self.subject(&format!("pos.{}", Self::consumer_part(consumer)))
+    }
+
+    fn parked_subject(&self, consumer: &ConsumerId, global: u64) -> String {
+        self.subject(&format!("park.{}.{global}", Self::consumer_part(consumer)))
+    }
+
+    fn deferred_subject(&self, consumer: &ConsumerId, global: u64) -> String {
+        self.subject(&format!("defer.{}.{global}", Self::consumer_part(consumer)))
+    }
+
+    fn view_subject(&self, table: &str, key: &str) -> String {
+        self.subject(&format!("v.{table}.{}", token(key)))
+    }
+
+    /// One direct-get request; `None` when nothing matches.
+    async fn direct_get(&self, request: Value) -> Result<Option<Entry>, StoreError> {
+        let api = format!("$JS.API.DIRECT.GET.{}", self.inner.ns);
+        let reply = self
+            .inner
+            .client
+            .request(api, request.to_string().into())
+            .await
+            .map_err(|e| backend("get", e))?;
+        match reply.status.map(|s| s.as_u16()) {
+            Some(404) => Ok(None),
+            Some(code) if code >= 300 => Err(backend(
+                "get",
+                format!("status {code} {}", reply.description.unwrap_or_default()),
+            )),
+            _ => entry_of(reply).map(Some),
+        }
+    }
+
+    /// The last message of a subject (wildcards allowed).
+    async fn last(&self, subject: &str) -> Result<Option<Entry>, StoreError> {
+        self.direct_get(json!({ "last_by_subj": subject })).await
+    }
+
+    /// Messages matching `filter` from sequence `from` on, at most `batch`, in order, with how
+    /// many more match after them.
+    async fn page(
+        &self,
+        filter: &str,
+        from: u64,
+        batch: usize,
+    ) -> Result<(Vec<Entry>, u64), StoreError> {
+        let api = format!("$JS.API.DIRECT.GET.{}", self.inner.ns);
+        let inbox = self.inner.client.new_inbox();
+        let mut replies = self
+            .inner
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| backend("subscribe", e))?;
+        let request = json!({ "seq": from.max(1), "next_by_subj": filter, "batch": batch });
+        self.inner
+            .client
+            .publish_with_reply(api, inbox, request.to_string().into())
+            .await
+            .map_err(|e| backend("get", e))?;
+        let mut entries = Vec::new();
+        let mut pending = 0;
+        loop {
+            let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+                .await
+                .map_err(|_| backend("get", "no answer within 10 s"))?
+                .ok_or_else(|| backend("get", "the connection closed"))?;
+            match reply.status.map(|s| s.as_u16()) {
+                // End of batch, or nothing matched.
+                Some(204) | Some(404) => break,
+                Some(code) if code >= 300 => {
+                    return Err(backend(
+                        "get",
+                        format!("status {code} {}", reply.description.unwrap_or_default()),
+                    ));
+                }
+                _ => {
+                    pending = header_u64(reply.headers.as_ref(), "Nats-Num-Pending").unwrap_or(0);
+                    entries.push(entry_of(reply)?);
+                    if entries.len() >= batch {
+                        // The end-of-batch marker follows; unsubscribing drops it.
+                        break;
+                    }
+                }
+            }
+        }
+        Ok((entries, pending))
+    }
+
+    /// Every message matching `filter` (rolled-up subjects: the current value of each).
+    async fn all(&self, filter: &str) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let (entries, pending) = self.page(filter, from, PAGE).await?;
+            let Some(last) = entries.last() else { break };
+            from = last.seq + 1;
+            out.extend(entries);
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many messages match `filter` past sequence `after`.
+    async fn count_after(&self, filter: &str, after: u64) -> Result<u64, StoreError> {
+        let (entries, pending) = self.page(filter, after + 1, 1).await?;
+        Ok(if entries.is_empty() { 0 } else { pending + 1 })
+    }
+
+    fn decode_message(&self, entry: &Entry) -> Result<Message, StoreError> {
+        let prefix = format!("{}.m.", self.inner.ns);
+        let name = entry.subject.strip_prefix(&prefix).ok_or_else(|| {
+            backend("read", format!("{} is not a message subject", entry.subject))
+        })?;
+        let stream = StreamName::parse(name)?;
+        let stored: Stored = serde_json::from_slice(&entry.payload).map_err(|e| {
+            backend("read", format!("message at {} is damaged: {e}", entry.seq))
+        })?;
+        Ok(Message {
+            id: stored.id,
+            stream,
+            message_type: stored.message_type,
+            data: stored.data,
+            metadata: stored.metadata,
+            position: stored.position,
+            global_position: entry.seq,
+            time_ms: stored.time_ms,
+            not_before_ms: stored.not_before_ms,
+        })
+    }
+
+    /// Sends one atomic batch; returns the sequence of its first message.
+    async fn publish(&self, batch: Vec<Outgoing>) -> Result<u64, BatchRefused> {
+        if batch.len() > MAX_BATCH {
+            return Err(BatchRefused::Other(StoreError::TooLarge {
+                entries: batch.len(),
+                limit: MAX_BATCH,
+            }));
+        }
+        let _permit = self
+            .inner
+            .batches
+            .acquire()
+            .await
+            .map_err(|_| BatchRefused::Other(StoreError::Closed))?;
+        let count = batch.len();
+        let batch_id = uuid::Uuid::new_v4().simple().to_string();
+        let client = &self.inner.client;
+        let mut first_seq = 0;
+        for (index, outgoing) in batch.into_iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Batch-Id", batch_id.as_str());
+            headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
+            if let Some(seq) = outgoing.expect {
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    seq.to_string().as_str(),
+                );
+            }
+            if outgoing.rollup {
+                headers.insert("Nats-Rollup", "sub");
+            }
+            let last = index + 1 == count;
+            if last {
+                headers.insert("Nats-Batch-Commit", "1");
+            }
+            let payload = outgoing.payload.into();
+            if last || index == 0 {
+                // The first is acknowledged so a refused batch fails early; the last commits.
+                let reply = client
+                    .request_with_headers(outgoing.subject, headers, payload)
+                    .await
+                    .map_err(|e| BatchRefused::Other(backend("publish", e)))?;
+                if reply.payload.is_empty() {
+                    continue;
+                }
+                let ack: BatchAck = serde_json::from_slice(&reply.payload)
+                    .map_err(|e| BatchRefused::Other(backend("publish", e)))?;
+                if let Some(error) = ack.error {
+                    // A wrong last sequence: another writer came first. Too many batches in
+                    // flight on the server: other processes are busy. Both: check and try again.
+                    let again = matches!(error.err_code, 10071 | 10164)
+                        || error.description.contains("too many inflight");
+                    return Err(if again {
+                        BatchRefused::Raced
+                    } else {
+                        BatchRefused::Other(backend("publish", error.description))
+                    });
+                }
+                if last {
+                    if ack.count != count as u64 {
+                        return Err(BatchRefused::Other(backend(
+                            "publish",
+                            format!("stored {} of {count} messages", ack.count),
+                        )));
+                    }
+                    first_seq = ack.seq + 1 - count as u64;
+                }
+            } else {
+                client
+                    .publish_with_headers(outgoing.subject, headers, payload)
+                    .await
+                    .map_err(|e| BatchRefused::Other(backend("publish", e)))?;
+            }
+        }
+        Ok(first_seq)
+    }
+
+    /// Checks a commit against the stored state and turns it into one batch. `Ok(None)`: the
+    /// commit raced another writer; check again.
+    async fn try_commit(&self, commit: &Commit) -> Result<Option<Committed>, StoreError> {
+        let mut plan = Plan::default();
+        let mut committed = Committed::default();
+
+        // Ids already stored, or repeated within this commit, are skipped.
+        let ids: Vec<&str> = commit
+            .appends
+            .iter()
+            .flat_map(|a| a.messages.iter().map(|m| m.id.as_str()))
+            .collect();
+        let claim_subjects: Vec<String> = ids
+            .iter()
+            .map(|id| self.subject(&format!("id.{}", token(id))))
+            .collect();
+        let claims =
+            futures_util::future::try_join_all(claim_subjects.iter().map(|s| self.last(s)))
+                .await?;
+        let stored: HashSet<&str> = ids
+            .iter()
+            .zip(&claims)
+            .filter(|(_, claim)| claim.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        let mut seen = HashSet::new();
+        let time_ms = now_ms();
+        let mut versions: HashMap<&str, u64> = HashMap::new();
+        for append in &commit.appends {
+            let mut fresh = Vec::new();
+            for message in &append.messages {
+                if stored.contains(message.id.as_str()) || !seen.insert(message.id.as_str()) {
+                    committed.duplicates.push(message.id.clone());
+                } else {
+                    fresh.push(message);
+                }
+            }
+            if fresh.is_empty() {
+                continue;
+            }
+            let subject = self.message_subject(&append.stream);
+            let mut expect = None;
+            let version = match versions.get(append.stream.as_str()) {
+                Some(version) => *version,
+                None => {
+                    let last = self.last(&subject).await?;
+                    let version = match &last {
+                        Some(entry) => self.decode_message(entry)?.position + 1,
+                        None => 0,
+                    };
+                    expect = Some(last.map_or(0, |e| e.seq));
+                    version
+                }
+            };
+            if let Some(expected) = append.expected_version
+                && expected != version
+            {
+                return Err(StoreError::Conflict {
+                    stream: append.stream.as_str().to_owned(),
+                    expected,
+                    actual: version,
+                });
+            }
+            let count = fresh.len() as u64;
+            for (offset, message) in fresh.into_iter().enumerate() {
+                let stored = Stored {
+                    id: message.id.clone(),
+                    message_type: message.message_type.clone(),
+                    data: message.data.clone(),
+                    metadata: message.metadata.clone(),
+                    position: version + offset as u64,
+                    time_ms,
+                    not_before_ms: message.not_before_ms,
+                };
+                plan.claim(self.subject(&format!("id.{}", token(&message.id))));
+                let index = plan.append(&subject, to_json(&stored)?, expect.take());
+                plan.written.push((index, append.stream.clone(), stored));
+            }
+            // A later append to the same stream in this commit continues from here.
+            versions.insert(append.stream.as_str(), version + count);
+        }
+
+        match &commit.settle {
+            None => {}
+            Some(Settle::Advance { consumer, from, to }) => {
+                let subject = self.position_subject(consumer);
+                let current = self.last(&subject).await?;
+                let actual = match &current {
+                    Some(entry) => decode_position(entry)?,
+                    None => 0,
+                };
+                if actual != *from {
+                    return Err(StoreError::ConsumerMoved {
+                        consumer: consumer.to_string(),
+                        expected: *from,
+                        actual,
+                    });
+                }
+                let seq = current.map_or(0, |e| e.seq);
+                plan.put(&subject, to_json(&json!({ "position": to }))?, Some(seq));
+            }
+            Some(Settle::ClearDeferred {
+                consumer,
+                global_position,
+            }) => {
+                let subject = self.deferred_subject(consumer, *global_position);
+                match self.last(&subject).await? {
+                    Some(entry) if !entry.payload.is_empty() => {
+                        plan.put(&subject, Vec::new(), Some(entry.seq));
+                    }
+                    _ => {
+                        return Err(StoreError::ConsumerMoved {
+                            consumer: consumer.to_string(),
+                            expected: *global_position,
+                            actual: 0,
+                        });
+                    }
+                }
+            }
+        }
+
+        // View rows: a change applies when it is past the stored row's `lastUpdateSeq`; of the
+        // changes to one row in this commit, the last that applies stands.
+        let mut rows: BTreeMap<(String, String), (u64, Option<u64>, Option<ViewRow>)> =
+            BTreeMap::new();
+        for write in &commit.views {
+            validate_table_name(&write.table)?;
+            let key = (write.table.clone(), write.key.clone());
+            if !rows.contains_key(&key) {
+                let subject = self.view_subject(&write.table, &write.key);
+                let current = self.last(&subject).await?;
+                let seq = current.as_ref().map_or(0, |e| e.seq);
+                let stored = match current {
+                    Some(entry) => Some(decode_row(&entry)?.last_update_seq),
+                    None => None,
+                };
+                rows.insert(key.clone(), (seq, stored, None));
+            }
+            if let Some((_, stored, change)) = rows.get_mut(&key)
+                && stored.is_none_or(|stored| write.seq > stored)
+            {
+                *change = Some(ViewRow {
+                    value: write.value.clone().unwrap_or(Value::Null),
+                    last_update_seq: write.seq,
+                });
+            }
+        }
+        for ((table, key), (seq, _, change)) in rows {
+            if let Some(row) = change {
+                plan.put(&self.view_subject(&table, &key), to_json(&row)?, Some(seq));
+            }
+        }
+
+        for parked in &commit.park {
+            let subject = self.parked_subject(&parked.consumer, parked.message.global_position);
+            plan.put(&subject, to_json(parked)?, None);
+        }
+        for deferred in &commit.defer {
+            let subject =
+                self.deferred_subject(&deferred.consumer, deferred.message.global_position);
+            plan.put(&subject, to_json(deferred)?, None);
+        }
+
+        if plan.outgoing.is_empty() {
+            return Ok(Some(committed));
+        }
+        let written = std::mem::take(&mut plan.written);
+        let first = match self.publish(plan.outgoing).await {
+            Ok(first) => first,
+            Err(BatchRefused::Raced) => return Ok(None),
+            Err(BatchRefused::Other(e)) => return Err(e),
+        };
+        committed.written = written
+            .into_iter()
+            .map(|(index, stream, stored)| Message {
+                id: stored.id,
+                stream,
+                message_type: stored.message_type,
+                data: stored.data,
+                metadata: stored.metadata,
+                position: stored.position,
+                global_position: first + index as u64,
+                time_ms: stored.time_ms,
+                not_before_ms: stored.not_before_ms,
+            })
+            .collect();
+        Ok(Some(committed))
+    }
+
+    /// The durable JetStream consumer that wakes a Ferry consumer: it delivers (headers only)
+    /// every new message of the category and every change to the consumer's position and
+    /// deferred set.
+    async fn start_watcher(&self, consumer: &ConsumerId) -> Result<watch::Sender<u64>, StoreError> {
+        let name = durable_name(consumer);
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("wakes Ferry consumer {consumer}")),
+            filter_subjects: vec![
+                self.category_filter(&consumer.category),
+                self.position_subject(consumer),
+                self.subject(&format!("defer.{}.*", Self::consumer_part(consumer))),
+            ],
+            deliver_policy: jetstream::consumer::DeliverPolicy::New,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            headers_only: true,
+            ..Default::default()
+        };
+        let durable = self
+            .inner
+            .stream
+            .get_or_create_consumer(&name, config)
+            .await
+            .map_err(|e| backend("consumer", e))?;
+        let (sender, _) = watch::channel(0u64);
+        let wake = sender.clone();
+        let label = consumer.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                match durable.messages().await {
+                    Ok(mut messages) => {
+                        while let Some(next) = messages.next().await {
+                            match next {
+                                Ok(_) => wake.send_modify(|n| *n = n.wrapping_add(1)),
+                                Err(e) => {
+                                    tracing::warn!(consumer = %label, "JetStream delivery: {e}");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(consumer = %label, "JetStream delivery: {e}"),
+                }
+                // Whatever was missed while reconnecting: let the consumer read again.
+                wake.send_modify(|n| *n = n.wrapping_add(1));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        if let Ok(mut tasks) = self.inner.tasks.lock() {
+            tasks.push(task.abort_handle());
+        }
+        Ok(sender)
+    }
+}
+
+/// What a commit will publish.
+#[derive(Default)]
+struct Plan {
+    outgoing: Vec<Outgoing>,
+    /// Key-value subjects already in the batch: a later change replaces the earlier one.
+    keyed: HashMap<String, usize>,
+    /// Batch index, stream and content of each message written.
+    written: Vec<(usize, StreamName, Stored)>,
+}
+
+impl Plan {
+    fn claim(&mut self, subject: String) {
+        self.outgoing.push(Outgoing {
+            subject,
+            payload: Vec::new(),
+            expect: Some(0),
+            rollup: false,
+        });
+    }
+
+    fn append(&mut self, subject: &str, payload: Vec<u8>, expect: Option<u64>) -> usize {
+        self.outgoing.push(Outgoing {
+            subject: subject.to_owned(),
+            payload,
+            expect,
+            rollup: false,
+        });
+        self.outgoing.len() - 1
+    }
+
+    /// Sets a key-value subject (rolled up to this one message).
+    fn put(&mut self, subject: &str, payload: Vec<u8>, expect: Option<u64>) {
+        match self.keyed.get(subject) {
+            Some(&index) => {
+                let earlier = &mut self.outgoing[index];
+                earlier.payload = payload;
+                earlier.expect = earlier.expect.or(expect);
+            }
+            None => {
+                self.keyed.insert(subject.to_owned(), self.outgoing.len());
+                self.outgoing.push(Outgoing {
+                    subject: subject.to_owned(),
+                    payload,
+                    expect,
+                    rollup: true,
+                });
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct BatchAck {
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    count: u64,
+    #[serde(default)]
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+fn to_json(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| backend("encode", e))
+}
+
+fn header_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
+    headers?.get(name)?.as_str().parse().ok()
+}
+
+fn entry_of(reply: async_nats::Message) -> Result<Entry, StoreError> {
+    let headers = reply.headers.as_ref();
+    let seq = header_u64(headers, "Nats-Sequence")
+        .ok_or_else(|| backend("get", "an answer without Nats-Sequence"))?;
+    let subject = headers
+        .and_then(|h| h.get("Nats-Subject"))
+        .map(|v| v.as_str().to_owned())
+        .ok_or_else(|| backend("get", "an answer without Nats-Subject"))?;
+    Ok(Entry {
+        seq,
+        subject,
+        payload: reply.payload,
+    })
+}
+
+fn decode_position(entry: &Entry) -> Result<u64, StoreError> {
+    #[derive(Deserialize)]
+    struct Position {
+        position: u64,
+    }
+    serde_json::from_slice::<Position>(&entry.payload)
+        .map(|p| p.position)
+        .map_err(|e| backend("read", format!("position {} is damaged: {e}", entry.subject)))
+}
+
+fn decode_row(entry: &Entry) -> Result<ViewRow, StoreError> {
+    serde_json::from_slice(&entry.payload)
+        .map_err(|e| backend("read", format!("view row {} is damaged: {e}", entry.subject)))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, entry: &Entry) -> Result<T, StoreError> {
+    serde_json::from_slice(&entry.payload)
+        .map_err(|e| backend("read", format!("{what} {} is damaged: {e}", entry.subject)))
+}
+
+/// `nats://HOST:PORT[/NAMESPACE]` into the server address and the namespace.
+fn parse_url(url: &str) -> Result<(String, String), StoreError> {
+    let invalid = |reason: &str| StoreError::Unusable {
+        path: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let rest = url
+        .strip_prefix("nats://")
+        .ok_or_else(|| invalid("expected nats://HOST:PORT[/NAMESPACE]"))?;
+    let (address, ns) = match rest.split_once('/') {
+        Some((address, ns)) => (address, ns),
+        None => (rest, "ferry"),
+    };
+    if address.is_empty() {
+        return Err(invalid("the server address is empty"));
+    }
+    if ns.is_empty()
+        || ns.len() > 64
+        || !ns
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(invalid(
+            "the namespace may hold 1 to 64 letters, digits, '_' and '-'",
+        ));
+    }
+    Ok((format!("nats://{address}"), ns.to_owned()))
+}
+
+/// A subject token for any text: letters, digits, `-`, `_` and `:` as they are, every other
+/// byte as `~XX`; the empty text as `~`.
+fn token(text: &str) -> String {
+    if text.is_empty() {
+        return "~".into();
+    }
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b':') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("~{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The text a [`token`] stands for.
+fn untoken(token: &str) -> Option<String> {
+    if token == "~" {
+        return Some(String::new());
+    }
+    let mut bytes = Vec::with_capacity(token.len());
+    let mut rest = token.as_bytes();
+    while let Some((&first, tail)) = rest.split_first() {
+        if first == b'~' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(first);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// The durable JetStream consumer's name: the Ferry consumer and its category, so that
+/// `nats consumer ls` shows who depends on whom.
+fn durable_name(consumer: &ConsumerId) -> String {
+    format!(
+        "{}@{}",
+        token(&consumer.name),
+        token(consumer.category.as_str())
+    )
+}
+
+#[async_trait]
+impl MessageStore for NatsStore {
+    async fn commit(&self, commit: Commit) -> Result<Committed, StoreError> {
+        validate_commit(&commit)?;
+        for attempt in 0..RACE_RETRIES {
+            if let Some(committed) = self.try_commit(&commit).await? {
+                return Ok(committed);
+            }
+            tokio::time::sleep(Duration::from_millis(attempt as u64 * 2)).await;
+        }
+        Err(backend(
+            "commit",
+            format!("other writers kept changing the same subjects ({RACE_RETRIES} tries)"),
+        ))
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from_position: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let subject = self.message_subject(stream);
+        let mut out = Vec::new();
+        let mut from = 1;
+        while out.len() < limit {
+            let (entries, pending) = self.page(&subject, from, PAGE).await?;
+            let Some(last) = entries.last() else { break };
+            from = last.seq + 1;
+            for entry in &entries {
+                let message = self.decode_message(entry)?;
+                if message.position >= from_position && out.len() < limit {
+                    out.push(message);
+                }
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn stream_version(&self, stream: &StreamName) -> Result<u64, StoreError> {
+        match self.last(&self.message_subject(stream)).await? {
+            Some(entry) => Ok(self.decode_message(&entry)?.position + 1),
+            None => Ok(0),
+        }
+    }
+
+    async fn read_category(
+        &self,
+        category: &Category,
+        after: u64,
+        origin_prefix: Option<&str>,
+        limit: usize,
+    ) -> Result<CategoryPage, StoreError> {
+        let filter = self.category_filter(category);
+        let mut page = CategoryPage {
+            messages: Vec::new(),
+            scanned_to: after,
+        };
+        let mut scanned = 0;
+        while page.messages.len() < limit && scanned < MAX_SCAN {
+            let want = if origin_prefix.is_some() {
+                PAGE
+            } else {
+                (limit - page.messages.len()).min(PAGE)
+            };
+            let (entries, pending) = self.page(&filter, page.scanned_to + 1, want).await?;
+            if entries.is_empty() {
+                break;
+            }
+            for entry in &entries {
+                if page.messages.len() >= limit {
+                    break;
+                }
+                scanned += 1;
+                let message = self.decode_message(entry)?;
+                page.scanned_to = entry.seq;
+                let wanted = origin_prefix.is_none_or(|prefix| {
+                    message
+                        .origin_entity()
+                        .is_some_and(|o| o.starts_with(prefix))
+                });
+                if wanted {
+                    page.messages.push(message);
+                }
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    async fn watch(&self, consumer: &ConsumerId) -> Result<watch::Receiver<u64>, StoreError> {
+        let mut watchers = self.inner.watchers.lock().await;
+        if let Some(sender) = watchers.get(consumer) {
+            return Ok(sender.subscribe());
+        }
+        let sender = self.start_watcher(consumer).await?;
+        let receiver = sender.subscribe();
+        watchers.insert(consumer.clone(), sender);
+        Ok(receiver)
+    }
+
+    async fn message(&self, id: &str) -> Result<Option<Message>, StoreError> {
+        let Some(claim) = self.last(&self.subject(&format!("id.{}", token(id)))).await? else {
+            return Ok(None);
+        };
+        // The message follows its claim in the same atomic batch.
+        let Some(entry) = self.direct_get(json!({ "seq": claim.seq + 1 })).await? else {
+            return Ok(None);
+        };
+        let message = self.decode_message(&entry)?;
+        Ok((message.id == id).then_some(message))
+    }
+
+    async fn head(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .last(&self.subject(&format!("m.>")))
+            .await?
+            .map_or(0, |e| e.seq))
+    }
+
+    async fn consumer_position(&self, consumer: &ConsumerId) -> Result<u64, StoreError> {
+        match self.last(&self.position_subject(consumer)).await? {
+            Some(entry) => decode_position(&entry),
+            None => Ok(0),
+        }
+    }
+
+    async fn consumers(
+        &self,
+        category: Option<&Category>,
+    ) -> Result<Vec<ConsumerInfo>, StoreError> {
+        let filter = match category {
+            Some(category) => self.subject(&format!("pos.{}.*", category.as_str())),
+            None => self.subject(&format!("pos.*.*")),
+        };
+        let prefix = format!("{}.pos.", self.inner.ns);
+        let mut listed = Vec::new();
+        for entry in self.all(&filter).await? {
+            let Some((category, name)) = entry
+                .subject
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split_once('.'))
+            else {
+                continue;
+            };
+            let category = Category::parse(category)?;
+            let name = untoken(name)
+                .ok_or_else(|| backend("read", format!("bad consumer subject {}", entry.subject)))?;
+            let consumer = ConsumerId::new(category, name);
+            let position = decode_position(&entry)?;
+            let messages = self.category_filter(&consumer.category);
+            let category_head = self.last(&messages).await?.map_or(0, |e| e.seq);
+            let lag = self.count_after(&messages, position).await?;
+            let deferred = self.deferred(&consumer).await?.len() as u64;
+            listed.push(ConsumerInfo {
+                consumer,
+                position,
+                category_head,
+                lag,
+                deferred,
+            });
+        }
+        listed.sort_by(|a, b| a.consumer.cmp(&b.consumer));
+        Ok(listed)
+    }
+
+    async fn view_get(&self, table: &str, key: &str) -> Result<Option<ViewRow>, StoreError> {
+        validate_table_name(table)?;
+        match self.last(&self.view_subject(table, key)).await? {
+            Some(entry) => {
+                let row = decode_row(&entry)?;
+                Ok((!row.value.is_null()).then_some(row))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn view_rows(
+        &self,
+        table: &str,
+        after_key: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, ViewRow)>, StoreError> {
+        validate_table_name(table)?;
+        let prefix = format!("{}.v.{table}.", self.inner.ns);
+        let mut rows = BTreeMap::new();
+        for entry in self.all(&format!("{prefix}*")).await? {
+            let Some(key) = entry.subject.strip_prefix(&prefix).and_then(untoken) else {
+                continue;
+            };
+            if after_key.is_some_and(|after| key.as_str() <= after) {
+                continue;
+            }
+            let row = decode_row(&entry)?;
+            if !row.value.is_null() {
+                rows.insert(key, row);
+            }
+        }
+        Ok(rows.into_iter().take(limit).collect())
+    }
+
+    async fn parked(
+        &self,
+        consumer: Option<&ConsumerId>,
+    ) -> Result<Vec<ParkedMessage>, StoreError> {
+        let filter = match consumer {
+            Some(consumer) => self.subject(&format!("park.{}.*", Self::consumer_part(consumer))),
+            None => self.subject(&format!("park.>")),
+        };
+        let mut parked = Vec::new();
+        for entry in self.all(&filter).await? {
+            if !entry.payload.is_empty() {
+                parked.push(decode::<ParkedMessage>("parked message", &entry)?);
+            }
+        }
+        Ok(parked)
+    }
+
+    async fn deferred(&self, consumer: &ConsumerId) -> Result<Vec<DeferredMessage>, StoreError> {
+        let filter = self.subject(&format!("defer.{}.*", Self::consumer_part(consumer)));
+        let mut deferred = Vec::new();
+        for entry in self.all(&filter).await? {
+            if !entry.payload.is_empty() {
+                deferred.push(decode::<DeferredMessage>("deferred message", &entry)?);
+            }
+        }
+        deferred.sort_by_key(|d| (d.due_ms, d.message.global_position));
+        Ok(deferred)
+    }
+
+    async fn rebuild_views(
+        &self,
+        tables: &[String],
+        consumers: &[ConsumerId],
+    ) -> Result<u64, StoreError> {
+        for table in tables {
+            validate_table_name(table)?;
+        }
+        // Not one atomic step on JetStream (a purge cannot ride in a batch), but ordered so an
+        // interruption is repaired by running it again: rows go first, then positions move back,
+        // which makes every running consumer's next commit fail and read again.
+        let purge = |filter: String| async move {
+            self.inner
+                .stream
+                .purge()
+                .filter(filter)
+                .await
+                .map_err(|e| backend("purge", e))
+        };
+        for table in tables {
+            purge(self.subject(&format!("v.{table}.>"))).await?;
+        }
+        let mut plan = Plan::default();
+        for consumer in consumers {
+            purge(self.subject(&format!("defer.{}.>", Self::consumer_part(consumer)))).await?;
+            purge(self.subject(&format!("park.{}.>", Self::consumer_part(consumer)))).await?;
+            plan.put(
+                &self.position_subject(consumer),
+                to_json(&json!({ "position": 0 }))?,
+                None,
+            );
+        }
+        if !plan.outgoing.is_empty() {
+            self.publish(plan.outgoing).await.map_err(|e| match e {
+                BatchRefused::Raced => backend("rebuild", "raced another writer"),
+                BatchRefused::Other(e) => e,
+            })?;
+        }
+        let categories: std::collections::BTreeSet<&Category> =
+            consumers.iter().map(|c| &c.category).collect();
+        let mut total = 0;
+        for category in categories {
+            total += self.count_after(&self.category_filter(category), 0).await?;
+        }
+        Ok(total)
+    }
+
+    async fn replay(
+        &self,
+        message_id: Option<&str>,
+        consumer: Option<&ConsumerId>,
+    ) -> Result<usize, StoreError> {
+        for _ in 0..RACE_RETRIES {
+            let filter = match consumer {
+                Some(consumer) => {
+                    self.subject(&format!("park.{}.*", Self::consumer_part(consumer)))
+                }
+                None => self.subject(&format!("park.>")),
+            };
+            let mut plan = Plan::default();
+            let mut count = 0;
+            for entry in self.all(&filter).await? {
+                if entry.payload.is_empty() {
+                    continue;
+                }
+                let parked: ParkedMessage = decode("parked message", &entry)?;
+                if message_id.is_some_and(|id| id != parked.message.id) {
+                    continue;
+                }
+                plan.put(&entry.subject, Vec::new(), Some(entry.seq));
+                let deferred = DeferredMessage {
+                    consumer: parked.consumer.clone(),
+                    due_ms: now_ms(),
+                    message: parked.message,
+                };
+                plan.put(
+                    &self.deferred_subject(&deferred.consumer, deferred.message.global_position),
+                    to_json(&deferred)?,
+                    None,
+                );
+                count += 1;
+            }
+            if count == 0 {
+                return Ok(0);
+            }
+            match self.publish(plan.outgoing).await {
+                Ok(_) => return Ok(count),
+                Err(BatchRefused::Raced) => continue,
+                Err(BatchRefused::Other(e)) => return Err(e),
+            }
+        }
+        Err(backend("replay", "raced other writers too often"))
+    }
+
+    fn batch_size(&self) -> usize {
+        // Each handled message takes an id claim and a message per event, plus view rows:
+        // keep a page's commit well inside one atomic batch.
+        64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_any_text() {
+        for text in ["", "a", "user:command", "a.b*c>d e", "ünï~cödé", "~", "~41"] {
+            let t = token(text);
+            assert!(!t.is_empty());
+            assert!(!t.contains(['.', '*', '>', ' ']), "{t}");
+            assert_eq!(untoken(&t).as_deref(), Some(text));
+        }
+    }
+
+    #[test]
+    fn parses_the_store_url() {
+        assert_eq!(
+            parse_url("nats://127.0.0.1:4222").ok(),
+            Some(("nats://127.0.0.1:4222".into(), "ferry".into()))
+        );
+        assert_eq!(
+            parse_url("nats://h:1/test_2").ok(),
+            Some(("nats://h:1".into(), "test_2".into()))
+        );
+        assert!(parse_url("http://h:1").is_err());
+        assert!(parse_url("nats://h:1/a.b").is_err());
+        assert!(parse_url("nats:///x").is_err());
+    }
+}

@@ -1,0 +1,90 @@
+//! The JetStream store against a real `nats-server -js`: the conformance suite, plus what only
+//! a shared, restartable server can show.
+
+mod conformance;
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::store::{Commit, MessageStore, NatsStore, StoreError};
+use serde_json::json;
+use support::nats::NatsServer;
+
+async fn open_nats() -> (Arc<dyn MessageStore>, NatsServer) {
+    let server = NatsServer::start();
+    let store = NatsStore::connect(&server.url()).await.expect("connect");
+    (Arc::new(store), server)
+}
+
+conformance_suite!(open_nats);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_namespaces_of_one_server_apart() {
+    let server = NatsServer::start();
+    let a = NatsStore::connect(&format!("{}/alpha", server.url()))
+        .await
+        .expect("alpha");
+    let b = NatsStore::connect(&format!("{}/beta", server.url()))
+        .await
+        .expect("beta");
+    let written = a
+        .commit(Commit::append(
+            conformance::stream("user.1"),
+            None,
+            vec![conformance::msg("u1", "UserRegistered", json!({}))],
+        ))
+        .await
+        .expect("append")
+        .written;
+    assert_eq!(a.head().await.expect("head"), written[0].global_position);
+    assert_eq!(b.head().await.expect("head"), 0);
+    assert!(b.message("u1").await.expect("lookup").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_an_unreachable_server_clearly() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let error = NatsStore::connect(&format!("nats://127.0.0.1:{port}"))
+        .await
+        .expect_err("nothing listens");
+    assert!(
+        matches!(error, StoreError::Unusable { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("cannot connect"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goes_on_after_the_server_restarts() {
+    let mut server = NatsServer::start();
+    let store = NatsStore::connect(&server.url()).await.expect("connect");
+    let append = |id: &str| {
+        Commit::append(
+            conformance::stream("user.1"),
+            None,
+            vec![conformance::msg(id, "Noted", json!({}))],
+        )
+    };
+    store.commit(append("before")).await.expect("append");
+    server.restart(Duration::from_millis(200));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.commit(append("after")).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "still failing: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let read = store
+        .read_stream(&conformance::stream("user.1"), 0, 10)
+        .await
+        .expect("read");
+    let ids: Vec<_> = read.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["before", "after"], "kept across the restart");
+}
