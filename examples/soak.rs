@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
-use ferry::store::{
-    Category, Commit, ConsumerId, MessageStore, NewMessage, SledStore, StreamName,
-};
+use ferry::store::{Category, Commit, ConsumerId, MessageStore, NewMessage, SledStore, StreamName};
 use ferry::wasm::{Limits, Runtime};
 use measure::{percentile, resident_mib};
 

@@ -51,10 +51,7 @@ async fn refuses_an_unreachable_server_clearly() {
     let error = NatsStore::connect(&format!("nats://127.0.0.1:{port}"))
         .await
         .expect_err("nothing listens");
-    assert!(
-        matches!(error, StoreError::Unusable { .. }),
-        "{error}"
-    );
+    assert!(matches!(error, StoreError::Unusable { .. }), "{error}");
     assert!(error.to_string().contains("cannot connect"), "{error}");
 }
 

@@ -687,7 +687,11 @@ pub async fn orders_concurrent_appends_globally(store: Store) {
             .await
             .expect("read");
         let positions: Vec<_> = read.iter().map(|m| m.position).collect();
-        assert_eq!(positions, (0..20).collect::<Vec<_>>(), "dense stream positions");
+        assert_eq!(
+            positions,
+            (0..20).collect::<Vec<_>>(),
+            "dense stream positions"
+        );
     }
 }
 

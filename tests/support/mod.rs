@@ -37,19 +37,28 @@ pub fn guest(name: &str) -> PathBuf {
     path
 }
 
-/// A data folder and a services folder holding the named guests.
+/// A data folder and a services folder holding the named guests; the store is the data
+/// folder's sled store unless [`Setup::with_store`] names a JetStream.
 pub struct Setup {
     pub dir: tempfile::TempDir,
+    store: Option<String>,
 }
 
 impl Setup {
     pub fn new(guests: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(dir.path().join("services")).expect("services folder");
-        let setup = Self { dir };
+        let setup = Self { dir, store: None };
         for name in guests {
             setup.install(name);
         }
+        setup
+    }
+
+    /// The same, on a JetStream (`nats://...`): every process and CLI call of the set-up uses it.
+    pub fn with_store(guests: &[&str], store: &str) -> Self {
+        let mut setup = Self::new(guests);
+        setup.store = Some(store.to_owned());
         setup
     }
 
@@ -98,7 +107,12 @@ impl Setup {
 
     /// The emails delivered into the maildir: file name → text.
     pub fn emails(&self) -> Vec<(String, String)> {
-        let mut emails: Vec<(String, String)> = std::fs::read_dir(self.data().join("maildir/new"))
+        self.emails_in(&self.data())
+    }
+
+    /// The emails delivered into the maildir of another data folder.
+    pub fn emails_in(&self, data: &Path) -> Vec<(String, String)> {
+        let mut emails: Vec<(String, String)> = std::fs::read_dir(data.join("maildir/new"))
             .map(|entries| {
                 entries
                     .filter_map(|e| e.ok())
@@ -130,13 +144,20 @@ impl Setup {
     }
 
     fn command(&self) -> Command {
+        self.command_in(&self.data())
+    }
+
+    fn command_in(&self, data: &Path) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
         command
             .arg("--data")
-            .arg(self.data())
+            .arg(data)
             .arg("--services")
             .arg(self.services())
             .env("RUST_LOG", "info,ferry=debug");
+        if let Some(store) = &self.store {
+            command.arg("--store").arg(store);
+        }
         command
     }
 
@@ -163,14 +184,19 @@ impl Setup {
 
     /// Starts `ferry run` and waits until it listens.
     pub fn start(&self, extra: &[&str]) -> Host {
-        let log = self.dir.path().join("host.log");
+        self.start_in(&self.data(), extra)
+    }
+
+    /// Starts `ferry run` on its own data folder (one process of several sharing a JetStream).
+    pub fn start_in(&self, data: &Path, extra: &[&str]) -> Host {
+        let log = data.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
         let child = self
-            .command()
+            .command_in(data)
             .arg("run")
             .args(extra)
             .stdout(Stdio::null())
@@ -178,7 +204,7 @@ impl Setup {
             .spawn()
             .expect("ferry run starts");
         let host = Host { child, log };
-        let socket = self.data().join("ferry.sock");
+        let socket = data.join("ferry.sock");
         wait_until(Duration::from_secs(60), "the host listens", || {
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
         });

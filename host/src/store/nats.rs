@@ -31,9 +31,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
 use super::{
-    Category, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo, DeferredMessage,
-    MessageStore, Message, ParkedMessage, Settle, StoreError, StreamName, ViewRow, now_ms,
-    validate_commit, validate_table_name,
+    Category, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo, DeferredMessage, Message,
+    MessageStore, ParkedMessage, Settle, StoreError, StreamName, ViewRow, now_ms, validate_commit,
+    validate_table_name,
 };
 
 /// JetStream refuses an atomic batch of more messages than this.
@@ -338,12 +338,14 @@ impl NatsStore {
     fn decode_message(&self, entry: &Entry) -> Result<Message, StoreError> {
         let prefix = format!("{}.m.", self.inner.ns);
         let name = entry.subject.strip_prefix(&prefix).ok_or_else(|| {
-            backend("read", format!("{} is not a message subject", entry.subject))
+            backend(
+                "read",
+                format!("{} is not a message subject", entry.subject),
+            )
         })?;
         let stream = StreamName::parse(name)?;
-        let stored: Stored = serde_json::from_slice(&entry.payload).map_err(|e| {
-            backend("read", format!("message at {} is damaged: {e}", entry.seq))
-        })?;
+        let stored: Stored = serde_json::from_slice(&entry.payload)
+            .map_err(|e| backend("read", format!("message at {} is damaged: {e}", entry.seq)))?;
         Ok(Message {
             id: stored.id,
             stream,
@@ -451,8 +453,7 @@ impl NatsStore {
             .map(|id| self.subject(&format!("id.{}", token(id))))
             .collect();
         let claims =
-            futures_util::future::try_join_all(claim_subjects.iter().map(|s| self.last(s)))
-                .await?;
+            futures_util::future::try_join_all(claim_subjects.iter().map(|s| self.last(s))).await?;
         let stored: HashSet<&str> = ids
             .iter()
             .zip(&claims)
@@ -557,8 +558,7 @@ impl NatsStore {
 
         // View rows: a change applies when it is past the stored row's `lastUpdateSeq`; of the
         // changes to one row in this commit, the last that applies stands.
-        let mut rows: BTreeMap<(String, String), (u64, Option<u64>, Option<ViewRow>)> =
-            BTreeMap::new();
+        let mut rows: BTreeMap<(String, String), RowChange> = BTreeMap::new();
         for write in &commit.views {
             validate_table_name(&write.table)?;
             let key = (write.table.clone(), write.key.clone());
@@ -570,20 +570,28 @@ impl NatsStore {
                     Some(entry) => Some(decode_row(&entry)?.last_update_seq),
                     None => None,
                 };
-                rows.insert(key.clone(), (seq, stored, None));
+                rows.insert(
+                    key.clone(),
+                    RowChange {
+                        seq,
+                        stored,
+                        change: None,
+                    },
+                );
             }
-            if let Some((_, stored, change)) = rows.get_mut(&key)
-                && stored.is_none_or(|stored| write.seq > stored)
+            if let Some(row) = rows.get_mut(&key)
+                && row.stored.is_none_or(|stored| write.seq > stored)
             {
-                *change = Some(ViewRow {
+                row.change = Some(ViewRow {
                     value: write.value.clone().unwrap_or(Value::Null),
                     last_update_seq: write.seq,
                 });
             }
         }
-        for ((table, key), (seq, _, change)) in rows {
-            if let Some(row) = change {
-                plan.put(&self.view_subject(&table, &key), to_json(&row)?, Some(seq));
+        for ((table, key), row) in rows {
+            if let Some(change) = row.change {
+                let subject = self.view_subject(&table, &key);
+                plan.put(&subject, to_json(&change)?, Some(row.seq));
             }
         }
 
@@ -676,6 +684,14 @@ impl NatsStore {
         }
         Ok(sender)
     }
+}
+
+/// A view row a commit changes: its subject's last sequence, the stored `lastUpdateSeq`, and
+/// the new row.
+struct RowChange {
+    seq: u64,
+    stored: Option<u64>,
+    change: Option<ViewRow>,
 }
 
 /// What a commit will publish.
@@ -777,12 +793,21 @@ fn decode_position(entry: &Entry) -> Result<u64, StoreError> {
     }
     serde_json::from_slice::<Position>(&entry.payload)
         .map(|p| p.position)
-        .map_err(|e| backend("read", format!("position {} is damaged: {e}", entry.subject)))
+        .map_err(|e| {
+            backend(
+                "read",
+                format!("position {} is damaged: {e}", entry.subject),
+            )
+        })
 }
 
 fn decode_row(entry: &Entry) -> Result<ViewRow, StoreError> {
-    serde_json::from_slice(&entry.payload)
-        .map_err(|e| backend("read", format!("view row {} is damaged: {e}", entry.subject)))
+    serde_json::from_slice(&entry.payload).map_err(|e| {
+        backend(
+            "read",
+            format!("view row {} is damaged: {e}", entry.subject),
+        )
+    })
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, entry: &Entry) -> Result<T, StoreError> {
@@ -973,7 +998,10 @@ impl MessageStore for NatsStore {
     }
 
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError> {
-        let Some(claim) = self.last(&self.subject(&format!("id.{}", token(id)))).await? else {
+        let Some(claim) = self
+            .last(&self.subject(&format!("id.{}", token(id))))
+            .await?
+        else {
             return Ok(None);
         };
         // The message follows its claim in the same atomic batch.
@@ -985,10 +1013,7 @@ impl MessageStore for NatsStore {
     }
 
     async fn head(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .last(&self.subject(&format!("m.>")))
-            .await?
-            .map_or(0, |e| e.seq))
+        Ok(self.last(&self.subject("m.>")).await?.map_or(0, |e| e.seq))
     }
 
     async fn consumer_position(&self, consumer: &ConsumerId) -> Result<u64, StoreError> {
@@ -1004,7 +1029,7 @@ impl MessageStore for NatsStore {
     ) -> Result<Vec<ConsumerInfo>, StoreError> {
         let filter = match category {
             Some(category) => self.subject(&format!("pos.{}.*", category.as_str())),
-            None => self.subject(&format!("pos.*.*")),
+            None => self.subject("pos.*.*"),
         };
         let prefix = format!("{}.pos.", self.inner.ns);
         let mut listed = Vec::new();
@@ -1017,8 +1042,9 @@ impl MessageStore for NatsStore {
                 continue;
             };
             let category = Category::parse(category)?;
-            let name = untoken(name)
-                .ok_or_else(|| backend("read", format!("bad consumer subject {}", entry.subject)))?;
+            let name = untoken(name).ok_or_else(|| {
+                backend("read", format!("bad consumer subject {}", entry.subject))
+            })?;
             let consumer = ConsumerId::new(category, name);
             let position = decode_position(&entry)?;
             let messages = self.category_filter(&consumer.category);
@@ -1078,7 +1104,7 @@ impl MessageStore for NatsStore {
     ) -> Result<Vec<ParkedMessage>, StoreError> {
         let filter = match consumer {
             Some(consumer) => self.subject(&format!("park.{}.*", Self::consumer_part(consumer))),
-            None => self.subject(&format!("park.>")),
+            None => self.subject("park.>"),
         };
         let mut parked = Vec::new();
         for entry in self.all(&filter).await? {
@@ -1158,7 +1184,7 @@ impl MessageStore for NatsStore {
                 Some(consumer) => {
                     self.subject(&format!("park.{}.*", Self::consumer_part(consumer)))
                 }
-                None => self.subject(&format!("park.>")),
+                None => self.subject("park.>"),
             };
             let mut plan = Plan::default();
             let mut count = 0;

@@ -29,8 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     Category, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo, DeferredMessage, Message,
-    MessageStore, ParkedMessage, Settle, StoreError, StreamName, ViewRow, now_ms,
-    validate_commit,
+    MessageStore, ParkedMessage, Settle, StoreError, StreamName, ViewRow, now_ms, validate_commit,
 };
 
 const FORMAT: &[u8] = b"ferry-sled/1";
