@@ -1,5 +1,6 @@
 //! The crash test: a `ferry` host handles a steady flow of commands through a real guest while a
-//! driver kills it with SIGKILL at random moments and starts it again.
+//! driver kills it with SIGKILL at random moments and starts it again; on the embedded sled store
+//! and on a real JetStream.
 //!
 //! `FERRY_CRASH_SEED` replays a run (the seed is printed), `FERRY_CRASH_KILLS` sets how many kills
 //! (default 20).
@@ -34,6 +35,16 @@ impl Rng {
 
 #[test]
 fn survives_repeated_sigkill_without_loss_or_duplicates() {
+    kill_repeatedly(Setup::new(&["counter"]));
+}
+
+#[test]
+fn survives_repeated_sigkill_on_jetstream_without_loss_or_duplicates() {
+    let server = support::nats::NatsServer::start();
+    kill_repeatedly(Setup::with_store(&["counter"], &server.url()));
+}
+
+fn kill_repeatedly(setup: Setup) {
     let seed = std::env::var("FERRY_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -51,7 +62,7 @@ fn survives_repeated_sigkill_without_loss_or_duplicates() {
     eprintln!("crash test: FERRY_CRASH_SEED={seed} FERRY_CRASH_KILLS={kills}");
     let mut rng = Rng(seed);
 
-    let setup = Arc::new(Setup::new(&["counter"]));
+    let setup = Arc::new(setup);
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
     // The steady flow: one command after another, each retried with its own id until stored.
