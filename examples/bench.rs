@@ -8,17 +8,27 @@
 //!
 //! Rows: the raw store's durable append rate (row 1), end-to-end durable command throughput and
 //! latency through the `counter` guest (with the ratio to row 1), the Wasm cost per message, cold
-//! start, and resident memory.
+//! start, and resident memory. Rows 1 and 2 run on sled and, when `nats-server` is found (as in
+//! the tests: `FERRY_NATS_SERVER`, `.tools/venv`, `PATH`), on a JetStream it starts with
+//! `sync_interval: always`, so both stores are durable on disk before they acknowledge.
 
 #[path = "measure/mod.rs"]
 mod measure;
+#[path = "../tests/support/nats.rs"]
+mod nats_server;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
 
 use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
 use ferry::store::{
-    Category, Commit, ConsumerId, Message, MessageStore, NewMessage, SledStore, StreamName,
+    Category, Commit, ConsumerId, Message, MessageStore, NatsStore, NewMessage, SledStore,
+    StreamName,
 };
 use ferry::wasm::{GuestHost, Limits, Runtime};
 use measure::{percentile, resident_mib};
@@ -111,11 +121,91 @@ fn raw_sled_appends(appends: usize) -> anyhow::Result<f64> {
     Ok(appends as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Where the tests' nats-server helper looks for the binary.
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Row 1 on JetStream: durable publishes, each awaiting its acknowledgement.
+async fn raw_jetstream_publishes(url: &str, count: usize) -> anyhow::Result<f64> {
+    let (context, subject) = raw_stream(url).await?;
+    let payload = bytes::Bytes::from(vec![b'x'; 400]);
+    let start = Instant::now();
+    for _ in 0..count {
+        context.publish(subject.clone(), payload.clone()).await?.await?;
+    }
+    Ok(count as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Row 1 on JetStream: publish, consume and acknowledge (confirmed by the server), in a loop.
+async fn raw_jetstream_loop(url: &str, count: usize) -> anyhow::Result<f64> {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    let (context, subject) = raw_stream(url).await?;
+    let stream = context.get_stream(subject.replace(".x", "")).await?;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let payload = bytes::Bytes::from(vec![b'x'; 400]);
+    let start = Instant::now();
+    for _ in 0..count {
+        context.publish(subject.clone(), payload.clone()).await?.await?;
+        let message = messages.next().await.context("a delivery")??;
+        message.double_ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+    }
+    Ok(count as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A fresh JetStream stream on file storage; its one subject.
+async fn raw_stream(url: &str) -> anyhow::Result<(async_nats::jetstream::Context, String)> {
+    let name = format!("raw{}", NAMESPACES.fetch_add(1, Ordering::Relaxed));
+    let context = async_nats::jetstream::new(async_nats::connect(url).await?);
+    context
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{name}.x")],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    Ok((context, format!("{name}.x")))
+}
+
+static NAMESPACES: AtomicUsize = AtomicUsize::new(0);
+
+/// The store rows 2 run on.
+#[derive(Clone)]
+enum Backend {
+    Sled,
+    /// A server URL; every run gets a namespace of its own.
+    Nats(String),
+}
+
+impl Backend {
+    async fn open(&self, dir: &Path) -> anyhow::Result<Arc<dyn MessageStore>> {
+        Ok(match self {
+            Self::Sled => Arc::new(SledStore::open(dir.join("store"))?),
+            Self::Nats(url) => {
+                let n = NAMESPACES.fetch_add(1, Ordering::Relaxed);
+                Arc::new(NatsStore::connect(&format!("{url}/bench{n}")).await?)
+            }
+        })
+    }
+}
+
 async fn start_counter(
     dir: &std::path::Path,
+    backend: &Backend,
     config: RunnerConfig,
 ) -> anyhow::Result<(Arc<dyn MessageStore>, Running)> {
-    let store: Arc<dyn MessageStore> = Arc::new(SledStore::open(dir.join("store"))?);
+    let store = backend.open(dir).await?;
     let runtime = Runtime::new(Some(dir.join("cache")))?;
     let path = guest("counter");
     let component = runtime.load_file(&path, Limits::default())?;
@@ -138,9 +228,13 @@ async fn wait_handled(store: &Arc<dyn MessageStore>, global: u64) -> anyhow::Res
 
 /// Row 2: commands appended by 32 concurrent writers while the host handles them; the rate at
 /// which they are handled to the end (outcome and position durable).
-async fn end_to_end_throughput(commands: usize, config: RunnerConfig) -> anyhow::Result<f64> {
+async fn end_to_end_throughput(
+    backend: &Backend,
+    commands: usize,
+    config: RunnerConfig,
+) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
-    let (store, running) = start_counter(dir.path(), config).await?;
+    let (store, running) = start_counter(dir.path(), backend, config).await?;
     let start = Instant::now();
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..32 {
@@ -172,9 +266,13 @@ async fn end_to_end_throughput(commands: usize, config: RunnerConfig) -> anyhow:
 }
 
 /// Row 2b: latency from a command's append to its handling being durable, at a steady rate.
-async fn end_to_end_latency(rate: f64, commands: usize) -> anyhow::Result<(Duration, Duration)> {
+async fn end_to_end_latency(
+    backend: &Backend,
+    rate: f64,
+    commands: usize,
+) -> anyhow::Result<(Duration, Duration)> {
     let dir = tempfile::tempdir()?;
-    let (store, running) = start_counter(dir.path(), RunnerConfig::default()).await?;
+    let (store, running) = start_counter(dir.path(), backend, RunnerConfig::default()).await?;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let mut tasks = tokio::task::JoinSet::new();
     let mut next = Instant::now();
@@ -237,8 +335,8 @@ async fn main() -> anyhow::Result<()> {
         ..RunnerConfig::default()
     };
     for _ in 0..rounds {
-        rates.push(end_to_end_throughput(commands, RunnerConfig::default()).await?);
-        reused_rates.push(end_to_end_throughput(commands, reuse).await?);
+        rates.push(end_to_end_throughput(&Backend::Sled, commands, RunnerConfig::default()).await?);
+        reused_rates.push(end_to_end_throughput(&Backend::Sled, commands, reuse).await?);
     }
     let rate = median(rates);
     table.row(
@@ -259,7 +357,7 @@ async fn main() -> anyhow::Result<()> {
         let mut p50s = Vec::new();
         let mut p99s = Vec::new();
         for _ in 0..rounds {
-            let (p50, p99) = end_to_end_latency(rate * load, commands / 2).await?;
+            let (p50, p99) = end_to_end_latency(&Backend::Sled, rate * load, commands / 2).await?;
             p50s.push(p50.as_secs_f64() * 1e3);
             p99s.push(p99.as_secs_f64() * 1e3);
         }
@@ -271,6 +369,70 @@ async fn main() -> anyhow::Result<()> {
             format!("p50 {:.2} ms, p99 {:.2} ms", median(p50s), median(p99s)),
             String::new(),
         );
+    }
+
+    // 1 and 2 on JetStream.
+    match nats_server::NatsServer::try_start() {
+        Err(reason) => table.row(
+            "1-2. JetStream rows",
+            "skipped".into(),
+            format!("no nats-server: {reason}"),
+        ),
+        Ok(server) => {
+            let url = server.url();
+            let mut publishes = Vec::new();
+            let mut loops = Vec::new();
+            let mut rates = Vec::new();
+            for _ in 0..rounds {
+                publishes.push(raw_jetstream_publishes(&url, appends).await?);
+                loops.push(raw_jetstream_loop(&url, appends).await?);
+                rates.push(
+                    end_to_end_throughput(
+                        &Backend::Nats(url.clone()),
+                        commands,
+                        RunnerConfig::default(),
+                    )
+                    .await?,
+                );
+            }
+            let publish = median(publishes);
+            table.row(
+                "1. JetStream durable publishes/s (await each ack)",
+                format!("{publish:.0}"),
+                "the store's limit; sync_interval: always".into(),
+            );
+            table.row(
+                "1. JetStream publish + consume + ack loop/s",
+                format!("{:.0}", median(loops)),
+                "double_ack: the ack confirmed".into(),
+            );
+            let rate = median(rates);
+            table.row(
+                "2. end-to-end durable commands/s on JetStream (32 writers)",
+                format!("{rate:.0}"),
+                format!(
+                    "{:.0}% of the JetStream publish row; a command is a publish and an atomic batch",
+                    rate / publish * 100.0
+                ),
+            );
+            let mut p50s = Vec::new();
+            let mut p99s = Vec::new();
+            for _ in 0..rounds {
+                let (p50, p99) =
+                    end_to_end_latency(&Backend::Nats(url.clone()), rate * 0.5, commands / 2)
+                        .await?;
+                p50s.push(p50.as_secs_f64() * 1e3);
+                p99s.push(p99.as_secs_f64() * 1e3);
+            }
+            table.row(
+                &format!(
+                    "2. latency append → handled on JetStream, half load ({:.0}/s)",
+                    rate * 0.5
+                ),
+                format!("p50 {:.2} ms, p99 {:.2} ms", median(p50s), median(p99s)),
+                String::new(),
+            );
+        }
     }
     let loaded_rss = resident_mib();
 

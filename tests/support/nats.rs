@@ -34,21 +34,26 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// Starts a server with JetStream that syncs every write to disk before acknowledging it.
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::try_start().expect("nats-server starts (scripts/test installs it)")
+    }
+
+    /// The same, or why no server could be started.
+    pub fn try_start() -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let mut server = Self {
             child: None,
             port: free_port(),
             dir,
         };
-        server.launch();
-        server
+        server.launch()?;
+        Ok(server)
     }
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn launch(&mut self) {
+    fn launch(&mut self) -> Result<(), String> {
         let config = self.dir.path().join("server.conf");
         let store = self.dir.path().join("jetstream");
         std::fs::write(
@@ -59,36 +64,39 @@ impl NatsServer {
                 store.display().to_string()
             ),
         )
-        .expect("server config");
+        .map_err(|e| e.to_string())?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("server.log"))
-            .expect("server log");
+            .map_err(|e| e.to_string())?;
         let child = Command::new(binary())
             .arg("-c")
             .arg(&config)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("nats-server starts (scripts/test installs it)");
+            .map_err(|e| format!("cannot run {}: {e}", binary().display()))?;
         self.child = Some(child);
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "nats-server listens: {}",
-                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-            );
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(format!(
+                    "nats-server does not listen: {}",
+                    std::fs::read_to_string(self.dir.path().join("server.log"))
+                        .unwrap_or_default()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// Stops the server cleanly (SIGTERM) and starts it again on the same port and storage.
     pub fn restart(&mut self, down_for: Duration) {
         self.stop();
         std::thread::sleep(down_for);
-        self.launch();
+        self.launch().expect("nats-server starts again");
     }
 
     fn stop(&mut self) {

@@ -915,6 +915,14 @@ impl MessageStore for NatsStore {
     ) -> Result<Vec<Message>, StoreError> {
         let subject = self.message_subject(stream);
         let mut out = Vec::new();
+        if from_position > 0 {
+            // Projections mostly ask for what came after the version they hold: usually
+            // nothing, which the stream's last message tells without a scan.
+            match self.last(&subject).await? {
+                Some(last) if self.decode_message(&last)?.position >= from_position => {}
+                _ => return Ok(out),
+            }
+        }
         let mut from = 1;
         while out.len() < limit {
             let (entries, pending) = self.page(&subject, from, PAGE).await?;
