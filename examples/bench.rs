@@ -14,6 +14,8 @@
 
 #[path = "measure/mod.rs"]
 mod measure;
+// The tests' nats-server launcher; the benchmark only starts a server.
+#[allow(dead_code)]
 #[path = "../tests/support/nats.rs"]
 mod nats_server;
 
@@ -135,7 +137,10 @@ async fn raw_jetstream_publishes(url: &str, count: usize) -> anyhow::Result<f64>
     let payload = bytes::Bytes::from(vec![b'x'; 400]);
     let start = Instant::now();
     for _ in 0..count {
-        context.publish(subject.clone(), payload.clone()).await?.await?;
+        context
+            .publish(subject.clone(), payload.clone())
+            .await?
+            .await?;
     }
     Ok(count as f64 / start.elapsed().as_secs_f64())
 }
@@ -156,9 +161,15 @@ async fn raw_jetstream_loop(url: &str, count: usize) -> anyhow::Result<f64> {
     let payload = bytes::Bytes::from(vec![b'x'; 400]);
     let start = Instant::now();
     for _ in 0..count {
-        context.publish(subject.clone(), payload.clone()).await?.await?;
+        context
+            .publish(subject.clone(), payload.clone())
+            .await?
+            .await?;
         let message = messages.next().await.context("a delivery")??;
-        message.double_ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+        message
+            .double_ack()
+            .await
+            .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
     }
     Ok(count as f64 / start.elapsed().as_secs_f64())
 }

@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use crate::control::{self, Context, Request};
 use crate::mail::Maildir;
-use crate::service::{self, Capabilities, LoadedService, RunnerConfig, Running};
+use crate::reload::{self, Reloader};
+use crate::service::{self, Capabilities, LoadedService, RunnerConfig, Running, ServiceTable};
 use crate::store::{MessageStore, NatsStore, SledStore, StoreError};
 use crate::wasm::{Limits, Runtime};
 
@@ -156,6 +157,8 @@ pub enum Command {
         #[arg(long, requires = "consumer")]
         category: Option<String>,
     },
+    /// List the services with the version (content hash) running and since when.
+    Services,
     /// Show a stream's projected state, folded by the owning service's `project`.
     Project { stream: String },
     /// Empty a view (and the other views of the service writing it) and rebuild it from the event
@@ -281,6 +284,7 @@ fn request_of(command: Command) -> Option<Request> {
             category,
         },
         Command::Project { stream } => Request::Project { stream },
+        Command::Services => Request::Services,
         Command::Run { .. } | Command::Inspect { .. } | Command::Rebuild { .. } => return None,
     })
 }
@@ -295,6 +299,7 @@ fn kind_of(request: &Request) -> &'static str {
         Request::Replay { .. } => "replay",
         Request::Project { .. } => "project",
         Request::Rebuild { .. } => "rebuild",
+        Request::Services => "services",
     }
 }
 
@@ -386,10 +391,10 @@ async fn execute_locally(
 ) -> anyhow::Result<Value> {
     let store = open_store(data, store).await?;
     let mut components = Default::default();
-    if matches!(request, Request::Project { .. }) {
+    if matches!(request, Request::Project { .. } | Request::Services) {
         let runtime = Runtime::new(Some(cache_dir(data)))?;
         let (loaded, _) = service::load_folder(&runtime, services, Limits::default())?;
-        components = service::by_name(&service::admit(loaded).0);
+        components = ServiceTable::of(&service::admit(loaded).0);
     }
     let context = Context {
         store,
@@ -493,7 +498,7 @@ async fn rebuild(
     let admitted = service::admit(loaded).0;
     let context = Context {
         store: store.clone(),
-        services: service::by_name(&admitted),
+        services: ServiceTable::of(&admitted),
     };
     let answer = control::execute(&context, request).await?;
     let owner = admitted
@@ -573,52 +578,45 @@ pub async fn run(data: &Path, services: &Path, settings: &HostSettings) -> anyho
         capabilities,
     } = settings;
     let store = open_store_for_host(data, store).await?;
-    let runtime = Runtime::new(Some(cache_dir(data)))?;
     std::fs::create_dir_all(services)
         .with_context(|| format!("cannot create the services folder {}", services.display()))?;
-    let (mut loaded, failed) = service::load_folder(&runtime, services, *limits)?;
-    for (path, error) in &failed {
-        tracing::error!(path = %path.display(), "component refused: {error:#}");
-    }
-    if !only.is_empty() {
-        loaded.retain(|s| only.contains(&s.component.manifest().name));
-        for name in only {
-            if !loaded.iter().any(|s| &s.component.manifest().name == name) {
-                tracing::warn!(service = %name, "--only names a service the folder does not hold");
-            }
-        }
-    }
-    let (admitted, refused) = service::admit(loaded);
-    let admitted: Vec<LoadedService> = admitted
-        .into_iter()
-        .map(|mut service| {
+    let (defaults, service_limits) = (*limits, service_limits.clone());
+    let reloader = Reloader {
+        folder: services.to_path_buf(),
+        runtime: Runtime::new(Some(cache_dir(data)))?,
+        limits: *limits,
+        only: only.clone(),
+        prepare: Arc::new(move |mut service: LoadedService| {
             let name = service.component.manifest().name.clone();
-            let own = apply_service_limits(*limits, &name, service_limits);
-            if own != *limits {
+            let own = apply_service_limits(defaults, &name, &service_limits);
+            if own != defaults {
                 tracing::info!(service = %name, ?own, "service limits");
                 service.component = service.component.with_limits(own);
             }
             service
-        })
-        .collect();
-    for (path, error) in &refused {
-        tracing::error!(path = %path.display(), "component refused: {error:#}");
-    }
-    let running = Running::start(store.clone(), &admitted, *config, capabilities)?;
+        }),
+    };
+    // The folder is read once now, then again after every change to it.
+    let mut running = Running::start(store.clone(), &[], *config, capabilities)?;
+    reload::sync(&reloader, &mut running).await?;
     let context = Arc::new(Context {
         store,
-        services: service::by_name(&admitted),
+        services: running.table(),
     });
+    let count = context.services.list().len();
+    let running = Arc::new(tokio::sync::Mutex::new(running));
+    let watcher = reload::watch(reloader, running.clone())?;
     let server = control::serve(data, context).await?;
-    tracing::info!(
-        services = admitted.len(),
-        data = %data.display(),
-        "ferry is running"
-    );
+    tracing::info!(services = count, data = %data.display(), "ferry is running");
     wait_for_signal().await?;
     tracing::info!("stopping");
     server.abort();
-    running.shutdown().await;
+    watcher.abort();
+    let _ = watcher.await;
+    match Arc::try_unwrap(running) {
+        Ok(running) => running.into_inner().shutdown().await,
+        Err(_) => tracing::warn!("the reloader still held the services; stopping without waiting"),
+    }
     let _ = std::fs::remove_file(control::socket_path(data));
     Ok(())
 }

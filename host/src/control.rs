@@ -1,11 +1,11 @@
-//! Operator requests (send, read, consumers, parked, replay, project) and where they run.
+//! Operator requests (send, read, consumers, parked, replay, project, services) and where they
+//! run.
 //!
 //! sled lets one process open a data folder. So a running `ferry run` listens on a Unix socket in
 //! its data folder, and the CLI sends its request there; with no host running, the CLI opens the
 //! store itself. Either way the same [`execute`] runs the request against a [`MessageStore`], so
 //! the checks and answers are the same. Requests and answers are JSON, one per line.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::service;
+use crate::service::{self, ServiceTable};
 use crate::store::{
     Category, Commit, MessageStore, NameError, NewMessage, StoreError, StreamName,
     validate_table_name,
@@ -65,13 +65,15 @@ pub enum Request {
     Project { stream: String },
     /// Empty the views of the service that writes `table` and replay its event subscriptions.
     Rebuild { table: String },
+    /// The services, with the version (content hash) running and since when.
+    Services,
 }
 
 /// What a request needs besides the store.
 pub struct Context {
     pub store: Arc<dyn MessageStore>,
-    /// Components by service name (for `project`).
-    pub services: HashMap<String, Arc<ServiceComponent>>,
+    /// The services (for `project`, `rebuild`, `services`); a reload changes it.
+    pub services: ServiceTable,
 }
 
 /// A refused request: the message says why; nothing was written.
@@ -217,10 +219,26 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
                 "events": events,
             }))
         }
+        Request::Services => {
+            let services: Vec<Value> = context
+                .services
+                .list()
+                .into_iter()
+                .map(|s| {
+                    json!({
+                        "name": s.name,
+                        "version": s.component.hash(),
+                        "path": s.path,
+                        "sinceMs": s.since_ms,
+                    })
+                })
+                .collect();
+            Ok(json!({ "services": services }))
+        }
         Request::Project { stream } => {
             let stream = StreamName::parse(&stream)?;
             let owner = stream.service();
-            let component = context.services.get(owner).cloned().ok_or_else(|| {
+            let component = context.services.get(owner).ok_or_else(|| {
                 refuse(format!(
                     "no loaded service named {owner} owns the category of {stream}"
                 ))
@@ -245,9 +263,10 @@ pub fn owner_of_view(context: &Context, table: &str) -> anyhow::Result<Arc<Servi
     validate_table_name(table)?;
     context
         .services
-        .values()
+        .list()
+        .into_iter()
+        .map(|service| service.component)
         .find(|component| component.manifest().views.iter().any(|v| v == table))
-        .cloned()
         .ok_or_else(|| refuse(format!("no loaded service writes the view {table}")))
 }
 

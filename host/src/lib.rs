@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod control;
 pub mod mail;
+pub mod reload;
 pub mod service;
 pub mod store;
 pub mod wasm;

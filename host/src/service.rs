@@ -223,9 +223,87 @@ pub fn load_folder(
     Ok((loaded, failed))
 }
 
-/// Running services; dropping it without [`Running::shutdown`] aborts the consumers.
-#[derive(Debug)]
+/// A running service as listed: which version runs, from where, since when.
+#[derive(Debug, Clone)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub component: Arc<ServiceComponent>,
+    /// When this version started, in ms since the Unix epoch.
+    pub since_ms: u64,
+}
+
+/// The services a host runs, shared with the control requests that need a component (`project`,
+/// `rebuild`, `services`); a reload changes it.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceTable(Arc<std::sync::RwLock<Vec<ServiceInfo>>>);
+
+impl ServiceTable {
+    /// A table of components that are loaded but not running (the CLI without a host).
+    pub fn of(services: &[LoadedService]) -> Self {
+        let table = Self::default();
+        for service in services {
+            table.put(ServiceInfo {
+                name: service.component.manifest().name.clone(),
+                path: service.path.clone(),
+                component: Arc::new(service.component.clone()),
+                since_ms: now_ms(),
+            });
+        }
+        table
+    }
+
+    /// The component of a service.
+    pub fn get(&self, name: &str) -> Option<Arc<ServiceComponent>> {
+        self.list()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.component)
+    }
+
+    /// Every service, by name.
+    pub fn list(&self) -> Vec<ServiceInfo> {
+        let mut list = self.0.read().map(|l| l.clone()).unwrap_or_default();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    fn put(&self, info: ServiceInfo) {
+        if let Ok(mut list) = self.0.write() {
+            list.retain(|s| s.name != info.name);
+            list.push(info);
+        }
+    }
+
+    fn remove(&self, name: &str) {
+        if let Ok(mut list) = self.0.write() {
+            list.retain(|s| s.name != name);
+        }
+    }
+}
+
+/// Running services, each with its consumers; services can be added, replaced and stopped while
+/// the others run. Dropping it without [`Running::shutdown`] aborts the consumers.
 pub struct Running {
+    store: Arc<dyn MessageStore>,
+    config: RunnerConfig,
+    capabilities: Capabilities,
+    /// False for a rebuild: only event subscriptions run.
+    with_commands: bool,
+    services: HashMap<String, ServiceRun>,
+    table: ServiceTable,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The consumers of one service version.
+struct ServiceRun {
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -238,9 +316,9 @@ impl Running {
         config: RunnerConfig,
         capabilities: &Capabilities,
     ) -> anyhow::Result<Self> {
-        let mut running = Self::empty();
+        let mut running = Self::empty(store, config, capabilities, true);
         for service in services {
-            running.spawn(&store, service, config, capabilities, true)?;
+            running.add(service)?;
         }
         Ok(running)
     }
@@ -253,31 +331,45 @@ impl Running {
         config: RunnerConfig,
         capabilities: &Capabilities,
     ) -> anyhow::Result<Self> {
-        let mut running = Self::empty();
-        running.spawn(&store, service, config, capabilities, false)?;
+        let mut running = Self::empty(store, config, capabilities, false);
+        running.add(service)?;
         Ok(running)
     }
 
-    fn empty() -> Self {
-        Self {
-            shutdown: watch::channel(false).0,
-            tasks: JoinSet::new(),
-        }
-    }
-
-    fn spawn(
-        &mut self,
-        store: &Arc<dyn MessageStore>,
-        service: &LoadedService,
+    fn empty(
+        store: Arc<dyn MessageStore>,
         config: RunnerConfig,
         capabilities: &Capabilities,
         with_commands: bool,
-    ) -> anyhow::Result<()> {
+    ) -> Self {
+        Self {
+            store,
+            config,
+            capabilities: capabilities.clone(),
+            with_commands,
+            services: HashMap::new(),
+            table: ServiceTable::default(),
+        }
+    }
+
+    /// The table of running services, kept up to date.
+    pub fn table(&self) -> ServiceTable {
+        self.table.clone()
+    }
+
+    /// Starts a service's consumers. A service of that name must not be running.
+    pub fn add(&mut self, service: &LoadedService) -> anyhow::Result<()> {
         let manifest = service.component.manifest();
+        anyhow::ensure!(
+            !self.services.contains_key(&manifest.name),
+            "service {} is already running",
+            manifest.name
+        );
         let component = Arc::new(service.component.clone());
+        // Per version: new code never sees states folded by old code.
         let projections = Arc::new(ProjectionCache::default());
         let mut consumers = subscriptions_of(&service.component)?;
-        if with_commands && manifest.handles_commands {
+        if self.with_commands && manifest.handles_commands {
             let id = ConsumerId::new(
                 Category::commands_of(&manifest.name)?,
                 consumer_name(&manifest.name),
@@ -291,27 +383,55 @@ impl Running {
             consumers = consumers.len(),
             "service started"
         );
+        let shutdown = watch::channel(false).0;
+        let mut tasks = JoinSet::new();
         for (id, origin_prefix) in consumers {
             let consumer = Consumer {
                 id,
                 position: 0,
                 origin_prefix,
-                mail: capabilities.mail_for(&manifest.name),
+                mail: self.capabilities.mail_for(&manifest.name),
                 component: component.clone(),
                 projections: projections.clone(),
-                store: store.clone(),
-                config,
-                shutdown: self.shutdown.subscribe(),
+                store: self.store.clone(),
+                config: self.config,
+                shutdown: shutdown.subscribe(),
             };
-            self.tasks.spawn(consumer.run());
+            tasks.spawn(consumer.run());
         }
+        self.services
+            .insert(manifest.name.clone(), ServiceRun { shutdown, tasks });
+        self.table.put(ServiceInfo {
+            name: manifest.name.clone(),
+            path: service.path.clone(),
+            component,
+            since_ms: now_ms(),
+        });
         Ok(())
+    }
+
+    /// Stops a service's consumers between two messages (the message in flight finishes) and
+    /// waits for them. Their positions stay in the store. False when it was not running.
+    pub async fn stop(&mut self, name: &str) -> bool {
+        let Some(mut run) = self.services.remove(name) else {
+            return false;
+        };
+        let _ = run.shutdown.send(true);
+        while run.tasks.join_next().await.is_some() {}
+        self.table.remove(name);
+        tracing::info!(service = %name, "service stopped");
+        true
     }
 
     /// Stops every consumer between two messages and waits for them.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for run in self.services.values() {
+            let _ = run.shutdown.send(true);
+        }
+        for name in names {
+            self.stop(&name).await;
+        }
     }
 }
 
@@ -1260,19 +1380,6 @@ pub fn subscriptions_of(
                 ),
                 subscription.origin_prefix.clone(),
             ))
-        })
-        .collect()
-}
-
-/// Services by name, for commands that need a component (such as `ferry project`).
-pub fn by_name(services: &[LoadedService]) -> HashMap<String, Arc<ServiceComponent>> {
-    services
-        .iter()
-        .map(|s| {
-            (
-                s.component.manifest().name.clone(),
-                Arc::new(s.component.clone()),
-            )
         })
         .collect()
 }

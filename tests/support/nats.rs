@@ -83,8 +83,7 @@ impl NatsServer {
             if start.elapsed() > Duration::from_secs(20) {
                 return Err(format!(
                     "nats-server does not listen: {}",
-                    std::fs::read_to_string(self.dir.path().join("server.log"))
-                        .unwrap_or_default()
+                    std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -1,0 +1,6 @@
+//! `counter-next`: the next version of the `counter` service, for the hot-reload tests. Same
+//! service name, commands, events and view; its events say `handledBy: "counter-next"`.
+
+const HANDLED_BY: &str = "counter-next";
+
+include!("../../counter/src/service.rs");
