@@ -226,7 +226,10 @@ fn skips_a_parked_message_and_replays_it_once() {
     assert_eq!(setup.read("chaos.p").len(), 1, "only the Ok command wrote");
     let refused = setup.ferry(&["replay", "no-such-id"]);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("no parked message matches"));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("a parked message that matches not found")
+    );
 }
 
 #[test]

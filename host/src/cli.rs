@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::control::{self, Context, Request};
+use crate::gateway::{self, GatewayConfig};
 use crate::mail::Maildir;
 use crate::reload::{self, Reloader};
 use crate::service::{self, Capabilities, LoadedService, RunnerConfig, Running, ServiceTable};
@@ -77,6 +78,16 @@ pub enum Command {
         /// same components run as one process or as one process per service.
         #[arg(long, value_delimiter = ',', value_name = "SERVICE,...")]
         only: Vec<String>,
+        /// Serve the HTTP gateway (commands, reads, WebSocket notifications) on this address,
+        /// such as 127.0.0.1:8080.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
+        /// Bearer token the gateway's write endpoints require.
+        #[arg(long, env = "FERRY_HTTP_TOKEN", requires = "http")]
+        http_token: Option<String>,
+        /// An HTML file the gateway serves at `/` (such as examples/web/index.html).
+        #[arg(long, value_name = "FILE", requires = "http")]
+        page: Option<PathBuf>,
         /// Longest time one call into a guest may run, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         guest_timeout_ms: u64,
@@ -173,6 +184,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
             only,
+            http,
+            http_token,
+            page,
             guest_timeout_ms,
             guest_memory_mib,
             max_deliveries,
@@ -195,9 +209,24 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 maildir: Some(Arc::new(Maildir::new(maildir(&cli.data)))),
                 mail_grants,
             };
+            let page = page
+                .map(|path| {
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read the page {}", path.display()))
+                })
+                .transpose()?;
             let settings = HostSettings {
                 store: cli.store,
                 only,
+                http: http.map(|address| {
+                    (
+                        address,
+                        GatewayConfig {
+                            token: http_token,
+                            page,
+                        },
+                    )
+                }),
                 limits,
                 service_limits,
                 config,
@@ -407,6 +436,8 @@ async fn execute_locally(
 #[derive(Debug, Clone)]
 pub struct HostSettings {
     pub store: StoreChoice,
+    /// The gateway's address and settings, when it runs.
+    pub http: Option<(String, GatewayConfig)>,
     /// Run only these services (all when empty).
     pub only: Vec<String>,
     /// Default limits of every service.
@@ -571,6 +602,7 @@ async fn follow_rebuild(
 pub async fn run(data: &Path, services: &Path, settings: &HostSettings) -> anyhow::Result<()> {
     let HostSettings {
         store,
+        http,
         only,
         limits,
         service_limits,
@@ -606,11 +638,23 @@ pub async fn run(data: &Path, services: &Path, settings: &HostSettings) -> anyho
     let count = context.services.list().len();
     let running = Arc::new(tokio::sync::Mutex::new(running));
     let watcher = reload::watch(reloader, running.clone())?;
+    let gateway = match http {
+        Some((address, config)) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address}"))?;
+            Some(gateway::serve(listener, context.clone(), config.clone())?)
+        }
+        None => None,
+    };
     let server = control::serve(data, context).await?;
     tracing::info!(services = count, data = %data.display(), "ferry is running");
     wait_for_signal().await?;
     tracing::info!("stopping");
     server.abort();
+    if let Some(gateway) = gateway {
+        gateway.abort();
+    }
     watcher.abort();
     let _ = watcher.await;
     match Arc::try_unwrap(running) {

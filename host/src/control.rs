@@ -161,7 +161,9 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             match key {
                 Some(key) => match store.view_get(&table, &key).await? {
                     Some(row) => Ok(json!({ "rows": [{ "key": key, "row": row }] })),
-                    None => Err(refuse(format!("view {table} has no row {key:?}"))),
+                    None => {
+                        Err(StoreError::NotFound(format!("row {key:?} of view {table}")).into())
+                    }
                 },
                 None => {
                     let rows = store.view_rows(&table, after.as_deref(), limit).await?;
@@ -194,7 +196,7 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             }
             let replayed = store.replay(id.as_deref(), consumer.as_ref()).await?;
             if replayed == 0 {
-                return Err(refuse("no parked message matches"));
+                return Err(StoreError::NotFound("a parked message that matches".into()).into());
             }
             Ok(json!({ "replayed": replayed }))
         }

@@ -223,6 +223,34 @@ pub fn load_folder(
     Ok((loaded, failed))
 }
 
+/// Counters per service since the host started, for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceMetrics {
+    /// Messages handled to a committed outcome.
+    pub handled: u64,
+    /// Messages parked.
+    pub parked: u64,
+    /// Time spent deciding (guest calls and their reads) and committing, in seconds.
+    pub handling_seconds: f64,
+}
+
+static METRICS: std::sync::LazyLock<std::sync::Mutex<HashMap<String, ServiceMetrics>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The counters of every service that handled something in this process.
+pub fn metrics() -> HashMap<String, ServiceMetrics> {
+    METRICS.lock().map(|m| m.clone()).unwrap_or_default()
+}
+
+fn record(service: &str, handled: u64, parked: u64, elapsed: Duration) {
+    if let Ok(mut all) = METRICS.lock() {
+        let entry = all.entry(service.to_owned()).or_default();
+        entry.handled += handled;
+        entry.parked += parked;
+        entry.handling_seconds += elapsed.as_secs_f64();
+    }
+}
+
 /// A running service as listed: which version runs, from where, since when.
 #[derive(Debug, Clone)]
 pub struct ServiceInfo {
@@ -473,6 +501,10 @@ impl From<StoreError> for Interrupted {
 }
 
 impl Consumer {
+    fn service(&self) -> &str {
+        self.component.manifest().name.as_str()
+    }
+
     async fn run(mut self) {
         tracing::debug!(consumer = %self.id, "consumer started");
         loop {
@@ -565,6 +597,7 @@ impl Consumer {
             return Ok(true);
         };
         let count = messages.len();
+        let started = std::time::Instant::now();
         let decision = match decide_batch(
             self.component.clone(),
             self.projections.clone(),
@@ -588,6 +621,7 @@ impl Consumer {
             ..Commit::default()
         };
         let mut outgoing = Vec::new();
+        let mut parked = 0;
         for item in decision.items {
             match item {
                 BatchItem::Decided(checked) => {
@@ -596,6 +630,7 @@ impl Consumer {
                 }
                 BatchItem::Park { message, reason } => {
                     tracing::warn!(consumer = %self.id, id = %message.id, "parked: {reason}");
+                    parked += 1;
                     commit.park.push(ParkedMessage {
                         consumer: self.id.clone(),
                         message,
@@ -619,6 +654,12 @@ impl Consumer {
                 tracing::debug!(
                     consumer = %self.id, count, written = committed.written.len(),
                     duplicates = committed.duplicates.len(), "handled a batch"
+                );
+                record(
+                    self.component.manifest().name.as_str(),
+                    count as u64 - parked,
+                    parked,
+                    started.elapsed(),
                 );
                 self.position = last;
                 for (stream, state, version) in decision.cacheable {
@@ -691,6 +732,7 @@ impl Consumer {
 
         let mut deliveries = 0;
         let mut conflicts = 0;
+        let started = std::time::Instant::now();
         loop {
             deliveries += 1;
             let decided = decide(
@@ -711,6 +753,7 @@ impl Consumer {
                                 duplicates = committed.duplicates.len(),
                                 "handled"
                             );
+                            record(self.service(), 1, 0, started.elapsed());
                             return Ok(());
                         }
                         Err(StoreError::Conflict { .. }) if conflicts < CONFLICT_RETRIES => {
@@ -751,6 +794,7 @@ impl Consumer {
                 Err(Decline::Guest(e)) => e.to_string(),
             };
             tracing::warn!(consumer = %self.id, id = %message.id, "parked: {failure}");
+            record(self.service(), 0, 1, started.elapsed());
             self.store
                 .commit(Commit {
                     settle: Some(settle),
