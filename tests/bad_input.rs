@@ -1,5 +1,6 @@
 //! Property tests: arbitrary input to the stream-name parser, to message decoding, and to the
-//! operator requests the CLI sends. No panic, every rejection a clear error, nothing written.
+//! operator requests the CLI sends, and to the HTTP gateway. No panic, every rejection a clear
+//! error, nothing written.
 
 use std::sync::Arc;
 
@@ -203,4 +204,89 @@ fn every_other_request_is_answered_or_refused_without_a_write() {
             })
         })
         .expect("every request is answered or refused");
+}
+
+/// Arbitrary HTTP bodies and paths for the gateway's write endpoints.
+fn http_inputs() -> impl Strategy<Value = (String, String)> {
+    let path = prop_oneof![
+        name_like().prop_map(|name| format!("/streams/{}", urlencode(&name))),
+        Just("/streams/counter:command.a".to_owned()),
+        Just("/webhooks/email-opened".to_owned()),
+        any::<String>().prop_map(|id| format!("/parked/{}/replay", urlencode(&id))),
+    ];
+    let body = prop_oneof![
+        any::<String>(),
+        "\\{\"type\": \"[A-Za-z]{0,5}\", \"data\": (\\{\\}|\\[\\]|1|null|\"x\")(, \"[a-zA-Z]{1,16}\": (1|\"a\"|null))?\\}",
+        "\\{\"emailId\": \"[a-z0-9.* -]{0,8}\"\\}",
+    ];
+    (path, body)
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.:~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn http_writes_are_accepted_or_refused_with_a_json_error_and_nothing_written() {
+    use axum::body::Body;
+    use axum::http::{Request as HttpRequest, StatusCode, header};
+    use tower::ServiceExt as _;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let store: Arc<dyn MessageStore> =
+        Arc::new(SledStore::open(dir.path().join("store")).expect("open"));
+    let context = Arc::new(Context {
+        store: store.clone(),
+        services: Default::default(),
+    });
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
+    runner
+        .run(&http_inputs(), |(path, body)| {
+            runtime.block_on(async {
+                let head = store.head().await.expect("head");
+                let Ok(request) = HttpRequest::post(path.as_str())
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(body.clone()))
+                else {
+                    // Not even a valid URI: no HTTP client could send it.
+                    return Ok(());
+                };
+                let response = ferry::gateway::router(context.clone(), Default::default())
+                    .oneshot(request)
+                    .await
+                    .expect("an answer");
+                let status = response.status();
+                let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                    .await
+                    .expect("body");
+                prop_assert!(!status.is_server_error(), "{} {}: {}", path, body, status);
+                if status == StatusCode::ACCEPTED {
+                    prop_assert_eq!(store.head().await.expect("head"), head + 1);
+                } else if status != StatusCode::OK {
+                    let answer: serde_json::Value =
+                        serde_json::from_slice(&bytes).unwrap_or_default();
+                    prop_assert!(
+                        answer["error"].as_str().is_some_and(|e| !e.is_empty())
+                            || status == StatusCode::NOT_FOUND,
+                        "{} {}: {} {:?}",
+                        path,
+                        body,
+                        status,
+                        answer
+                    );
+                    prop_assert_eq!(store.head().await.expect("head"), head, "nothing written");
+                }
+                Ok(())
+            })
+        })
+        .expect("every HTTP input is answered without a server error");
 }
