@@ -5,10 +5,19 @@
 //! ```sh
 //! (cd guests && cargo build --release --target wasm32-wasip2)
 //! cargo run --example soak -- --seconds 240 --rate 200
+//! cargo run --example soak -- --seconds 240 --rate 100 --nats   # the store in a nats-server
 //! ```
+//!
+//! With `--nats` the messages live in another process (a `nats-server` the run starts), so the
+//! resident memory printed is Ferry's own: the host, the runtime and the guests, without the
+//! embedded store's page cache.
 
 #[path = "measure/mod.rs"]
 mod measure;
+// The tests' nats-server launcher.
+#[allow(dead_code)]
+#[path = "../tests/support/nats.rs"]
+mod nats_server;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,9 +25,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
-use ferry::store::{Category, Commit, ConsumerId, MessageStore, NewMessage, SledStore, StreamName};
+use ferry::store::{
+    Category, Commit, ConsumerId, MessageStore, NatsStore, NewMessage, SledStore, StreamName,
+};
 use ferry::wasm::{Limits, Runtime};
 use measure::{percentile, resident_mib};
+
+/// Where the tests' nats-server helper looks for the binary.
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -54,10 +70,19 @@ async fn main() -> anyhow::Result<()> {
     // A small page cache, so that resident memory shows growth per message rather than sled
     // filling its cache (256 MiB by default).
     let cache_mib = arg("--sled-cache-mib", 16);
-    let store: Arc<dyn MessageStore> = Arc::new(SledStore::open_with_cache(
-        dir.path().join("store"),
-        cache_mib * 1024 * 1024,
-    )?);
+    let nats = std::env::args().any(|a| a == "--nats");
+    let mut _server = None;
+    let store: Arc<dyn MessageStore> = if nats {
+        let server = nats_server::NatsServer::try_start().map_err(|e| anyhow::anyhow!(e))?;
+        let store = NatsStore::connect(&server.url()).await?;
+        _server = Some(server);
+        Arc::new(store)
+    } else {
+        Arc::new(SledStore::open_with_cache(
+            dir.path().join("store"),
+            cache_mib * 1024 * 1024,
+        )?)
+    };
     let runtime = Runtime::new(Some(dir.path().join("cache")))?;
     let loaded = LoadedService {
         component: runtime
@@ -106,9 +131,14 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
+    let store_name = if nats {
+        "JetStream (nats-server in another process)".to_owned()
+    } else {
+        format!("sled, page cache {cache_mib} MiB")
+    };
     println!(
-        "soak: {rate} commands/s for {seconds} s, sled page cache {cache_mib} MiB, counter guest, \
-         fresh instance per message"
+        "soak: {rate} commands/s for {seconds} s, {store_name}, counter guest, fresh instance \
+         per message"
     );
     println!(
         "| {:>6} | {:>8} | {:>8} | {:>9} | {:>9} | {:>9} | {:>8} | {:>9} |",
