@@ -100,6 +100,63 @@ pub async fn appends_and_reads_a_stream_with_positions(store: Store) {
     assert_eq!(store.head().await.expect("head"), read[1].global_position);
 }
 
+pub async fn reads_a_stream_from_every_position(store: Store) {
+    append(
+        &store,
+        "tail.1",
+        vec![
+            msg("t0", "A", json!({})),
+            msg("t1", "A", json!({})),
+            msg("t2", "A", json!({})),
+        ],
+    )
+    .await;
+    append(&store, "other.1", vec![msg("o0", "A", json!({}))]).await;
+    append(&store, "tail.1", vec![msg("t3", "A", json!({}))]).await;
+    // Two appends to the stream in one commit.
+    store
+        .commit(Commit {
+            appends: vec![
+                StreamAppend {
+                    stream: stream("tail.1"),
+                    expected_version: Some(4),
+                    messages: vec![msg("t4", "A", json!({}))],
+                },
+                StreamAppend {
+                    stream: stream("other.1"),
+                    expected_version: None,
+                    messages: vec![msg("o1", "A", json!({}))],
+                },
+                StreamAppend {
+                    stream: stream("tail.1"),
+                    expected_version: Some(5),
+                    messages: vec![msg("t5", "A", json!({})), msg("t6", "A", json!({}))],
+                },
+            ],
+            ..Commit::default()
+        })
+        .await
+        .expect("commit");
+    let all = ["t0", "t1", "t2", "t3", "t4", "t5", "t6"];
+    for from in 0..=8u64 {
+        let read = store
+            .read_stream(&stream("tail.1"), from, 100)
+            .await
+            .expect("read");
+        let ids: Vec<_> = read.iter().map(|m| m.id.as_str()).collect();
+        let expected: Vec<_> = all.iter().skip(from as usize).copied().collect();
+        assert_eq!(ids, expected, "from {from}");
+        let positions: Vec<_> = read.iter().map(|m| m.position).collect();
+        assert_eq!(positions, (from..7).collect::<Vec<_>>());
+    }
+    let limited = store
+        .read_stream(&stream("tail.1"), 5, 1)
+        .await
+        .expect("read");
+    assert_eq!(limited.len(), 1);
+    assert_eq!(limited[0].id, "t5");
+}
+
 pub async fn appends_to_several_streams_atomically(store: Store) {
     append(
         &store,
@@ -832,6 +889,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@tests $open;
             appends_and_reads_a_stream_with_positions,
             appends_to_several_streams_atomically,
+            reads_a_stream_from_every_position,
             refuses_a_stale_expected_version,
             skips_a_message_whose_id_is_stored,
             refuses_data_that_is_not_an_object,

@@ -62,7 +62,17 @@ struct Stored {
     time_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     not_before_ms: Option<u64>,
+    /// Where the stream's previous message is, so that reading a stream's tail walks back from
+    /// its last message instead of scanning it from the start: its sequence, or (written in the
+    /// same batch) how many sequences before this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prev_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prev_back: Option<u64>,
 }
+
+/// Longest tail of a stream read by walking back from its last message.
+const WALK_BACK: u64 = 32;
 
 /// One stored JetStream message, as a direct get answers it.
 struct Entry {
@@ -336,6 +346,11 @@ impl NatsStore {
     }
 
     fn decode_message(&self, entry: &Entry) -> Result<Message, StoreError> {
+        Ok(self.decode_with_prev(entry)?.0)
+    }
+
+    /// A message and the sequence of its stream's previous message, when stored.
+    fn decode_with_prev(&self, entry: &Entry) -> Result<(Message, Option<u64>), StoreError> {
         let prefix = format!("{}.m.", self.inner.ns);
         let name = entry.subject.strip_prefix(&prefix).ok_or_else(|| {
             backend(
@@ -346,7 +361,10 @@ impl NatsStore {
         let stream = StreamName::parse(name)?;
         let stored: Stored = serde_json::from_slice(&entry.payload)
             .map_err(|e| backend("read", format!("message at {} is damaged: {e}", entry.seq)))?;
-        Ok(Message {
+        let prev = stored
+            .prev_seq
+            .or_else(|| stored.prev_back.map(|back| entry.seq.saturating_sub(back)));
+        let message = Message {
             id: stored.id,
             stream,
             message_type: stored.message_type,
@@ -356,7 +374,30 @@ impl NatsStore {
             global_position: entry.seq,
             time_ms: stored.time_ms,
             not_before_ms: stored.not_before_ms,
-        })
+        };
+        Ok((message, prev))
+    }
+
+    /// The messages of a stream from `from_position` to its end, walking back from its last
+    /// message; `None` when a message does not say where its predecessor is.
+    async fn walk_back(
+        &self,
+        last: &Entry,
+        from_position: u64,
+    ) -> Result<Option<Vec<Message>>, StoreError> {
+        let mut tail = Vec::new();
+        let (mut message, mut prev) = self.decode_with_prev(last)?;
+        while message.position > from_position {
+            let Some(seq) = prev else { return Ok(None) };
+            let Some(entry) = self.direct_get(json!({ "seq": seq })).await? else {
+                return Ok(None);
+            };
+            tail.push(message);
+            (message, prev) = self.decode_with_prev(&entry)?;
+        }
+        tail.push(message);
+        tail.reverse();
+        Ok(Some(tail))
     }
 
     /// Sends one atomic batch; returns the sequence of its first message.
@@ -463,6 +504,8 @@ impl NatsStore {
         let mut seen = HashSet::new();
         let time_ms = now_ms();
         let mut versions: HashMap<&str, u64> = HashMap::new();
+        // Batch index of each stream's latest message in this commit.
+        let mut planned: HashMap<&str, usize> = HashMap::new();
         for append in &commit.appends {
             let mut fresh = Vec::new();
             for message in &append.messages {
@@ -500,6 +543,12 @@ impl NatsStore {
             }
             let count = fresh.len() as u64;
             for (offset, message) in fresh.into_iter().enumerate() {
+                // The claim goes first, the message right after it.
+                let index = plan.outgoing.len() + 1;
+                let (prev_seq, prev_back) = match planned.get(append.stream.as_str()) {
+                    Some(&earlier) => (None, Some((index - earlier) as u64)),
+                    None => (expect.filter(|&seq| seq > 0), None),
+                };
                 let stored = Stored {
                     id: message.id.clone(),
                     message_type: message.message_type.clone(),
@@ -508,9 +557,12 @@ impl NatsStore {
                     position: version + offset as u64,
                     time_ms,
                     not_before_ms: message.not_before_ms,
+                    prev_seq,
+                    prev_back,
                 };
                 plan.claim(self.subject(&format!("id.{}", token(&message.id))));
                 let index = plan.append(&subject, to_json(&stored)?, expect.take());
+                planned.insert(append.stream.as_str(), index);
                 plan.written.push((index, append.stream.clone(), stored));
             }
             // A later append to the same stream in this commit continues from here.
@@ -916,11 +968,20 @@ impl MessageStore for NatsStore {
         let subject = self.message_subject(stream);
         let mut out = Vec::new();
         if from_position > 0 {
-            // Projections mostly ask for what came after the version they hold: usually
-            // nothing, which the stream's last message tells without a scan.
-            match self.last(&subject).await? {
-                Some(last) if self.decode_message(&last)?.position >= from_position => {}
-                _ => return Ok(out),
+            // Projections ask for what came after the version they hold: usually nothing or a
+            // message or two, which the stream's last message leads to without a scan.
+            let Some(last) = self.last(&subject).await? else {
+                return Ok(out);
+            };
+            let last_position = self.decode_message(&last)?.position;
+            if last_position < from_position {
+                return Ok(out);
+            }
+            if last_position - from_position < WALK_BACK
+                && let Some(mut tail) = self.walk_back(&last, from_position).await?
+            {
+                tail.truncate(limit);
+                return Ok(tail);
             }
         }
         let mut from = 1;
