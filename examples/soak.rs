@@ -61,6 +61,10 @@ fn store_mib(path: &std::path::Path) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let seconds = arg("--seconds", 180);
     let rate = arg("--rate", 200).max(1);
     let window = Duration::from_secs(arg("--window", 15));
