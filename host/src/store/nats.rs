@@ -45,6 +45,8 @@ const MAX_SCAN: usize = 10_000;
 /// Times a commit is checked and sent again after racing another process.
 const RACE_RETRIES: usize = 20;
 const FORMAT: &str = "ferry-nats/1";
+/// How long a batch's commit may take before it is checked again.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Atomic batches one process sends at once (the server allows 50 per stream by default).
 const MAX_BATCHES_IN_FLIGHT: usize = 16;
 
@@ -436,43 +438,49 @@ impl NatsStore {
                 headers.insert("Nats-Batch-Commit", "1");
             }
             let payload = outgoing.payload.into();
-            if last || index == 0 {
-                // The first is acknowledged so a refused batch fails early; the last commits.
-                let reply = client
-                    .request_with_headers(outgoing.subject, headers, payload)
-                    .await
-                    .map_err(|e| BatchRefused::Other(backend("publish", e)))?;
-                if reply.payload.is_empty() {
-                    continue;
-                }
-                let ack: BatchAck = serde_json::from_slice(&reply.payload)
-                    .map_err(|e| BatchRefused::Other(backend("publish", e)))?;
-                if let Some(error) = ack.error {
-                    // A wrong last sequence: another writer came first. Too many batches in
-                    // flight on the server: other processes are busy. Both: check and try again.
-                    let again = matches!(error.err_code, 10071 | 10164)
-                        || error.description.contains("too many inflight");
-                    return Err(if again {
-                        BatchRefused::Raced
-                    } else {
-                        BatchRefused::Other(backend("publish", error.description))
-                    });
-                }
-                if last {
-                    if ack.count != count as u64 {
-                        return Err(BatchRefused::Other(backend(
-                            "publish",
-                            format!("stored {} of {count} messages", ack.count),
-                        )));
-                    }
-                    first_seq = ack.seq + 1 - count as u64;
-                }
-            } else {
+            if !last {
                 client
                     .publish_with_headers(outgoing.subject, headers, payload)
                     .await
                     .map_err(|e| BatchRefused::Other(backend("publish", e)))?;
+                continue;
             }
+            // Only the commit is answered. An answer that does not come in time may still have
+            // been stored: checking again from scratch is safe, since the claims, positions and
+            // row sequences it wrote would now refuse or skip a second copy.
+            let reply = match tokio::time::timeout(
+                COMMIT_TIMEOUT,
+                client.request_with_headers(outgoing.subject, headers, payload),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                    return Err(BatchRefused::Raced);
+                }
+                Ok(Err(e)) => return Err(BatchRefused::Other(backend("publish", e))),
+                Err(_) => return Err(BatchRefused::Raced),
+            };
+            let ack: BatchAck = serde_json::from_slice(&reply.payload)
+                .map_err(|e| BatchRefused::Other(backend("publish", e)))?;
+            if let Some(error) = ack.error {
+                // A wrong last sequence: another writer came first. Too many batches in flight
+                // on the server: other processes are busy. Both: check and try again.
+                let again = matches!(error.err_code, 10071 | 10164)
+                    || error.description.contains("too many inflight");
+                return Err(if again {
+                    BatchRefused::Raced
+                } else {
+                    BatchRefused::Other(backend("publish", error.description))
+                });
+            }
+            if ack.count != count as u64 {
+                return Err(BatchRefused::Other(backend(
+                    "publish",
+                    format!("stored {} of {count} messages", ack.count),
+                )));
+            }
+            first_seq = ack.seq + 1 - count as u64;
         }
         Ok(first_seq)
     }
