@@ -37,6 +37,28 @@ pub fn guest(name: &str) -> PathBuf {
     path
 }
 
+/// A component written in another language (`email_js`, `user_aggregator_py`), built once per
+/// test binary by `scripts/build-polyglot` (componentize-js from npm, componentize-py from PyPI).
+pub fn polyglot(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new("bash")
+            .arg(repo_root().join("scripts/build-polyglot"))
+            .current_dir(repo_root())
+            .status()
+            .expect("bash runs");
+        assert!(
+            status.success(),
+            "scripts/build-polyglot builds the components"
+        );
+    });
+    let path = repo_root()
+        .join("guests/target/polyglot")
+        .join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} was built", path.display());
+    path
+}
+
 /// A data folder and a services folder holding the named guests; the store is the data
 /// folder's sled store unless [`Setup::with_store`] names a JetStream.
 pub struct Setup {
@@ -73,6 +95,11 @@ impl Setup {
     pub fn install(&self, name: &str) {
         std::fs::copy(guest(name), self.services().join(format!("{name}.wasm")))
             .expect("copy component");
+    }
+
+    /// Puts a component file into the services folder under a file name of its own.
+    pub fn install_file(&self, component: &Path, file_name: &str) {
+        std::fs::copy(component, self.services().join(file_name)).expect("copy component");
     }
 
     pub fn uninstall(&self, name: &str) {
@@ -205,7 +232,8 @@ impl Setup {
             .expect("ferry run starts");
         let host = Host { child, log };
         let socket = data.join("ferry.sock");
-        wait_until(Duration::from_secs(60), "the host listens", || {
+        // Long enough for a first compile of the large JavaScript and Python components.
+        wait_until(Duration::from_secs(300), "the host listens", || {
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
         });
         host
