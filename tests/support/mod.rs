@@ -59,6 +59,49 @@ pub fn polyglot(name: &str) -> PathBuf {
     path
 }
 
+/// Components to install in place of Rust guests, from `FERRY_GUEST_SWAP`
+/// (`email=email_js,user_aggregator=user_aggregator_py`): the same tests then run with services
+/// written in other languages.
+fn swapped(name: &str) -> Option<PathBuf> {
+    let swaps = std::env::var("FERRY_GUEST_SWAP").ok()?;
+    let other = swaps
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(rust, _)| *rust == name)
+        .map(|(_, other)| other.to_owned())?;
+    Some(polyglot(&other))
+}
+
+/// Precompiled code of the swapped-in components, compiled once and copied into each data
+/// folder, so that every test does not compile them again (seconds each).
+fn seed_cache(data: &Path) {
+    static SEEDED: OnceLock<PathBuf> = OnceLock::new();
+    if std::env::var_os("FERRY_GUEST_SWAP").is_none() {
+        return;
+    }
+    let shared = SEEDED.get_or_init(|| {
+        let shared = repo_root().join("target/polyglot-cache");
+        let swaps = std::env::var("FERRY_GUEST_SWAP").unwrap_or_default();
+        for (_, other) in swaps.split(',').filter_map(|pair| pair.split_once('=')) {
+            let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .arg("--data")
+                .arg(&shared)
+                .arg("inspect")
+                .arg(polyglot(other))
+                .stdout(Stdio::null())
+                .status()
+                .expect("ferry inspect runs");
+            assert!(status.success(), "{other} loads");
+        }
+        shared.join("cache")
+    });
+    let cache = data.join("cache");
+    std::fs::create_dir_all(&cache).expect("cache folder");
+    for entry in std::fs::read_dir(shared).expect("shared cache").flatten() {
+        let _ = std::fs::copy(entry.path(), cache.join(entry.file_name()));
+    }
+}
+
 /// A data folder and a services folder holding the named guests; the store is the data
 /// folder's sled store unless [`Setup::with_store`] names a JetStream.
 pub struct Setup {
@@ -93,7 +136,8 @@ impl Setup {
     }
 
     pub fn install(&self, name: &str) {
-        std::fs::copy(guest(name), self.services().join(format!("{name}.wasm")))
+        let source = swapped(name).unwrap_or_else(|| guest(name));
+        std::fs::copy(source, self.services().join(format!("{name}.wasm")))
             .expect("copy component");
     }
 
@@ -216,6 +260,7 @@ impl Setup {
 
     /// Starts `ferry run` on its own data folder (one process of several sharing a JetStream).
     pub fn start_in(&self, data: &Path, extra: &[&str]) -> Host {
+        seed_cache(data);
         let log = data.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
