@@ -33,15 +33,6 @@ fn register(setup: &Setup, user_id: &str, username: &str, email: &str) {
     );
 }
 
-fn view_row(setup: &Setup, table: &str, key: &str) -> Option<Value> {
-    let output = setup.ferry(&["--json", "view", table, key]);
-    if !output.status.success() {
-        return None;
-    }
-    let answer: Value = serde_json::from_slice(&output.stdout).ok()?;
-    Some(answer["rows"][0]["row"].clone())
-}
-
 #[test]
 fn registers_a_user_end_to_end() {
     let setup = Setup::new(&["user", "email", "user_aggregator"]);
@@ -76,12 +67,18 @@ fn registers_a_user_end_to_end() {
 
     // The view data, by id and by username and email.
     wait_until(WAIT, "the users view has the user", || {
-        view_row(&setup, "users", "u1").is_some_and(|row| row["value"]["username"] == "ann")
+        setup
+            .view_row("users", "u1")
+            .is_some_and(|row| row["value"]["username"] == "ann")
     });
-    let by_name = view_row(&setup, "users-by-username", "ann").expect("row");
+    let by_name = setup.view_row("users-by-username", "ann").expect("row");
     assert_eq!(by_name["value"]["userId"], "u1");
     assert_eq!(by_name["lastUpdateSeq"], events[0]["global_position"]);
-    assert!(view_row(&setup, "users-by-email", "ann@example.com").is_some());
+    assert!(
+        setup
+            .view_row("users-by-email", "ann@example.com")
+            .is_some()
+    );
 
     // A name change is a NameChanged, a NotifyUser for the browser, and a view update.
     send(
@@ -96,7 +93,9 @@ fn registers_a_user_end_to_end() {
     assert_eq!(notify[0]["type"], "NotifyUser");
     assert_eq!(notify[0]["data"]["eventType"], "NameChanged");
     wait_until(WAIT, "the view shows the new name", || {
-        view_row(&setup, "users", "u1").is_some_and(|row| row["value"]["firstName"] == "Annie")
+        setup
+            .view_row("users", "u1")
+            .is_some_and(|row| row["value"]["firstName"] == "Annie")
     });
 }
 
@@ -359,7 +358,9 @@ fn rebuilds_the_users_view_from_the_event_history() {
     );
     wait_until(WAIT, "the view has every user and the rename", || {
         all_rows(&setup, "users").len() == USERS
-            && view_row(&setup, "users", "u3").is_some_and(|r| r["value"]["firstName"] == "Renamed")
+            && setup
+                .view_row("users", "u3")
+                .is_some_and(|r| r["value"]["firstName"] == "Renamed")
     });
     let before: Vec<Vec<Value>> = ["users", "users-by-username", "users-by-email"]
         .iter()

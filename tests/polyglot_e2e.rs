@@ -6,19 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use support::{Setup, polyglot, wait_until};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn view_row(setup: &Setup, table: &str, key: &str) -> Option<Value> {
-    let output = setup.ferry(&["--json", "view", table, key]);
-    if !output.status.success() {
-        return None;
-    }
-    let answer: Value = serde_json::from_slice(&output.stdout).ok()?;
-    Some(answer["rows"][0]["row"].clone())
-}
 
 #[test]
 fn registers_a_user_with_the_javascript_email_and_the_python_aggregator() {
@@ -62,12 +53,18 @@ fn registers_a_user_with_the_javascript_email_and_the_python_aggregator() {
 
     // The Python aggregator: the three views, with lastUpdateSeq.
     wait_until(WAIT, "the users view has the user", || {
-        view_row(&setup, "users", "u1").is_some_and(|row| row["value"]["username"] == "ann")
+        setup
+            .view_row("users", "u1")
+            .is_some_and(|row| row["value"]["username"] == "ann")
     });
-    let by_name = view_row(&setup, "users-by-username", "ann").expect("row");
+    let by_name = setup.view_row("users-by-username", "ann").expect("row");
     assert_eq!(by_name["value"]["userId"], "u1");
     assert_eq!(by_name["lastUpdateSeq"], events[0]["global_position"]);
-    assert!(view_row(&setup, "users-by-email", "ann@example.com").is_some());
+    assert!(
+        setup
+            .view_row("users-by-email", "ann@example.com")
+            .is_some()
+    );
 
     setup.ferry_json(&[
         "send",
@@ -76,7 +73,9 @@ fn registers_a_user_with_the_javascript_email_and_the_python_aggregator() {
         r#"{"firstName": "Annie", "lastName": "Lee"}"#,
     ]);
     wait_until(WAIT, "the view shows the new name", || {
-        view_row(&setup, "users", "u1").is_some_and(|row| row["value"]["firstName"] == "Annie")
+        setup
+            .view_row("users", "u1")
+            .is_some_and(|row| row["value"]["firstName"] == "Annie")
     });
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(setup.emails().len(), 1, "no second email");

@@ -291,6 +291,16 @@ impl Setup {
             .unwrap_or_default()
     }
 
+    /// One view row with its `lastUpdateSeq`, or `None` when it is not there (yet).
+    pub fn view_row(&self, table: &str, key: &str) -> Option<Value> {
+        let output = self.ferry(&["--json", "view", table, key]);
+        if !output.status.success() {
+            return None;
+        }
+        let answer: Value = serde_json::from_slice(&output.stdout).ok()?;
+        Some(answer["rows"][0]["row"].clone())
+    }
+
     pub fn parked(&self) -> Vec<Value> {
         self.ferry_json(&["parked"])["parked"]
             .as_array()

@@ -73,6 +73,22 @@ struct Stored {
     prev_back: Option<u64>,
 }
 
+impl Stored {
+    fn into_message(self, stream: StreamName, global_position: u64) -> Message {
+        Message {
+            id: self.id,
+            stream,
+            message_type: self.message_type,
+            data: self.data,
+            metadata: self.metadata,
+            position: self.position,
+            global_position,
+            time_ms: self.time_ms,
+            not_before_ms: self.not_before_ms,
+        }
+    }
+}
+
 /// Longest tail of a stream read by walking back from its last message.
 const WALK_BACK: u64 = 32;
 
@@ -366,18 +382,7 @@ impl NatsStore {
         let prev = stored
             .prev_seq
             .or_else(|| stored.prev_back.map(|back| entry.seq.saturating_sub(back)));
-        let message = Message {
-            id: stored.id,
-            stream,
-            message_type: stored.message_type,
-            data: stored.data,
-            metadata: stored.metadata,
-            position: stored.position,
-            global_position: entry.seq,
-            time_ms: stored.time_ms,
-            not_before_ms: stored.not_before_ms,
-        };
-        Ok((message, prev))
+        Ok((stored.into_message(stream, entry.seq), prev))
     }
 
     /// The messages of a stream from `from_position` to its end, walking back from its last
@@ -676,17 +681,7 @@ impl NatsStore {
         };
         committed.written = written
             .into_iter()
-            .map(|(index, stream, stored)| Message {
-                id: stored.id,
-                stream,
-                message_type: stored.message_type,
-                data: stored.data,
-                metadata: stored.metadata,
-                position: stored.position,
-                global_position: first + index as u64,
-                time_ms: stored.time_ms,
-                not_before_ms: stored.not_before_ms,
-            })
+            .map(|(index, stream, stored)| stored.into_message(stream, first + index as u64))
             .collect();
         Ok(Some(committed))
     }
