@@ -218,7 +218,7 @@ async fn start_counter(
 ) -> anyhow::Result<(Arc<dyn MessageStore>, Running)> {
     let store = backend.open(dir).await?;
     let runtime = Runtime::new(Some(dir.join("cache")))?;
-    let path = guest("counter");
+    let path = guest("counter_commands");
     let component = runtime.load_file(&path, Limits::default())?;
     let running = Running::start(
         store.clone(),
@@ -317,7 +317,15 @@ async fn end_to_end_latency(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only sled,wasm`: run only these sections (sled, jetstream, wasm, start, memory).
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_owned).collect());
+    let runs = |section: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == section));
     let (rounds, appends, commands) = if quick {
         (1, 200, 200)
     } else {
@@ -326,99 +334,104 @@ async fn main() -> anyhow::Result<()> {
     let mut table = Table { rows: Vec::new() };
     eprintln!("ferry bench: {rounds} round(s) per row");
 
-    // 1. The raw store.
-    let mut raw = Vec::new();
-    for _ in 0..rounds {
-        raw.push(raw_sled_appends(appends)?);
-    }
-    let raw = median(raw);
-    table.row(
-        "1. sled durable appends/s (insert + flush each)",
-        format!("{raw:.0}"),
-        "the store's limit".into(),
-    );
-
-    // 2. End to end.
-    let mut rates = Vec::new();
-    let mut reused_rates = Vec::new();
-    let reuse = RunnerConfig {
-        reuse_instances: true,
-        ..RunnerConfig::default()
-    };
-    for _ in 0..rounds {
-        rates.push(end_to_end_throughput(&Backend::Sled, commands, RunnerConfig::default()).await?);
-        reused_rates.push(end_to_end_throughput(&Backend::Sled, commands, reuse).await?);
-    }
-    let rate = median(rates);
-    table.row(
-        "2. end-to-end durable commands/s (32 writers)",
-        format!("{rate:.0}"),
-        format!(
-            "{:.0}% of row 1; each command is 2 durable writes",
-            rate / raw * 100.0
-        ),
-    );
-    let reused_rate = median(reused_rates);
-    table.row(
-        "2. the same with --reuse-instances",
-        format!("{reused_rate:.0}"),
-        format!("{:.0}% of row 1", reused_rate / raw * 100.0),
-    );
-    for (label, load) in [("full", 1.0), ("half", 0.5)] {
-        let mut p50s = Vec::new();
-        let mut p99s = Vec::new();
+    if runs("sled") {
+        // 1. The raw store.
+        let mut raw = Vec::new();
         for _ in 0..rounds {
-            let (p50, p99) = end_to_end_latency(&Backend::Sled, rate * load, commands / 2).await?;
-            p50s.push(p50.as_secs_f64() * 1e3);
-            p99s.push(p99.as_secs_f64() * 1e3);
+            raw.push(raw_sled_appends(appends)?);
         }
+        let raw = median(raw);
         table.row(
-            &format!(
-                "2. latency append → handled, {label} load ({:.0}/s)",
-                rate * load
-            ),
-            format!("p50 {:.2} ms, p99 {:.2} ms", median(p50s), median(p99s)),
-            String::new(),
+            "1. sled durable appends/s (insert + flush each)",
+            format!("{raw:.0}"),
+            "the store's limit".into(),
         );
-    }
 
-    // 1 and 2 on JetStream.
-    match nats_server::NatsServer::try_start() {
-        Err(reason) => table.row(
-            "1-2. JetStream rows",
-            "skipped".into(),
-            format!("no nats-server: {reason}"),
-        ),
-        Ok(server) => {
-            let url = server.url();
-            let mut publishes = Vec::new();
-            let mut loops = Vec::new();
-            let mut rates = Vec::new();
+        // 2. End to end.
+        let mut rates = Vec::new();
+        let mut reused_rates = Vec::new();
+        let reuse = RunnerConfig {
+            reuse_instances: true,
+            ..RunnerConfig::default()
+        };
+        for _ in 0..rounds {
+            rates.push(
+                end_to_end_throughput(&Backend::Sled, commands, RunnerConfig::default()).await?,
+            );
+            reused_rates.push(end_to_end_throughput(&Backend::Sled, commands, reuse).await?);
+        }
+        let rate = median(rates);
+        table.row(
+            "2. end-to-end durable commands/s (32 writers)",
+            format!("{rate:.0}"),
+            format!(
+                "{:.0}% of row 1; each command is 2 durable writes",
+                rate / raw * 100.0
+            ),
+        );
+        let reused_rate = median(reused_rates);
+        table.row(
+            "2. the same with --reuse-instances",
+            format!("{reused_rate:.0}"),
+            format!("{:.0}% of row 1", reused_rate / raw * 100.0),
+        );
+        for (label, load) in [("full", 1.0), ("half", 0.5)] {
+            let mut p50s = Vec::new();
+            let mut p99s = Vec::new();
             for _ in 0..rounds {
-                publishes.push(raw_jetstream_publishes(&url, appends).await?);
-                loops.push(raw_jetstream_loop(&url, appends).await?);
-                rates.push(
-                    end_to_end_throughput(
-                        &Backend::Nats(url.clone()),
-                        commands,
-                        RunnerConfig::default(),
-                    )
-                    .await?,
-                );
+                let (p50, p99) =
+                    end_to_end_latency(&Backend::Sled, rate * load, commands / 2).await?;
+                p50s.push(p50.as_secs_f64() * 1e3);
+                p99s.push(p99.as_secs_f64() * 1e3);
             }
-            let publish = median(publishes);
             table.row(
-                "1. JetStream durable publishes/s (await each ack)",
-                format!("{publish:.0}"),
-                "the store's limit; sync_interval: always".into(),
+                &format!(
+                    "2. latency append → handled, {label} load ({:.0}/s)",
+                    rate * load
+                ),
+                format!("p50 {:.2} ms, p99 {:.2} ms", median(p50s), median(p99s)),
+                String::new(),
             );
-            table.row(
-                "1. JetStream publish + consume + ack loop/s",
-                format!("{:.0}", median(loops)),
-                "double_ack: the ack confirmed".into(),
-            );
-            let rate = median(rates);
-            table.row(
+        }
+    }
+    if runs("jetstream") {
+        // 1 and 2 on JetStream.
+        match nats_server::NatsServer::try_start() {
+            Err(reason) => table.row(
+                "1-2. JetStream rows",
+                "skipped".into(),
+                format!("no nats-server: {reason}"),
+            ),
+            Ok(server) => {
+                let url = server.url();
+                let mut publishes = Vec::new();
+                let mut loops = Vec::new();
+                let mut rates = Vec::new();
+                for _ in 0..rounds {
+                    publishes.push(raw_jetstream_publishes(&url, appends).await?);
+                    loops.push(raw_jetstream_loop(&url, appends).await?);
+                    rates.push(
+                        end_to_end_throughput(
+                            &Backend::Nats(url.clone()),
+                            commands,
+                            RunnerConfig::default(),
+                        )
+                        .await?,
+                    );
+                }
+                let publish = median(publishes);
+                table.row(
+                    "1. JetStream durable publishes/s (await each ack)",
+                    format!("{publish:.0}"),
+                    "the store's limit; sync_interval: always".into(),
+                );
+                table.row(
+                    "1. JetStream publish + consume + ack loop/s",
+                    format!("{:.0}", median(loops)),
+                    "double_ack: the ack confirmed".into(),
+                );
+                let rate = median(rates);
+                table.row(
                 "2. end-to-end durable commands/s on JetStream (32 writers)",
                 format!("{rate:.0}"),
                 format!(
@@ -426,143 +439,147 @@ async fn main() -> anyhow::Result<()> {
                     rate / publish * 100.0
                 ),
             );
-            let mut p50s = Vec::new();
-            let mut p99s = Vec::new();
-            for _ in 0..rounds {
-                let (p50, p99) =
-                    end_to_end_latency(&Backend::Nats(url.clone()), rate * 0.5, commands / 2)
-                        .await?;
-                p50s.push(p50.as_secs_f64() * 1e3);
-                p99s.push(p99.as_secs_f64() * 1e3);
+                let mut p50s = Vec::new();
+                let mut p99s = Vec::new();
+                for _ in 0..rounds {
+                    let (p50, p99) =
+                        end_to_end_latency(&Backend::Nats(url.clone()), rate * 0.5, commands / 2)
+                            .await?;
+                    p50s.push(p50.as_secs_f64() * 1e3);
+                    p99s.push(p99.as_secs_f64() * 1e3);
+                }
+                table.row(
+                    &format!(
+                        "2. latency append → handled on JetStream, half load ({:.0}/s)",
+                        rate * 0.5
+                    ),
+                    format!("p50 {:.2} ms, p99 {:.2} ms", median(p50s), median(p99s)),
+                    String::new(),
+                );
             }
-            table.row(
-                &format!(
-                    "2. latency append → handled on JetStream, half load ({:.0}/s)",
-                    rate * 0.5
-                ),
-                format!("p50 {:.2} ms, p99 {:.2} ms", median(p50s), median(p99s)),
-                String::new(),
-            );
         }
     }
     let loaded_rss = resident_mib();
 
-    // 3. The Wasm cost.
-    let runtime = Runtime::new(None)?;
-    let counter = runtime.load_file(&guest("counter"), Limits::default())?;
-    let message = sample_message();
-    let calls = if quick { 200 } else { 5000 };
-    let per_call = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
-        let mut samples = Vec::new();
-        for _ in 0..rounds {
-            let start = Instant::now();
-            for _ in 0..calls {
-                f()?;
-            }
-            samples.push(start.elapsed().as_secs_f64() * 1e6 / calls as f64);
-        }
-        Ok(median(samples))
-    };
-    let fresh = per_call(&mut || {
-        let mut instance = counter.instantiate(Box::new(NullHost))?;
-        instance.handle_command(&message, Some("{\"total\":1}"))?;
-        Ok(())
-    })?;
-    table.row(
-        "3. Wasm per message, fresh instance (instantiate + handle)",
-        format!("{fresh:.1} µs"),
-        String::new(),
-    );
-    let mut reused_instance = counter.instantiate(Box::new(NullHost))?;
-    let reused = per_call(&mut || {
-        reused_instance.handle_command(&message, Some("{\"total\":1}"))?;
-        Ok(())
-    })?;
-    table.row(
-        "3. Wasm per message, reused instance (handle only)",
-        format!("{reused:.1} µs"),
-        "--reuse-instances".into(),
-    );
-    let mut event = sample_message();
-    event.message_type = "Incremented".into();
-    let project = per_call(&mut || {
-        reused_instance.project(Some("{\"total\":1}"), &event)?;
-        Ok(())
-    })?;
-    table.row(
-        "3. Wasm per project step",
-        format!("{project:.1} µs"),
-        String::new(),
-    );
-
-    // 4. Cold start.
-    let bytes = std::fs::read(guest("counter"))?;
-    let mut from_source = Vec::new();
-    let mut from_cache = Vec::new();
-    let cache = tempfile::tempdir()?;
-    Runtime::new(Some(cache.path().to_path_buf()))?.load(&bytes, Limits::default())?;
-    for _ in 0..rounds {
+    if runs("wasm") {
+        // 3. The Wasm cost.
         let runtime = Runtime::new(None)?;
-        let start = Instant::now();
-        runtime.load(&bytes, Limits::default())?;
-        from_source.push(start.elapsed().as_secs_f64() * 1e3);
-        let runtime = Runtime::new(Some(cache.path().to_path_buf()))?;
-        let start = Instant::now();
-        runtime.load(&bytes, Limits::default())?;
-        from_cache.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    table.row(
-        "4. load a service from source (compile)",
-        format!("{:.1} ms", median(from_source)),
-        "counter, 135 KB".into(),
-    );
-    table.row(
-        "4. load a service from the precompiled cache",
-        format!("{:.2} ms", median(from_cache)),
-        String::new(),
-    );
-    let mut host_start = Vec::new();
-    let mut host_cold = Vec::new();
-    for _ in 0..rounds {
-        let dir = tempfile::tempdir()?;
-        for pass in 0..2 {
-            let start = Instant::now();
-            let store: Arc<dyn MessageStore> = Arc::new(SledStore::open(dir.path().join("store"))?);
-            let runtime = Runtime::new(Some(dir.path().join("cache")))?;
-            let mut services = Vec::new();
-            for name in ["user", "email", "subscription", "user_aggregator"] {
-                let path = guest(name);
-                services.push(LoadedService {
-                    component: runtime.load_file(&path, Limits::default())?,
-                    path,
-                });
+        let counter = runtime.load_file(&guest("counter"), Limits::default())?;
+        let message = sample_message();
+        let calls = if quick { 200 } else { 5000 };
+        let per_call = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+            let mut samples = Vec::new();
+            for _ in 0..rounds {
+                let start = Instant::now();
+                for _ in 0..calls {
+                    f()?;
+                }
+                samples.push(start.elapsed().as_secs_f64() * 1e6 / calls as f64);
             }
-            let running = Running::start(
-                store,
-                &services,
-                RunnerConfig::default(),
-                &Capabilities::default(),
-            )?;
-            let elapsed = start.elapsed().as_secs_f64() * 1e3;
-            running.shutdown().await;
-            if pass == 0 {
-                host_cold.push(elapsed);
-            } else {
-                host_start.push(elapsed);
+            Ok(median(samples))
+        };
+        let fresh = per_call(&mut || {
+            let mut instance = counter.instantiate(Box::new(NullHost))?;
+            instance.handle_command(&message, Some("{\"total\":1}"))?;
+            Ok(())
+        })?;
+        table.row(
+            "3. Wasm per message, fresh instance (instantiate + handle)",
+            format!("{fresh:.1} µs"),
+            String::new(),
+        );
+        let mut reused_instance = counter.instantiate(Box::new(NullHost))?;
+        let reused = per_call(&mut || {
+            reused_instance.handle_command(&message, Some("{\"total\":1}"))?;
+            Ok(())
+        })?;
+        table.row(
+            "3. Wasm per message, reused instance (handle only)",
+            format!("{reused:.1} µs"),
+            "--reuse-instances".into(),
+        );
+        let mut event = sample_message();
+        event.message_type = "Incremented".into();
+        let project = per_call(&mut || {
+            reused_instance.project(Some("{\"total\":1}"), &event)?;
+            Ok(())
+        })?;
+        table.row(
+            "3. Wasm per project step",
+            format!("{project:.1} µs"),
+            String::new(),
+        );
+    }
+    if runs("start") {
+        // 4. Cold start.
+        let bytes = std::fs::read(guest("counter"))?;
+        let mut from_source = Vec::new();
+        let mut from_cache = Vec::new();
+        let cache = tempfile::tempdir()?;
+        Runtime::new(Some(cache.path().to_path_buf()))?.load(&bytes, Limits::default())?;
+        for _ in 0..rounds {
+            let runtime = Runtime::new(None)?;
+            let start = Instant::now();
+            runtime.load(&bytes, Limits::default())?;
+            from_source.push(start.elapsed().as_secs_f64() * 1e3);
+            let runtime = Runtime::new(Some(cache.path().to_path_buf()))?;
+            let start = Instant::now();
+            runtime.load(&bytes, Limits::default())?;
+            from_cache.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        table.row(
+            "4. load a service from source (compile)",
+            format!("{:.1} ms", median(from_source)),
+            "counter, 135 KB".into(),
+        );
+        table.row(
+            "4. load a service from the precompiled cache",
+            format!("{:.2} ms", median(from_cache)),
+            String::new(),
+        );
+        let mut host_start = Vec::new();
+        let mut host_cold = Vec::new();
+        for _ in 0..rounds {
+            let dir = tempfile::tempdir()?;
+            for pass in 0..2 {
+                let start = Instant::now();
+                let store: Arc<dyn MessageStore> =
+                    Arc::new(SledStore::open(dir.path().join("store"))?);
+                let runtime = Runtime::new(Some(dir.path().join("cache")))?;
+                let mut services = Vec::new();
+                for name in ["user", "email", "subscription", "user_aggregator"] {
+                    let path = guest(name);
+                    services.push(LoadedService {
+                        component: runtime.load_file(&path, Limits::default())?,
+                        path,
+                    });
+                }
+                let running = Running::start(
+                    store,
+                    &services,
+                    RunnerConfig::default(),
+                    &Capabilities::default(),
+                )?;
+                let elapsed = start.elapsed().as_secs_f64() * 1e3;
+                running.shutdown().await;
+                if pass == 0 {
+                    host_cold.push(elapsed);
+                } else {
+                    host_start.push(elapsed);
+                }
             }
         }
+        table.row(
+            "4. host start with the article's 4 services, empty cache",
+            format!("{:.1} ms", median(host_cold)),
+            "compiles each component".into(),
+        );
+        table.row(
+            "4. host start with the article's 4 services, from the cache",
+            format!("{:.1} ms", median(host_start)),
+            "store open + load + consumers".into(),
+        );
     }
-    table.row(
-        "4. host start with the article's 4 services, empty cache",
-        format!("{:.1} ms", median(host_cold)),
-        "compiles each component".into(),
-    );
-    table.row(
-        "4. host start with the article's 4 services, from the cache",
-        format!("{:.1} ms", median(host_start)),
-        "store open + load + consumers".into(),
-    );
-
     // 5. Memory.
     table.row(
         "5. resident memory after the end-to-end rows",

@@ -362,7 +362,8 @@ async fn email_opened(
     Ok((StatusCode::ACCEPTED, Json(answer)))
 }
 
-/// Prometheus text: per service, messages handled, parked and handling time in this process;
+/// Prometheus text: per service, messages handled, parked, handling time and events projected in
+/// this process;
 /// per consumer, position and lag, and parked messages waiting.
 async fn metrics(State(gateway): Shared) -> Result<Response, ApiError> {
     let mut text = String::new();
@@ -388,6 +389,13 @@ async fn metrics(State(gateway): Shared) -> Result<Response, ApiError> {
         text.push_str(&format!(
             "ferry_handling_seconds_total{{service=\"{name}\"}} {:.6}\n",
             all[*name].handling_seconds
+        ));
+    }
+    text.push_str("# TYPE ferry_projected_events_total counter\n");
+    for name in &names {
+        text.push_str(&format!(
+            "ferry_projected_events_total{{service=\"{name}\"}} {}\n",
+            all[*name].projected_events
         ));
     }
     let store = &gateway.context.store;

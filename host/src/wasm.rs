@@ -571,6 +571,11 @@ impl GuestInstance {
         }
     }
 
+    /// The name of the service this is an instance of.
+    pub fn service(&self) -> &str {
+        &self.store.data().service
+    }
+
     /// Gives the instance a new host (the next message's view of the store), so that one healthy
     /// instance can handle several messages. Only for instances whose last call did not trap: a
     /// trap poisons the store and every later call fails.

@@ -10,5 +10,6 @@
 //! saying `counter-next`, so the hot-reload tests see which version handled a message.
 
 const HANDLED_BY: &str = "counter";
+const KEEPS_TOTALS: bool = true;
 
 include!("service.rs");

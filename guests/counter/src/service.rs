@@ -1,4 +1,5 @@
-// The counter service, shared by `counter` and `counter-next` (which differ in `HANDLED_BY`).
+// The counter service, shared by `counter`, `counter-next` (which differ in `HANDLED_BY`) and
+// `counter-commands` (no subscription: `KEEPS_TOTALS` is false).
 
 wit_bindgen::generate!({ world: "service", path: "../../wit" });
 
@@ -30,11 +31,19 @@ impl Guest for Counter {
         ServiceManifest {
             name: "counter".into(),
             handles_commands: true,
-            subscriptions: vec![Subscription {
-                category: "counter".into(),
-                origin_prefix: None,
-            }],
-            views: vec!["totals".into()],
+            subscriptions: if KEEPS_TOTALS {
+                vec![Subscription {
+                    category: "counter".into(),
+                    origin_prefix: None,
+                }]
+            } else {
+                vec![]
+            },
+            views: if KEEPS_TOTALS {
+                vec!["totals".into()]
+            } else {
+                vec![]
+            },
         }
     }
 
