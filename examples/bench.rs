@@ -32,7 +32,10 @@ use ferry::store::{
     Category, Commit, ConsumerId, Message, MessageStore, NatsStore, NewMessage, SledStore,
     StreamName,
 };
-use ferry::wasm::{GuestHost, Limits, Runtime};
+use ferry::wasm::{
+    GuestError, GuestHost, Limits, Manifest, NativeService, Outcome, Outgoing, Runtime,
+    ServiceComponent,
+};
 use measure::{percentile, resident_mib};
 
 struct NullHost;
@@ -211,15 +214,95 @@ impl Backend {
     }
 }
 
+/// The `counter-commands` guest's logic compiled into the benchmark: the same contract, the same
+/// JSON in and out, no sandbox.
+struct NativeCounter;
+
+fn parse(text: &str) -> Result<serde_json::Value, GuestError> {
+    serde_json::from_str(text).map_err(|e| GuestError::Permanent(format!("bad JSON: {e}")))
+}
+
+fn total(state: Option<&str>) -> Result<i64, GuestError> {
+    Ok(match state {
+        Some(text) => parse(text)?["total"].as_i64().unwrap_or(0),
+        None => 0,
+    })
+}
+
+impl NativeService for NativeCounter {
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            name: "counter".into(),
+            handles_commands: true,
+            subscriptions: Vec::new(),
+            views: Vec::new(),
+        }
+    }
+
+    fn project(
+        &self,
+        _: &mut dyn GuestHost,
+        state: Option<&str>,
+        event: &Message,
+    ) -> Result<String, GuestError> {
+        let by = match event.message_type.as_str() {
+            "Incremented" => event.data["by"].as_i64().unwrap_or(0),
+            _ => 0,
+        };
+        Ok(serde_json::json!({ "total": total(state)? + by }).to_string())
+    }
+
+    fn handle_command(
+        &self,
+        _: &mut dyn GuestHost,
+        command: &Message,
+        state: Option<&str>,
+    ) -> Result<Outcome, GuestError> {
+        let by = command.data["by"]
+            .as_i64()
+            .ok_or_else(|| GuestError::Permanent("Increment needs an integer `by`".into()))?;
+        Ok(Outcome {
+            messages: vec![Outgoing {
+                stream: format!("counter.{}", command.stream.id()),
+                message_type: "Incremented".into(),
+                data: serde_json::json!({ "by": by, "total": total(state)? + by }).to_string(),
+                metadata: Some(serde_json::json!({ "handledBy": "counter" }).to_string()),
+                not_before_ms: None,
+            }],
+            views: Vec::new(),
+        })
+    }
+
+    fn handle_event(
+        &self,
+        _: &mut dyn GuestHost,
+        _: &Message,
+        _: Option<&str>,
+    ) -> Result<Outcome, GuestError> {
+        Ok(Outcome::default())
+    }
+}
+
+/// Who handles the benchmark's commands.
+#[derive(Clone, Copy, PartialEq)]
+enum Handler {
+    Wasm,
+    Native,
+}
+
 async fn start_counter(
     dir: &std::path::Path,
     backend: &Backend,
     config: RunnerConfig,
+    handler: Handler,
 ) -> anyhow::Result<(Arc<dyn MessageStore>, Running)> {
     let store = backend.open(dir).await?;
     let runtime = Runtime::new(Some(dir.join("cache")))?;
     let path = guest("counter_commands");
-    let component = runtime.load_file(&path, Limits::default())?;
+    let component = match handler {
+        Handler::Wasm => runtime.load_file(&path, Limits::default())?,
+        Handler::Native => ServiceComponent::native(Arc::new(NativeCounter)),
+    };
     let running = Running::start(
         store.clone(),
         &[LoadedService { path, component }],
@@ -243,9 +326,10 @@ async fn end_to_end_throughput(
     backend: &Backend,
     commands: usize,
     config: RunnerConfig,
+    handler: Handler,
 ) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
-    let (store, running) = start_counter(dir.path(), backend, config).await?;
+    let (store, running) = start_counter(dir.path(), backend, config, handler).await?;
     let start = Instant::now();
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..32 {
@@ -283,7 +367,8 @@ async fn end_to_end_latency(
     commands: usize,
 ) -> anyhow::Result<(Duration, Duration)> {
     let dir = tempfile::tempdir()?;
-    let (store, running) = start_counter(dir.path(), backend, RunnerConfig::default()).await?;
+    let (store, running) =
+        start_counter(dir.path(), backend, RunnerConfig::default(), Handler::Wasm).await?;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let mut tasks = tokio::task::JoinSet::new();
     let mut next = Instant::now();
@@ -350,15 +435,17 @@ async fn main() -> anyhow::Result<()> {
         // 2. End to end.
         let mut rates = Vec::new();
         let mut reused_rates = Vec::new();
+        let mut native_rates = Vec::new();
         let reuse = RunnerConfig {
             reuse_instances: true,
             ..RunnerConfig::default()
         };
+        let fresh = RunnerConfig::default();
         for _ in 0..rounds {
-            rates.push(
-                end_to_end_throughput(&Backend::Sled, commands, RunnerConfig::default()).await?,
-            );
-            reused_rates.push(end_to_end_throughput(&Backend::Sled, commands, reuse).await?);
+            let sled = &Backend::Sled;
+            rates.push(end_to_end_throughput(sled, commands, fresh, Handler::Wasm).await?);
+            reused_rates.push(end_to_end_throughput(sled, commands, reuse, Handler::Wasm).await?);
+            native_rates.push(end_to_end_throughput(sled, commands, fresh, Handler::Native).await?);
         }
         let rate = median(rates);
         table.row(
@@ -374,6 +461,17 @@ async fn main() -> anyhow::Result<()> {
             "2. the same with --reuse-instances",
             format!("{reused_rate:.0}"),
             format!("{:.0}% of row 1", reused_rate / raw * 100.0),
+        );
+        let native_rate = median(native_rates);
+        table.row(
+            "2. the same with the handler compiled natively (no Wasm)",
+            format!("{native_rate:.0}"),
+            format!(
+                "{:.0}% of row 1; the Wasm rows reach {:.0}% / {:.0}% of it",
+                native_rate / raw * 100.0,
+                rate / native_rate * 100.0,
+                reused_rate / native_rate * 100.0
+            ),
         );
         for (label, load) in [("full", 1.0), ("half", 0.5)] {
             let mut p50s = Vec::new();
@@ -415,6 +513,7 @@ async fn main() -> anyhow::Result<()> {
                             &Backend::Nats(url.clone()),
                             commands,
                             RunnerConfig::default(),
+                            Handler::Wasm,
                         )
                         .await?,
                     );

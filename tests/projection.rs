@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry::service::{self, Capabilities, LoadedService, RunnerConfig, Running};
-use ferry::store::{
-    Category, Commit, ConsumerId, MessageStore, NewMessage, SledStore, StreamName,
-};
+use ferry::store::{Category, Commit, ConsumerId, MessageStore, NewMessage, SledStore, StreamName};
 use ferry::wasm::{Limits, Runtime};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

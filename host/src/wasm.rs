@@ -6,6 +6,10 @@
 //! deadline per call, and WASI that grants no files, network, environment or arguments. Whatever
 //! the guest does, a call returns a value: a trap, a timeout or running out of memory becomes a
 //! [`GuestError`].
+//!
+//! A [`NativeService`] (a service compiled into the host, for trusted code and for pricing the
+//! sandbox) sits behind the same [`ServiceComponent`] and [`GuestInstance`], so the runner never
+//! knows which kind it runs.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -378,8 +382,10 @@ impl Runtime {
         let pre = bindings::ServicePre::new(instance_pre)
             .map_err(|e| LoadError::World(format!("{e:#}")))?;
         let mut loaded = ServiceComponent {
-            engine: self.engine.clone(),
-            pre,
+            code: Code::Wasm {
+                engine: self.engine.clone(),
+                pre,
+            },
             hash,
             limits,
             manifest: Manifest {
@@ -450,11 +456,46 @@ pub fn content_hash(bytes: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A loaded, validated component version: the template every instance is made from.
+/// A service compiled into the host process instead of loaded as a component: the same contract
+/// as the WIT world, behind the same [`ServiceComponent`] and [`GuestInstance`], so the runner
+/// treats both alike. Without the sandbox there are no copies across it, no memory ceiling and no
+/// deadline: only for trusted code. The benchmark runs one to show what the sandbox costs.
+pub trait NativeService: Send + Sync + 'static {
+    fn manifest(&self) -> Manifest;
+    fn project(
+        &self,
+        host: &mut dyn GuestHost,
+        state: Option<&str>,
+        event: &Message,
+    ) -> Result<String, GuestError>;
+    fn handle_command(
+        &self,
+        host: &mut dyn GuestHost,
+        command: &Message,
+        state: Option<&str>,
+    ) -> Result<Outcome, GuestError>;
+    fn handle_event(
+        &self,
+        host: &mut dyn GuestHost,
+        event: &Message,
+        state: Option<&str>,
+    ) -> Result<Outcome, GuestError>;
+}
+
+/// What instances of a service are made from.
+#[derive(Clone)]
+enum Code {
+    Wasm {
+        engine: Engine,
+        pre: bindings::ServicePre<GuestState>,
+    },
+    Native(Arc<dyn NativeService>),
+}
+
+/// A loaded, validated service version: the template every instance is made from.
 #[derive(Clone)]
 pub struct ServiceComponent {
-    engine: Engine,
-    pre: bindings::ServicePre<GuestState>,
+    code: Code,
     hash: String,
     limits: Limits,
     manifest: Manifest,
@@ -470,6 +511,17 @@ impl std::fmt::Debug for ServiceComponent {
 }
 
 impl ServiceComponent {
+    /// A service compiled into the host; its version is named by its manifest's name.
+    pub fn native(service: Arc<dyn NativeService>) -> Self {
+        let manifest = service.manifest();
+        Self {
+            hash: content_hash(format!("native:{}", manifest.name).as_bytes()),
+            code: Code::Native(service),
+            limits: Limits::default(),
+            manifest,
+        }
+    }
+
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
@@ -491,6 +543,18 @@ impl ServiceComponent {
 
     /// A fresh instance in its own store, for one handled message.
     pub fn instantiate(&self, host: Box<dyn GuestHost>) -> Result<GuestInstance, GuestError> {
+        let (engine, pre) = match &self.code {
+            Code::Wasm { engine, pre } => (engine, pre),
+            Code::Native(service) => {
+                return Ok(GuestInstance {
+                    service: self.manifest.name.clone(),
+                    body: Body::Native {
+                        code: service.clone(),
+                        host,
+                    },
+                });
+            }
+        };
         let state = GuestState {
             service: self.manifest.name.clone(),
             host,
@@ -502,18 +566,23 @@ impl ServiceComponent {
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
         };
-        let mut store = Store::new(&self.engine, state);
+        let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.memory);
         store.set_epoch_deadline(deadline_ticks(self.limits.call_timeout));
-        let service = self.pre.instantiate(&mut store);
+        let bindings = pre.instantiate(&mut store);
         let mut instance = GuestInstance {
-            store,
-            service: None,
-            timeout: self.limits.call_timeout,
+            service: self.manifest.name.clone(),
+            body: Body::Wasm {
+                store,
+                bindings: None,
+                timeout: self.limits.call_timeout,
+            },
         };
-        match service {
+        match bindings {
             Ok(service) => {
-                instance.service = Some(service);
+                if let Body::Wasm { bindings, .. } = &mut instance.body {
+                    *bindings = Some(service);
+                }
                 Ok(instance)
             }
             Err(e) => Err(instance.classify(e)),
@@ -525,46 +594,70 @@ fn deadline_ticks(timeout: Duration) -> u64 {
     (timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
 }
 
-/// One instance of a component in its own store. After a trap the store is poisoned; every
-/// later call fails with the same kind of error, so callers drop the instance.
+/// One instance of a service. A Wasm instance lives in its own store; after a trap the store is
+/// poisoned and every later call fails with the same kind of error, so callers drop the instance.
 pub struct GuestInstance {
-    store: Store<GuestState>,
-    service: Option<bindings::Service>,
-    timeout: Duration,
+    service: String,
+    body: Body,
+}
+
+enum Body {
+    Wasm {
+        store: Store<GuestState>,
+        bindings: Option<bindings::Service>,
+        timeout: Duration,
+    },
+    Native {
+        code: Arc<dyn NativeService>,
+        host: Box<dyn GuestHost>,
+    },
 }
 
 impl std::fmt::Debug for GuestInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestInstance")
-            .field("service", &self.store.data().service)
+            .field("service", &self.service)
             .finish()
     }
 }
 
 impl GuestInstance {
     fn classify(&self, error: wasmtime::Error) -> GuestError {
-        if let Some(reason) = &self.store.data().memory.exceeded {
+        let Body::Wasm { store, timeout, .. } = &self.body else {
+            return GuestError::Trap(format!("{error:#}"));
+        };
+        if let Some(reason) = &store.data().memory.exceeded {
             return GuestError::OutOfMemory(reason.clone());
         }
         if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return GuestError::Timeout(self.timeout);
+            return GuestError::Timeout(*timeout);
         }
         GuestError::Trap(format!("{error:#}"))
     }
 
-    fn call<T>(
+    /// Calls into a Wasm instance with a fresh deadline; a trap, timeout or memory overrun
+    /// becomes a [`GuestError`].
+    fn call_wasm<T>(
         &mut self,
         f: impl FnOnce(
             &wit_handler::Guest,
             &mut Store<GuestState>,
         ) -> wasmtime::Result<Result<T, wit::Failure>>,
     ) -> Result<T, GuestError> {
-        let Some(service) = &self.service else {
+        let Body::Wasm {
+            store,
+            bindings,
+            timeout,
+        } = &mut self.body
+        else {
+            return Err(GuestError::Trap("not a Wasm instance".into()));
+        };
+        let Some(service) = bindings else {
             return Err(GuestError::Trap("the instance was not created".into()));
         };
-        self.store.set_epoch_deadline(deadline_ticks(self.timeout));
+        store.set_epoch_deadline(deadline_ticks(*timeout));
         let handler = service.ferry_service_handler();
-        match f(handler, &mut self.store) {
+        match f(handler, store) {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(failure)) => Err(from_wit_failure(failure)),
             Err(error) => Err(self.classify(error)),
@@ -573,18 +666,24 @@ impl GuestInstance {
 
     /// The name of the service this is an instance of.
     pub fn service(&self) -> &str {
-        &self.store.data().service
+        &self.service
     }
 
     /// Gives the instance a new host (the next message's view of the store), so that one healthy
     /// instance can handle several messages. Only for instances whose last call did not trap: a
     /// trap poisons the store and every later call fails.
-    pub fn set_host(&mut self, host: Box<dyn GuestHost>) {
-        self.store.data_mut().host = host;
+    pub fn set_host(&mut self, new: Box<dyn GuestHost>) {
+        match &mut self.body {
+            Body::Wasm { store, .. } => store.data_mut().host = new,
+            Body::Native { host, .. } => *host = new,
+        }
     }
 
     pub fn manifest(&mut self) -> Result<Manifest, GuestError> {
-        let manifest = self.call(|h, s| h.call_manifest(s).map(Ok))?;
+        if let Body::Native { code, .. } = &self.body {
+            return Ok(code.manifest());
+        }
+        let manifest = self.call_wasm(|h, s| h.call_manifest(s).map(Ok))?;
         Ok(Manifest {
             name: manifest.name,
             handles_commands: manifest.handles_commands,
@@ -602,8 +701,11 @@ impl GuestInstance {
 
     /// Folds one event into the state.
     pub fn project(&mut self, state: Option<&str>, event: &Message) -> Result<String, GuestError> {
+        if let Body::Native { code, host } = &mut self.body {
+            return code.project(host.as_mut(), state, event);
+        }
         let event = to_wit_message(event);
-        self.call(|h, s| h.call_project(s, state, &event))
+        self.call_wasm(|h, s| h.call_project(s, state, &event))
     }
 
     pub fn handle_command(
@@ -611,8 +713,11 @@ impl GuestInstance {
         command: &Message,
         state: Option<&str>,
     ) -> Result<Outcome, GuestError> {
+        if let Body::Native { code, host } = &mut self.body {
+            return code.handle_command(host.as_mut(), command, state);
+        }
         let command = to_wit_message(command);
-        self.call(|h, s| h.call_handle_command(s, &command, state))
+        self.call_wasm(|h, s| h.call_handle_command(s, &command, state))
             .map(from_wit_outcome)
     }
 
@@ -621,8 +726,11 @@ impl GuestInstance {
         event: &Message,
         state: Option<&str>,
     ) -> Result<Outcome, GuestError> {
+        if let Body::Native { code, host } = &mut self.body {
+            return code.handle_event(host.as_mut(), event, state);
+        }
         let event = to_wit_message(event);
-        self.call(|h, s| h.call_handle_event(s, &event, state))
+        self.call_wasm(|h, s| h.call_handle_event(s, &event, state))
             .map(from_wit_outcome)
     }
 }
