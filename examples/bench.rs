@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
 
+use ferry::mail::Maildir;
 use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
 use ferry::store::{
     Category, Commit, ConsumerId, Message, MessageStore, NatsStore, NewMessage, SledStore,
@@ -400,9 +401,111 @@ async fn end_to_end_latency(
     Ok((percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
 }
 
+/// The article's services, loaded (from the runtime's cache when it has them).
+fn article_services(runtime: &Runtime) -> anyhow::Result<Vec<LoadedService>> {
+    ["user", "email", "subscription", "user_aggregator"]
+        .into_iter()
+        .map(|name| {
+            let path = guest(name);
+            Ok(LoadedService {
+                component: runtime.load_file(&path, Limits::default())?,
+                path,
+            })
+        })
+        .collect()
+}
+
+/// Row 5: the host's resident size before its services, idle with the article's four, and while
+/// they handle registrations (each a command, events, an email and view rows across services).
+/// Runs first, so the process holds nothing else yet.
+async fn memory_rows(table: &mut Table, registrations: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let before = resident_mib();
+    let store: Arc<dyn MessageStore> = Arc::new(SledStore::open(dir.path().join("store"))?);
+    let runtime = Runtime::new(Some(dir.path().join("cache")))?;
+    // The precompiled cache is filled by a child process, as a restarted host finds it, so the
+    // compiler's memory is not counted here.
+    let warmed = std::process::Command::new(std::env::current_exe()?)
+        .arg("--warm-cache")
+        .arg(dir.path().join("cache"))
+        .status()?;
+    anyhow::ensure!(warmed.success(), "the cache-warming run failed");
+    let empty = resident_mib();
+    let services = article_services(&runtime)?;
+    let capabilities = Capabilities {
+        maildir: Some(Arc::new(Maildir::new(dir.path().join("maildir")))),
+        mail_grants: vec!["email".into()],
+    };
+    let running = Running::start(
+        store.clone(),
+        &services,
+        RunnerConfig::default(),
+        &capabilities,
+    )?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle = resident_mib();
+    let mut peak = idle;
+    let mut last = 0;
+    for n in 0..registrations {
+        let data = serde_json::json!({
+            "username": format!("user{n}"), "email": format!("user{n}@example.com"),
+            "password": "correct horse", "firstName": "Ann", "lastName": "Lee",
+        });
+        let written = store
+            .commit(Commit::append(
+                StreamName::parse(&format!("user:command.u{n}"))?,
+                None,
+                vec![NewMessage {
+                    id: format!("r{n}"),
+                    message_type: "RegisterUser".into(),
+                    data,
+                    metadata: Default::default(),
+                    not_before_ms: None,
+                }],
+            ))
+            .await?;
+        last = written.written.first().map_or(last, |m| m.global_position);
+        if n % 50 == 0 {
+            peak = peak.max(resident_mib());
+        }
+    }
+    // Registered when the aggregator's users view has the last one.
+    let aggregator = ConsumerId::new(Category::parse("user")?, "microservice:user-aggregator");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while store.consumer_position(&aggregator).await? < last && Instant::now() < deadline {
+        peak = peak.max(resident_mib());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running.shutdown().await;
+    table.row(
+        "5. resident memory, host with no services",
+        format!("{:.1} MiB", empty),
+        format!("store open, engine ready; {before:.1} MiB before"),
+    );
+    table.row(
+        "5. resident memory, idle with the article's 4 services",
+        format!("{idle:.1} MiB"),
+        format!(
+            "{:.1} MiB per service",
+            (idle - empty) / services.len() as f64
+        ),
+    );
+    table.row(
+        &format!("5. resident memory under load ({registrations} registrations)"),
+        format!("{peak:.1} MiB"),
+        "peak; the store's page cache grows with the data".into(),
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(cache) = args.iter().position(|a| a == "--warm-cache") {
+        let cache = args.get(cache + 1).context("--warm-cache DIR")?;
+        article_services(&Runtime::new(Some(cache.into()))?)?;
+        return Ok(());
+    }
     let quick = args.iter().any(|a| a == "--quick");
     // `--only sled,wasm`: run only these sections (sled, jetstream, wasm, start, memory).
     let only: Option<Vec<String>> = args
@@ -418,6 +521,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut table = Table { rows: Vec::new() };
     eprintln!("ferry bench: {rounds} round(s) per row");
+
+    if runs("memory") {
+        memory_rows(&mut table, if quick { 50 } else { 1000 }).await?;
+    }
 
     if runs("sled") {
         // 1. The raw store.
@@ -558,7 +665,6 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let loaded_rss = resident_mib();
 
     if runs("wasm") {
         // 3. The Wasm cost.
@@ -645,14 +751,7 @@ async fn main() -> anyhow::Result<()> {
                 let store: Arc<dyn MessageStore> =
                     Arc::new(SledStore::open(dir.path().join("store"))?);
                 let runtime = Runtime::new(Some(dir.path().join("cache")))?;
-                let mut services = Vec::new();
-                for name in ["user", "email", "subscription", "user_aggregator"] {
-                    let path = guest(name);
-                    services.push(LoadedService {
-                        component: runtime.load_file(&path, Limits::default())?,
-                        path,
-                    });
-                }
+                let services = article_services(&runtime)?;
                 let running = Running::start(
                     store,
                     &services,
@@ -679,18 +778,6 @@ async fn main() -> anyhow::Result<()> {
             "store open + load + consumers".into(),
         );
     }
-    // 5. Memory.
-    table.row(
-        "5. resident memory after the end-to-end rows",
-        format!("{loaded_rss:.1} MiB"),
-        "whole benchmark process".into(),
-    );
-    table.row(
-        "5. resident memory at the end",
-        format!("{:.1} MiB", resident_mib()),
-        String::new(),
-    );
-
     println!();
     println!(
         "ferry bench ({}), {} core(s)",
