@@ -8,7 +8,7 @@
 //! failures, traps, timeouts, invalid outcomes and messages past the maximum number of deliveries
 //! are parked and the consumer moves on. Messages whose not-before time lies ahead are deferred.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +50,9 @@ pub struct RunnerConfig {
     /// instance per message (cheaper; a guest can then keep state between messages, so only for
     /// guests that do not). An instance is never used again after a failure.
     pub reuse_instances: bool,
+    /// Threads on which the entities of one page are decided at the same time (in order within
+    /// each entity); 1 decides a page in order on one thread.
+    pub decide_lanes: usize,
 }
 
 impl Default for RunnerConfig {
@@ -59,6 +62,7 @@ impl Default for RunnerConfig {
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
             reuse_instances: false,
+            decide_lanes: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         }
     }
 }
@@ -432,6 +436,7 @@ impl Running {
                 projections: projections.clone(),
                 store: self.store.clone(),
                 config: self.config,
+                lanes: self.config.decide_lanes.max(1),
                 shutdown: shutdown.subscribe(),
             };
             tasks.spawn(consumer.run());
@@ -489,6 +494,9 @@ struct Consumer {
     projections: Arc<ProjectionCache>,
     store: Arc<dyn MessageStore>,
     config: RunnerConfig,
+    /// Threads a page's entities are decided on; drops to 1 when this service's handlers are
+    /// seen to read or write across entities.
+    lanes: usize,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -614,6 +622,7 @@ impl Consumer {
             self.mail.clone(),
             messages,
             self.config.reuse_instances,
+            self.lanes,
         )
         .await
         {
@@ -656,6 +665,10 @@ impl Consumer {
                     });
                 }
             }
+        }
+        if decision.lanes_met {
+            tracing::debug!(consumer = %self.id, "handlers read or wrote across entities: deciding pages on one thread");
+            self.lanes = 1;
         }
         commit.appends = group_appends(outgoing, |stream| decision.expected.get(stream).copied());
         match self.store.commit(commit).await {
@@ -1080,6 +1093,8 @@ struct BatchDecision {
     /// States worth caching: entities projected from stored events only. A state folded over
     /// pending events saw them without their global positions, so it is never kept.
     cacheable: Vec<(StreamName, Option<String>, u64)>,
+    /// The page was tried in lanes, which met; it was decided on one thread instead.
+    lanes_met: bool,
 }
 
 /// Why a batch could not be decided as one.
@@ -1089,9 +1104,14 @@ enum BatchDecline {
     Store(StoreError),
 }
 
-/// Decides a page of messages on one blocking thread, each in a fresh instance, each seeing what
-/// the earlier ones decided (through an [`Overlay`]), so that their outcomes can be committed
-/// together with one flush.
+/// Decides a page of messages so that their outcomes can be committed together with one flush.
+///
+/// The page's entities are spread over `lanes` blocking threads, each deciding its messages in
+/// page order. That is only the same as deciding the whole page in order when the lanes did not
+/// meet: no handler read through the host (a view, another stream) and no stream or view row was
+/// touched by two lanes. When they met, the lanes' work is dropped and the page is decided again
+/// on one thread (and `lanes_met` tells the consumer to stop trying). A service with the mail
+/// capability always uses one thread, so no email is sent by work that is dropped.
 async fn decide_batch(
     component: Arc<ServiceComponent>,
     projections: Arc<ProjectionCache>,
@@ -1099,170 +1119,306 @@ async fn decide_batch(
     mail: Option<Arc<Maildir>>,
     messages: Vec<Message>,
     reuse_instances: bool,
+    lanes: usize,
 ) -> Result<BatchDecision, BatchDecline> {
     let runtime = Handle::current();
+    let split = if mail.is_none() {
+        split_by_entity(&component.manifest().name, &messages, lanes)
+    } else {
+        Vec::new()
+    };
+    let mut lanes_met = false;
+    if split.len() > 1 {
+        let mut deciding = Vec::with_capacity(split.len());
+        for lane in split {
+            let (runtime, component, projections, store) = (
+                runtime.clone(),
+                component.clone(),
+                projections.clone(),
+                store.clone(),
+            );
+            deciding.push(tokio::task::spawn_blocking(move || {
+                decide_lane(
+                    &runtime,
+                    &component,
+                    &projections,
+                    &store,
+                    None,
+                    lane,
+                    reuse_instances,
+                )
+            }));
+        }
+        let mut decided = Vec::with_capacity(deciding.len());
+        for lane in deciding {
+            decided.push(lane.await.map_err(|_| BatchDecline::OneByOne)??);
+        }
+        if lanes_apart(&decided) {
+            return Ok(merge_lanes(decided));
+        }
+        lanes_met = true;
+    }
     let joined = tokio::task::spawn_blocking(move || {
-        let manifest = component.manifest();
-        let overlay: SharedOverlay = Arc::default();
-        let mut states: HashMap<StreamName, (Option<String>, u64)> = HashMap::new();
-        let mut reusable: Option<crate::wasm::GuestInstance> = None;
-        let mut decision = BatchDecision {
-            items: Vec::with_capacity(messages.len()),
-            expected: HashMap::new(),
-            cacheable: Vec::new(),
+        decide_lane(
+            &runtime,
+            &component,
+            &projections,
+            &store,
+            mail,
+            messages,
+            reuse_instances,
+        )
+    })
+    .await;
+    let mut decision = joined.map_err(|_| BatchDecline::OneByOne)??.decision;
+    decision.lanes_met = lanes_met;
+    Ok(decision)
+}
+
+/// Splits a page by entity into at most `lanes` lanes, keeping page order within each; empty
+/// when one lane would hold everything.
+fn split_by_entity(service: &str, messages: &[Message], lanes: usize) -> Vec<Vec<Message>> {
+    if lanes < 2 {
+        return Vec::new();
+    }
+    let mut split: Vec<Vec<Message>> = vec![Vec::new(); lanes];
+    for message in messages {
+        let lane = entity_of(service, message).map_or(0, |entity| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&entity, &mut hasher);
+            std::hash::Hasher::finish(&hasher) as usize % lanes
+        });
+        split[lane].push(message.clone());
+    }
+    split.retain(|lane| !lane.is_empty());
+    if split.len() < 2 {
+        return Vec::new();
+    }
+    split
+}
+
+/// What one lane decided, and what it touched.
+struct LaneDecision {
+    decision: BatchDecision,
+    /// Streams projected or written.
+    streams: HashSet<StreamName>,
+    /// View rows written.
+    views: HashSet<(String, String)>,
+    /// Reads handlers made through the host.
+    host_reads: usize,
+}
+
+/// True when no two lanes could have seen each other's decisions.
+fn lanes_apart(lanes: &[LaneDecision]) -> bool {
+    if lanes.iter().any(|lane| lane.host_reads > 0) {
+        return false;
+    }
+    let mut streams = HashSet::new();
+    let mut views = HashSet::new();
+    lanes.iter().all(|lane| {
+        lane.streams.iter().all(|stream| streams.insert(stream))
+            && lane.views.iter().all(|row| views.insert(row))
+    })
+}
+
+fn merge_lanes(lanes: Vec<LaneDecision>) -> BatchDecision {
+    let mut merged = BatchDecision {
+        items: Vec::new(),
+        expected: HashMap::new(),
+        cacheable: Vec::new(),
+        lanes_met: false,
+    };
+    for lane in lanes {
+        merged.items.extend(lane.decision.items);
+        merged.expected.extend(lane.decision.expected);
+        merged.cacheable.extend(lane.decision.cacheable);
+    }
+    merged
+}
+
+/// Decides messages in order on this (blocking) thread, each in a fresh instance, each seeing
+/// what the earlier ones decided (through an [`Overlay`]).
+fn decide_lane(
+    runtime: &Handle,
+    component: &ServiceComponent,
+    projections: &ProjectionCache,
+    store: &Arc<dyn MessageStore>,
+    mail: Option<Arc<Maildir>>,
+    messages: Vec<Message>,
+    reuse_instances: bool,
+) -> Result<LaneDecision, BatchDecline> {
+    let manifest = component.manifest();
+    let overlay: SharedOverlay = Arc::default();
+    let mut states: HashMap<StreamName, (Option<String>, u64)> = HashMap::new();
+    let mut reusable: Option<crate::wasm::GuestInstance> = None;
+    let mut decision = BatchDecision {
+        items: Vec::with_capacity(messages.len()),
+        expected: HashMap::new(),
+        cacheable: Vec::new(),
+        lanes_met: false,
+    };
+    for message in messages {
+        if let Some(due_ms) = message.not_before_ms
+            && due_ms > now_ms()
+        {
+            decision.items.push(BatchItem::Defer { message, due_ms });
+            continue;
+        }
+        let entity = entity_of(&manifest.name, &message);
+        let host = StoreHost {
+            runtime: runtime.clone(),
+            store: store.clone(),
+            service: manifest.name.clone(),
+            handled_id: message.id.clone(),
+            mail: mail.clone(),
+            overlay: Some(overlay.clone()),
         };
-        for message in messages {
-            if let Some(due_ms) = message.not_before_ms
-                && due_ms > now_ms()
-            {
-                decision.items.push(BatchItem::Defer { message, due_ms });
+        let instance = match reusable.take() {
+            Some(mut instance) => {
+                instance.set_host(Box::new(host));
+                Ok(instance)
+            }
+            None => component.instantiate(Box::new(host)),
+        };
+        let decided = instance.map_err(Decline::Guest).and_then(|mut instance| {
+            let state = match &entity {
+                Some(stream) => {
+                    let start = states
+                        .get(stream)
+                        .cloned()
+                        .unwrap_or_else(|| projections.get(stream));
+                    let folded = fold(
+                        runtime,
+                        store.as_ref(),
+                        Some(&overlay),
+                        &mut instance,
+                        stream,
+                        start,
+                    )?;
+                    let first_fold = !states.contains_key(stream);
+                    states.insert(stream.clone(), folded.clone());
+                    let added = overlay
+                        .lock()
+                        .ok()
+                        .and_then(|o| o.pending.get(stream).map(|(_, p)| p.len() as u64))
+                        .unwrap_or(0);
+                    if first_fold && added == 0 {
+                        // Folded from stored events only: worth caching, even when this
+                        // batch then writes to the stream (the next fold reads only those).
+                        decision
+                            .cacheable
+                            .push((stream.clone(), folded.0.clone(), folded.1));
+                    }
+                    decision
+                        .expected
+                        .entry(stream.clone())
+                        .or_insert(folded.1 - added);
+                    folded.0
+                }
+                None => None,
+            };
+            let outcome = if message.stream.is_command() {
+                instance.handle_command(&message, state.as_deref())
+            } else {
+                instance.handle_event(&message, state.as_deref())
+            }
+            .map_err(Decline::Guest)?;
+            if reuse_instances {
+                // Only an instance whose every call succeeded is used again.
+                reusable = Some(instance);
+            }
+            Ok(outcome)
+        });
+        let outcome = match decided {
+            Ok(outcome) => outcome,
+            Err(Decline::Store(e)) => return Err(BatchDecline::Store(e)),
+            Err(Decline::Guest(GuestError::Transient(_))) => {
+                return Err(BatchDecline::OneByOne);
+            }
+            Err(Decline::Guest(e)) => {
+                decision.items.push(BatchItem::Park {
+                    message,
+                    reason: e.to_string(),
+                });
                 continue;
             }
-            let entity = entity_of(&manifest.name, &message);
-            let host = StoreHost {
-                runtime: runtime.clone(),
-                store: store.clone(),
-                service: manifest.name.clone(),
-                handled_id: message.id.clone(),
-                mail: mail.clone(),
-                overlay: Some(overlay.clone()),
-            };
-            let instance = match reusable.take() {
-                Some(mut instance) => {
-                    instance.set_host(Box::new(host));
-                    Ok(instance)
-                }
-                None => component.instantiate(Box::new(host)),
-            };
-            let decided = instance.map_err(Decline::Guest).and_then(|mut instance| {
-                let state = match &entity {
-                    Some(stream) => {
-                        let start = states
-                            .get(stream)
-                            .cloned()
-                            .unwrap_or_else(|| projections.get(stream));
-                        let folded = fold(
-                            &runtime,
-                            store.as_ref(),
-                            Some(&overlay),
-                            &mut instance,
-                            stream,
-                            start,
-                        )?;
-                        let first_fold = !states.contains_key(stream);
-                        states.insert(stream.clone(), folded.clone());
-                        let added = overlay
-                            .lock()
-                            .ok()
-                            .and_then(|o| o.pending.get(stream).map(|(_, p)| p.len() as u64))
-                            .unwrap_or(0);
-                        if first_fold && added == 0 {
-                            // Folded from stored events only: worth caching, even when this
-                            // batch then writes to the stream (the next fold reads only those).
-                            decision
-                                .cacheable
-                                .push((stream.clone(), folded.0.clone(), folded.1));
-                        }
-                        decision
-                            .expected
-                            .entry(stream.clone())
-                            .or_insert(folded.1 - added);
-                        folded.0
-                    }
-                    None => None,
-                };
-                let outcome = if message.stream.is_command() {
-                    instance.handle_command(&message, state.as_deref())
-                } else {
-                    instance.handle_event(&message, state.as_deref())
-                }
-                .map_err(Decline::Guest)?;
-                if reuse_instances {
-                    // Only an instance whose every call succeeded is used again.
-                    reusable = Some(instance);
-                }
-                Ok(outcome)
-            });
-            let outcome = match decided {
-                Ok(outcome) => outcome,
-                Err(Decline::Store(e)) => return Err(BatchDecline::Store(e)),
-                Err(Decline::Guest(GuestError::Transient(_))) => {
-                    return Err(BatchDecline::OneByOne);
-                }
-                Err(Decline::Guest(e)) => {
-                    decision.items.push(BatchItem::Park {
-                        message,
-                        reason: e.to_string(),
-                    });
-                    continue;
-                }
-            };
-            let checked = match check_outcome(manifest, &message, outcome) {
-                Ok(checked) => checked,
-                Err(reason) => {
-                    decision.items.push(BatchItem::Park {
-                        message,
-                        reason: format!("invalid outcome: {reason}"),
-                    });
-                    continue;
-                }
-            };
-            let Ok(mut pending) = overlay.lock() else {
-                return Err(BatchDecline::OneByOne);
-            };
-            for (stream, new) in &checked.messages {
-                // A message whose id is stored (a replayed event's outcome) will be dropped by
-                // the store: later messages must not see it twice.
-                let stored = runtime
-                    .block_on(store.message(&new.id))
-                    .map_err(BatchDecline::Store)?
-                    .is_some();
-                let already_pending = pending
-                    .pending
-                    .get(stream)
-                    .is_some_and(|(_, added)| added.iter().any(|m| m.id == new.id));
-                if stored || already_pending {
-                    continue;
-                }
-                let (base, added) = match pending.pending.get_mut(stream) {
-                    Some(entry) => entry,
-                    None => {
-                        let stored = runtime
-                            .block_on(store.stream_version(stream))
-                            .map_err(BatchDecline::Store)?;
-                        pending
-                            .pending
-                            .entry(stream.clone())
-                            .or_insert((stored, Vec::new()))
-                    }
-                };
-                let position = *base + added.len() as u64;
-                added.push(Message {
-                    id: new.id.clone(),
-                    stream: stream.clone(),
-                    message_type: new.message_type.clone(),
-                    data: new.data.clone(),
-                    metadata: new.metadata.clone(),
-                    position,
-                    global_position: 0,
-                    time_ms: now_ms(),
-                    not_before_ms: new.not_before_ms,
+        };
+        let checked = match check_outcome(manifest, &message, outcome) {
+            Ok(checked) => checked,
+            Err(reason) => {
+                decision.items.push(BatchItem::Park {
+                    message,
+                    reason: format!("invalid outcome: {reason}"),
                 });
+                continue;
             }
-            for view in &checked.views {
-                pending
-                    .views
-                    .insert((view.table.clone(), view.key.clone()), view.value.clone());
+        };
+        let Ok(mut pending) = overlay.lock() else {
+            return Err(BatchDecline::OneByOne);
+        };
+        for (stream, new) in &checked.messages {
+            // A message whose id is stored (a replayed event's outcome) will be dropped by
+            // the store: later messages must not see it twice.
+            let stored = runtime
+                .block_on(store.message(&new.id))
+                .map_err(BatchDecline::Store)?
+                .is_some();
+            let already_pending = pending
+                .pending
+                .get(stream)
+                .is_some_and(|(_, added)| added.iter().any(|m| m.id == new.id));
+            if stored || already_pending {
+                continue;
             }
-            drop(pending);
-            decision.items.push(BatchItem::Decided(checked));
+            let (base, added) = match pending.pending.get_mut(stream) {
+                Some(entry) => entry,
+                None => {
+                    let stored = runtime
+                        .block_on(store.stream_version(stream))
+                        .map_err(BatchDecline::Store)?;
+                    pending
+                        .pending
+                        .entry(stream.clone())
+                        .or_insert((stored, Vec::new()))
+                }
+            };
+            let position = *base + added.len() as u64;
+            added.push(Message {
+                id: new.id.clone(),
+                stream: stream.clone(),
+                message_type: new.message_type.clone(),
+                data: new.data.clone(),
+                metadata: new.metadata.clone(),
+                position,
+                global_position: 0,
+                time_ms: now_ms(),
+                not_before_ms: new.not_before_ms,
+            });
         }
-        Ok(decision)
-    });
-    match joined.await {
-        Ok(result) => result,
-        Err(_) => Err(BatchDecline::OneByOne),
+        for view in &checked.views {
+            pending
+                .views
+                .insert((view.table.clone(), view.key.clone()), view.value.clone());
+        }
+        drop(pending);
+        decision.items.push(BatchItem::Decided(checked));
     }
+    let (host_reads, written, views) = match overlay.lock() {
+        Ok(overlay) => (
+            overlay.host_reads,
+            overlay.pending.keys().cloned().collect::<Vec<_>>(),
+            overlay.views.keys().cloned().collect(),
+        ),
+        Err(_) => return Err(BatchDecline::OneByOne),
+    };
+    let mut streams: HashSet<StreamName> = states.into_keys().collect();
+    streams.extend(written);
+    Ok(LaneDecision {
+        decision,
+        streams,
+        views,
+        host_reads,
+    })
 }
 
 /// Folds a stream through an instance's `project`, from a known `(state, version)`; returns the
@@ -1346,6 +1502,8 @@ struct Overlay {
     /// Stream → (its stored version when the batch first wrote to it, the pending messages).
     pending: HashMap<StreamName, (u64, Vec<Message>)>,
     views: HashMap<(String, String), Option<Value>>,
+    /// Reads handlers made through the host (streams, views), which may see other entities.
+    host_reads: usize,
 }
 
 type SharedOverlay = Arc<std::sync::Mutex<Overlay>>;
@@ -1371,8 +1529,19 @@ fn read_merged(
     Ok(messages)
 }
 
+impl StoreHost {
+    fn count_read(&self) {
+        if let Some(overlay) = &self.overlay
+            && let Ok(mut overlay) = overlay.lock()
+        {
+            overlay.host_reads += 1;
+        }
+    }
+}
+
 impl GuestHost for StoreHost {
     fn read_stream(&mut self, stream: &str, from_position: u64) -> Result<Vec<Message>, String> {
+        self.count_read();
         let stream = StreamName::parse(stream).map_err(|e| e.to_string())?;
         read_merged(
             &self.runtime,
@@ -1386,6 +1555,7 @@ impl GuestHost for StoreHost {
     }
 
     fn view_get(&mut self, table: &str, key: &str) -> Result<Option<String>, String> {
+        self.count_read();
         validate_table_name(table).map_err(|e| e.to_string())?;
         if let Some(overlay) = &self.overlay
             && let Ok(overlay) = overlay.lock()
@@ -1434,4 +1604,96 @@ pub fn subscriptions_of(
             ))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(entity: &str, n: u64) -> Message {
+        Message {
+            id: format!("{entity}-{n}"),
+            stream: StreamName::parse(&format!("counter:command.{entity}")).expect("stream"),
+            message_type: "Increment".into(),
+            data: Value::Null,
+            metadata: Map::new(),
+            position: n,
+            global_position: n,
+            time_ms: 0,
+            not_before_ms: None,
+        }
+    }
+
+    fn lane(streams: &[&str], views: &[&str], host_reads: usize) -> LaneDecision {
+        LaneDecision {
+            decision: BatchDecision {
+                items: Vec::new(),
+                expected: HashMap::new(),
+                cacheable: Vec::new(),
+                lanes_met: false,
+            },
+            streams: streams
+                .iter()
+                .map(|s| StreamName::parse(s).expect("stream"))
+                .collect(),
+            views: views
+                .iter()
+                .map(|key| ("totals".to_owned(), (*key).to_owned()))
+                .collect(),
+            host_reads,
+        }
+    }
+
+    #[test]
+    fn splits_a_page_by_entity_keeping_each_entitys_order() {
+        let page: Vec<Message> = (0..60)
+            .map(|n| command(&format!("e{}", n % 6), n))
+            .collect();
+        let lanes = split_by_entity("counter", &page, 2);
+        assert_eq!(lanes.len(), 2, "six entities spread over two lanes");
+        assert_eq!(lanes.iter().map(Vec::len).sum::<usize>(), 60);
+        for (i, lane) in lanes.iter().enumerate() {
+            assert!(
+                lane.windows(2)
+                    .all(|pair| pair[0].global_position < pair[1].global_position),
+                "page order within a lane"
+            );
+            for other in &lanes[i + 1..] {
+                assert!(
+                    lane.iter()
+                        .all(|m| other.iter().all(|o| o.stream != m.stream)),
+                    "an entity lives in one lane"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn one_entity_or_one_lane_is_not_split() {
+        let page: Vec<Message> = (0..10).map(|n| command("only", n)).collect();
+        assert!(split_by_entity("counter", &page, 4).is_empty());
+        let page: Vec<Message> = (0..10).map(|n| command(&format!("e{n}"), n)).collect();
+        assert!(split_by_entity("counter", &page, 1).is_empty());
+    }
+
+    #[test]
+    fn lanes_meet_on_host_reads_shared_streams_or_shared_view_rows() {
+        let apart = [
+            lane(&["counter.a"], &["a"], 0),
+            lane(&["counter.b"], &["b"], 0),
+        ];
+        assert!(lanes_apart(&apart));
+        let read = [lane(&["counter.a"], &[], 1), lane(&["counter.b"], &[], 0)];
+        assert!(!lanes_apart(&read), "a handler read through the host");
+        let stream = [
+            lane(&["counter.a", "counter.shared"], &[], 0),
+            lane(&["counter.b", "counter.shared"], &[], 0),
+        ];
+        assert!(!lanes_apart(&stream), "two lanes touched one stream");
+        let view = [
+            lane(&["counter.a"], &["x"], 0),
+            lane(&["counter.b"], &["x"], 0),
+        ];
+        assert!(!lanes_apart(&view), "two lanes wrote one view row");
+    }
 }
