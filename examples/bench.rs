@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
+use tokio::sync::watch;
 
 use ferry::mail::Maildir;
 use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
@@ -313,12 +314,27 @@ async fn start_counter(
     Ok((store, running))
 }
 
-async fn wait_handled(store: &Arc<dyn MessageStore>, global: u64) -> anyhow::Result<()> {
+/// Wakes after every durable write of an event (the outcome and the consumer's position are
+/// written together), so a wait ends as soon as its command is handled, not at the next poll.
+async fn event_writes(store: &Arc<dyn MessageStore>) -> anyhow::Result<watch::Receiver<u64>> {
+    Ok(store
+        .watch(&ConsumerId::new(Category::parse("counter")?, "bench"))
+        .await?)
+}
+
+async fn wait_handled(
+    store: &Arc<dyn MessageStore>,
+    mut changes: watch::Receiver<u64>,
+    global: u64,
+) -> anyhow::Result<()> {
     let consumer = ConsumerId::new(Category::parse("counter:command")?, "microservice:counter");
-    while store.consumer_position(&consumer).await? < global {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    loop {
+        changes.borrow_and_update();
+        if store.consumer_position(&consumer).await? >= global {
+            return Ok(());
+        }
+        changes.changed().await?;
     }
-    Ok(())
 }
 
 /// Row 2: commands appended by 32 concurrent writers while the host handles them; the rate at
@@ -331,6 +347,7 @@ async fn end_to_end_throughput(
 ) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let (store, running) = start_counter(dir.path(), backend, config, handler).await?;
+    let changes = event_writes(&store).await?;
     let start = Instant::now();
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..32 {
@@ -355,7 +372,7 @@ async fn end_to_end_throughput(
     while let Some(result) = writers.join_next().await {
         last = last.max(result??);
     }
-    wait_handled(&store, last).await?;
+    wait_handled(&store, changes, last).await?;
     let rate = commands as f64 / start.elapsed().as_secs_f64();
     running.shutdown().await;
     Ok(rate)
@@ -370,11 +387,13 @@ async fn end_to_end_latency(
     let dir = tempfile::tempdir()?;
     let (store, running) =
         start_counter(dir.path(), backend, RunnerConfig::default(), Handler::Wasm).await?;
+    let changes = event_writes(&store).await?;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let mut tasks = tokio::task::JoinSet::new();
     let mut next = Instant::now();
     for n in 0..commands {
         let store = store.clone();
+        let changes = changes.clone();
         tasks.spawn(async move {
             let sent = Instant::now();
             let stream = StreamName::parse(&format!("counter:command.e{}", n % 100))?;
@@ -386,7 +405,7 @@ async fn end_to_end_latency(
                 ))
                 .await?;
             let global = written.written.first().map_or(0, |m| m.global_position);
-            wait_handled(&store, global).await?;
+            wait_handled(&store, changes, global).await?;
             anyhow::Ok(sent.elapsed())
         });
         next += interval;
