@@ -104,6 +104,10 @@ pub enum Command {
         /// message (faster; only for guests that keep no state between calls).
         #[arg(long)]
         reuse_instances: bool,
+        /// Threads on which one consumer decides the entities of a page at the same time
+        /// (default: one per core, at most 4; 1 decides every page in order on one thread).
+        #[arg(long, value_name = "N")]
+        decide_lanes: Option<usize>,
         /// A limit for one service, overriding the defaults above:
         /// `SERVICE:timeout-ms=N` or `SERVICE:memory-mib=N` (repeatable).
         #[arg(long = "service-limit", value_name = "SERVICE:KEY=N", value_parser = parse_service_limit)]
@@ -192,6 +196,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             max_deliveries,
             retry_base_ms,
             reuse_instances,
+            decide_lanes,
             mail_grants,
             service_limits,
         } => {
@@ -199,11 +204,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 call_timeout: Duration::from_millis(guest_timeout_ms),
                 memory_bytes: guest_memory_mib.saturating_mul(1024 * 1024),
             };
+            let defaults = RunnerConfig::default();
             let config = RunnerConfig {
                 max_deliveries: max_deliveries.max(1),
                 retry_base: Duration::from_millis(retry_base_ms),
                 reuse_instances,
-                ..RunnerConfig::default()
+                decide_lanes: decide_lanes.unwrap_or(defaults.decide_lanes).max(1),
+                ..defaults
             };
             let capabilities = Capabilities {
                 maildir: Some(Arc::new(Maildir::new(maildir(&cli.data)))),
