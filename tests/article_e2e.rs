@@ -66,19 +66,7 @@ fn registers_a_user_end_to_end() {
     assert_eq!(sent[0]["metadata"]["originEntity"], "user.u1");
 
     // The view data, by id and by username and email.
-    wait_until(WAIT, "the users view has the user", || {
-        setup
-            .view_row("users", "u1")
-            .is_some_and(|row| row["value"]["username"] == "ann")
-    });
-    let by_name = setup.view_row("users-by-username", "ann").expect("row");
-    assert_eq!(by_name["value"]["userId"], "u1");
-    assert_eq!(by_name["lastUpdateSeq"], events[0]["global_position"]);
-    assert!(
-        setup
-            .view_row("users-by-email", "ann@example.com")
-            .is_some()
-    );
+    setup.wait_for_registered_ann(WAIT, &events[0]);
 
     // A name change is a NameChanged, a NotifyUser for the browser, and a view update.
     send(

@@ -291,6 +291,19 @@ impl Setup {
             .unwrap_or_default()
     }
 
+    /// Waits until the users views hold the registration of `u1` as `ann` (the article's
+    /// registration flow), each written at `registered`'s global position.
+    pub fn wait_for_registered_ann(&self, wait: Duration, registered: &Value) {
+        wait_until(wait, "the users view has the user", || {
+            self.view_row("users", "u1")
+                .is_some_and(|row| row["value"]["username"] == "ann")
+        });
+        let by_name = self.view_row("users-by-username", "ann").expect("row");
+        assert_eq!(by_name["value"]["userId"], "u1");
+        assert_eq!(by_name["lastUpdateSeq"], registered["global_position"]);
+        assert!(self.view_row("users-by-email", "ann@example.com").is_some());
+    }
+
     /// One view row with its `lastUpdateSeq`, or `None` when it is not there (yet).
     pub fn view_row(&self, table: &str, key: &str) -> Option<Value> {
         let output = self.ferry(&["--json", "view", table, key]);
