@@ -4,7 +4,7 @@ mod conformance;
 
 use std::sync::Arc;
 
-use ferry::store::{Commit, MessageStore, SledStore, StoreError};
+use ferry::store::{Commit, ConsumerId, Message, MessageStore, SledStore, StoreError};
 use serde_json::json;
 
 async fn open_sled() -> (Arc<dyn MessageStore>, tempfile::TempDir) {
@@ -42,6 +42,136 @@ async fn keeps_committed_messages_across_a_reopen() {
     assert_eq!(read.len(), 1);
     assert_eq!(read[0].data["name"], "Ann");
     assert_eq!(store.head().await.expect("head"), 1);
+}
+
+/// Opens `path`, waiting while sled's background flusher of a database just dropped still holds it.
+fn open_when_free(path: &std::path::Path) -> Result<SledStore, StoreError> {
+    let mut opened = SledStore::open(path);
+    for _ in 0..100 {
+        if !matches!(opened, Err(StoreError::Locked { .. })) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        opened = SledStore::open(path);
+    }
+    opened
+}
+
+/// Writes a folder the way the first format (`ferry-sled/1`, one tree per kind) did: three
+/// messages in two user streams, a consumer position and a view row.
+fn write_first_format(path: &std::path::Path) {
+    let db = sled::open(path).expect("sled");
+    let tree = |name: &str| db.open_tree(name).expect("tree");
+    let key = |a: &str, b: &[u8]| [a.as_bytes(), &[0], b].concat();
+    for (global, (stream, position)) in [("user.1", 0u64), ("user.2", 0), ("user.1", 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let global = global as u64 + 1;
+        let message = Message {
+            id: format!("m{global}"),
+            stream: conformance::stream(stream),
+            message_type: "UserRegistered".into(),
+            data: json!({"n": global}),
+            metadata: serde_json::Map::new(),
+            position,
+            global_position: global,
+            time_ms: 1,
+            not_before_ms: None,
+        };
+        let json = serde_json::to_vec(&message).expect("json");
+        tree("messages")
+            .insert(global.to_be_bytes(), json)
+            .expect("insert");
+        tree("streams")
+            .insert(key(stream, &position.to_be_bytes()), &global.to_be_bytes())
+            .expect("insert");
+        tree("versions")
+            .insert(stream, &(position + 1).to_be_bytes())
+            .expect("insert");
+        tree("categories")
+            .insert(key("user", &global.to_be_bytes()), &[])
+            .expect("insert");
+        tree("ids")
+            .insert(message.id.as_bytes(), &global.to_be_bytes())
+            .expect("insert");
+    }
+    tree("consumers")
+        .insert(key("user", b"microservice:users"), &2u64.to_be_bytes())
+        .expect("insert");
+    tree("views")
+        .insert(
+            key("users", b"1"),
+            &br#"{"value":{"name":"Ann"},"lastUpdateSeq":1}"#[..],
+        )
+        .expect("insert");
+    tree("meta")
+        .insert("head", &3u64.to_be_bytes())
+        .expect("insert");
+    tree("meta")
+        .insert("format", "ferry-sled/1")
+        .expect("insert");
+    db.flush().expect("flush");
+}
+
+#[tokio::test]
+async fn copies_a_folder_of_the_first_format_without_losing_anything() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("store");
+    write_first_format(&path);
+    {
+        let store = open_when_free(&path).expect("opens and copies the first format");
+        let user_1 = store
+            .read_stream(&conformance::stream("user.1"), 0, 10)
+            .await
+            .expect("read");
+        let globals: Vec<_> = user_1.iter().map(|m| m.global_position).collect();
+        assert_eq!(globals, [1, 3]);
+        let page = store
+            .read_category(&conformance::category("user"), 0, None, 10)
+            .await
+            .expect("category");
+        assert_eq!(page.messages.len(), 3);
+        assert_eq!(store.head().await.expect("head"), 3);
+        assert_eq!(
+            store
+                .message("m2")
+                .await
+                .expect("by id")
+                .expect("m2")
+                .stream
+                .as_str(),
+            "user.2"
+        );
+        let consumer = ConsumerId::new(conformance::category("user"), "microservice:users");
+        assert_eq!(
+            store.consumer_position(&consumer).await.expect("position"),
+            2
+        );
+        let row = store
+            .view_get("users", "1")
+            .await
+            .expect("row")
+            .expect("row");
+        assert_eq!(row.value["name"], "Ann");
+        // Versions and ids carry on from the copied messages.
+        let next = store
+            .commit(Commit::append(
+                conformance::stream("user.1"),
+                Some(2),
+                vec![
+                    conformance::msg("m1", "UserRegistered", json!({})),
+                    conformance::msg("m4", "UserRegistered", json!({})),
+                ],
+            ))
+            .await
+            .expect("append after the copy");
+        assert_eq!(next.duplicates, ["m1"]);
+        assert_eq!(next.written[0].global_position, 4);
+        assert_eq!(next.written[0].position, 2);
+    }
+    let reopened = open_when_free(&path).expect("reopens in the new format");
+    assert_eq!(reopened.head().await.expect("head"), 4);
 }
 
 #[tokio::test]

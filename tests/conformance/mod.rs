@@ -752,6 +752,65 @@ pub async fn orders_concurrent_appends_globally(store: Store) {
     }
 }
 
+/// Commits that race (sent at once, so a backend may take them together) still see each other:
+/// one wins an expected version, one writes a message id, one moves a consumer from a position.
+pub async fn lets_one_of_racing_commits_win(store: Store) {
+    append(&store, "race.1", vec![msg("first", "X", json!({}))]).await;
+    let consumer = ConsumerId::new(category("race"), "c");
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = store.clone();
+        let consumer = consumer.clone();
+        tasks.push(tokio::spawn(async move {
+            let versioned = store.commit(Commit::append(
+                stream("race.1"),
+                Some(1),
+                vec![msg(&format!("v{i}"), "X", json!({}))],
+            ));
+            let same_id = store.commit(Commit::append(
+                stream(&format!("race.other{i}")),
+                None,
+                vec![msg("shared", "X", json!({}))],
+            ));
+            let settle = store.commit(Commit {
+                settle: Some(Settle::Advance {
+                    consumer,
+                    from: 0,
+                    to: i + 1,
+                }),
+                ..Commit::default()
+            });
+            let (versioned, same_id, settle) = tokio::join!(versioned, same_id, settle);
+            (
+                versioned.is_ok(),
+                same_id.map(|c| c.written.len()),
+                settle.is_ok(),
+            )
+        }));
+    }
+    let (mut versioned, mut written, mut settled) = (0, 0, 0);
+    for task in tasks {
+        let (won_version, same_id, won_settle) = task.await.expect("join");
+        versioned += usize::from(won_version);
+        written += same_id.expect("a duplicate id is skipped, not an error");
+        settled += usize::from(won_settle);
+    }
+    assert_eq!(versioned, 1, "one commit wins expected version 1");
+    assert_eq!(written, 1, "one message with the id is stored");
+    assert_eq!(settled, 1, "one commit moves the consumer from 0");
+    assert_eq!(
+        store
+            .stream_version(&stream("race.1"))
+            .await
+            .expect("version"),
+        2
+    );
+    assert_ne!(
+        store.consumer_position(&consumer).await.expect("position"),
+        0
+    );
+}
+
 pub async fn refuses_to_advance_a_consumer_that_moved(store: Store) {
     append(&store, "email.1", vec![msg("e1", "EmailSent", json!({}))]).await;
     let consumer = ConsumerId::new(category("email"), "microservice:subscription");
@@ -902,6 +961,7 @@ macro_rules! conformance_suite {
             parks_and_replays_a_message,
             wakes_a_waiting_consumer_on_a_write,
             orders_concurrent_appends_globally,
+            lets_one_of_racing_commits_win,
         );
     };
     (@tests $open:path; $($name:ident),+ $(,)?) => {

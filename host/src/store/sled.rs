@@ -1,21 +1,27 @@
 //! The embedded store on sled 0.34: one data folder, one process.
 //!
-//! One writer thread owns every write. It takes all commits waiting in its queue, applies each as
-//! its own sled transaction (so a conflict fails only that commit), makes them durable with one
-//! `flush` (group commit), and only then answers the callers and wakes the consumers. Readers go to
-//! the trees directly.
+//! One writer thread owns every write. It takes all requests waiting in its queue (a group),
+//! checks each commit against what the store and the group's earlier commits hold (so a conflict
+//! fails only that commit), writes the whole group as one atomic sled batch, makes it durable with
+//! one `flush`, and only then answers the callers and wakes the consumers. Readers go to the tree
+//! directly.
 //!
-//! Trees and keys (`\0` separates parts; numbers are big-endian u64):
-//! - `meta`: `format` → format tag, `head` → last global position
-//! - `messages`: global → message JSON
-//! - `streams`: `stream\0position` → global; `versions`: stream → message count
-//! - `categories`: `category\0global` → empty
-//! - `ids`: message id → global
-//! - `consumers`: `category\0name` → position
-//! - `views`: `table\0key` → row JSON (a deleted row stays as a tombstone with its `lastUpdateSeq`)
-//! - `parked`, `deferred`: `category\0name\0global` → record JSON
+//! Everything lives in one tree, `ferry`, because a sled batch is atomic on one tree only (a
+//! transaction over several trees cost twice as much per message). Keys start with a tag byte;
+//! `\0` separates parts; numbers are big-endian u64:
+//! - `=format` → format tag, `=head` → last global position
+//! - `m` category `\0` global → message JSON: a category read is one range scan
+//! - `s` stream `\0` position → global (the category comes from the stream's name); a stream's
+//!   version is its last position + 1
+//! - `i` message id → the message's `m` key
+//! - `c` category `\0` name → consumer position
+//! - `v` table `\0` key → view row JSON (a deleted row stays as a tombstone with its `lastUpdateSeq`)
+//! - `p`, `d` category `\0` name `\0` global → parked, deferred record JSON
+//!
+//! A folder of the first layout (`ferry-sled/1`, one tree per kind of record) is copied into
+//! this one when it is opened; see [`migrate_v1`].
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,36 +29,34 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::{Transactional, Tree};
+use sled::Tree;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     Category, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo, DeferredMessage, Message,
-    MessageStore, ParkedMessage, Settle, StoreError, StreamName, ViewRow, now_ms, validate_commit,
+    MessageStore, NewMessage, ParkedMessage, Settle, StoreError, StreamName, ViewRow, now_ms,
+    validate_commit,
 };
 
-const FORMAT: &[u8] = b"ferry-sled/1";
+const FORMAT: &[u8] = b"ferry-sled/2";
+const FORMAT_V1: &[u8] = b"ferry-sled/1";
+const FORMAT_KEY: &[u8] = b"=format";
+const HEAD_KEY: &[u8] = b"=head";
+const MESSAGE: u8 = b'm';
+const STREAM: u8 = b's';
+const ID: u8 = b'i';
+const CONSUMER: u8 = b'c';
+const VIEW: u8 = b'v';
+const PARKED: u8 = b'p';
+const DEFERRED: u8 = b'd';
 /// Upper bound of category entries one `read_category` call scans when a filter drops messages.
 const MAX_SCAN: usize = 10_000;
 /// sled's page cache unless told otherwise.
 pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
-/// Upper bound of commits applied before one flush.
+/// Upper bound of requests written as one group.
 const MAX_GROUP: usize = 512;
-
-#[derive(Clone)]
-struct Trees {
-    meta: Tree,
-    messages: Tree,
-    streams: Tree,
-    versions: Tree,
-    categories: Tree,
-    ids: Tree,
-    consumers: Tree,
-    views: Tree,
-    parked: Tree,
-    deferred: Tree,
-}
+/// The writer remembers stream versions up to this many streams, then starts over.
+const MAX_CACHED_VERSIONS: usize = 100_000;
 
 enum WriteRequest {
     Commit {
@@ -99,7 +103,7 @@ type Watchers = Arc<Mutex<HashMap<String, watch::Sender<u64>>>>;
 
 struct Inner {
     path: PathBuf,
-    trees: Trees,
+    tree: Tree,
     writer: Option<mpsc::UnboundedSender<WriteRequest>>,
     writer_thread: Option<JoinHandle<()>>,
     watchers: Watchers,
@@ -141,23 +145,69 @@ fn u64_be(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(buf)
 }
 
-fn key2(a: &str, b: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(a.len() + 1 + b.len());
-    key.extend_from_slice(a.as_bytes());
-    key.push(0);
-    key.extend_from_slice(b);
+/// `tag`, then the parts separated by `\0`.
+fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    key.push(tag);
+    for (n, part) in parts.iter().enumerate() {
+        if n > 0 {
+            key.push(0);
+        }
+        key.extend_from_slice(part);
+    }
     key
+}
+
+fn message_key(category: &str, global: u64) -> Vec<u8> {
+    key(MESSAGE, &[category.as_bytes(), &global.to_be_bytes()])
+}
+
+fn category_prefix(category: &str) -> Vec<u8> {
+    key(MESSAGE, &[category.as_bytes(), &[]])
+}
+
+fn stream_key(stream: &str, position: u64) -> Vec<u8> {
+    key(STREAM, &[stream.as_bytes(), &position.to_be_bytes()])
+}
+
+fn stream_prefix(stream: &str) -> Vec<u8> {
+    key(STREAM, &[stream.as_bytes(), &[]])
+}
+
+fn id_key(id: &str) -> Vec<u8> {
+    key(ID, &[id.as_bytes()])
 }
 
 fn consumer_key(consumer: &ConsumerId) -> Vec<u8> {
-    key2(consumer.category.as_str(), consumer.name.as_bytes())
+    key(
+        CONSUMER,
+        &[
+            consumer.category.as_str().as_bytes(),
+            consumer.name.as_bytes(),
+        ],
+    )
 }
 
-fn consumer_message_key(consumer: &ConsumerId, global: u64) -> Vec<u8> {
-    let mut key = consumer_key(consumer);
-    key.push(0);
+/// The prefix of a consumer's parked (`PARKED`) or deferred (`DEFERRED`) records.
+fn set_aside_prefix(tag: u8, consumer: &ConsumerId) -> Vec<u8> {
+    key(
+        tag,
+        &[
+            consumer.category.as_str().as_bytes(),
+            consumer.name.as_bytes(),
+            &[],
+        ],
+    )
+}
+
+fn set_aside_key(tag: u8, consumer: &ConsumerId, global: u64) -> Vec<u8> {
+    let mut key = set_aside_prefix(tag, consumer);
     key.extend_from_slice(&global.to_be_bytes());
     key
+}
+
+fn view_key(table: &str, row: &str) -> Vec<u8> {
+    key(VIEW, &[table.as_bytes(), row.as_bytes()])
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -167,6 +217,19 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, S
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing these plain data types cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// The version of `stream` as the tree holds it: its last position + 1.
+fn stored_version(tree: &Tree, stream: &str) -> Result<u64, StoreError> {
+    let prefix = stream_prefix(stream);
+    Ok(tree
+        .scan_prefix(&prefix)
+        .keys()
+        .next_back()
+        .transpose()
+        .map_err(backend)?
+        .map(|k| u64_be(&k[prefix.len()..]) + 1)
+        .unwrap_or(0))
 }
 
 impl SledStore {
@@ -182,6 +245,10 @@ impl SledStore {
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: u64) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let shown = path.display().to_string();
+        let unusable = |reason: String| StoreError::Unusable {
+            path: shown.clone(),
+            reason,
+        };
         let db = sled::Config::new()
             .path(&path)
             .flush_every_ms(None)
@@ -194,62 +261,58 @@ impl SledStore {
                         path: shown.clone(),
                     }
                 } else {
-                    StoreError::Unusable {
-                        path: shown.clone(),
-                        reason: text,
-                    }
+                    unusable(text)
                 }
             })?;
-        let open = |name: &str| db.open_tree(name).map_err(backend);
-        let trees = Trees {
-            meta: open("meta")?,
-            messages: open("messages")?,
-            streams: open("streams")?,
-            versions: open("versions")?,
-            categories: open("categories")?,
-            ids: open("ids")?,
-            consumers: open("consumers")?,
-            views: open("views")?,
-            parked: open("parked")?,
-            deferred: open("deferred")?,
-        };
-        match trees.meta.get("format").map_err(backend)? {
+        let tree = db.open_tree("ferry").map_err(backend)?;
+        match tree.get(FORMAT_KEY).map_err(backend)? {
             Some(tag) if tag.as_ref() == FORMAT => {}
             Some(tag) => {
-                return Err(StoreError::Unusable {
-                    path: shown,
-                    reason: format!(
+                return Err(unusable(format!(
+                    "it holds format {:?}, this Ferry reads {:?}",
+                    String::from_utf8_lossy(&tag),
+                    String::from_utf8_lossy(FORMAT)
+                )));
+            }
+            None => match legacy_format(&db)? {
+                Some(tag) if tag == FORMAT_V1 => migrate_v1(&db, &tree)?,
+                Some(tag) => {
+                    return Err(unusable(format!(
                         "it holds format {:?}, this Ferry reads {:?}",
                         String::from_utf8_lossy(&tag),
                         String::from_utf8_lossy(FORMAT)
-                    ),
-                });
-            }
-            None if trees.messages.is_empty() && trees.consumers.is_empty() => {
-                trees.meta.insert("format", FORMAT).map_err(backend)?;
-                db.flush().map_err(backend)?;
-            }
-            None => {
-                return Err(StoreError::Unusable {
-                    path: shown,
-                    reason: "it holds data without a format tag".into(),
-                });
-            }
+                    )));
+                }
+                None if tree.is_empty() => {
+                    tree.insert(FORMAT_KEY, FORMAT).map_err(backend)?;
+                    db.flush().map_err(backend)?;
+                }
+                None => return Err(unusable("it holds data without a format tag".into())),
+            },
         }
 
         let watchers: Watchers = Arc::default();
         let (writer, queue) = mpsc::unbounded_channel();
-        let writer_thread = {
-            let (db, trees, watchers) = (db.clone(), trees.clone(), watchers.clone());
-            std::thread::Builder::new()
-                .name("ferry-sled-writer".into())
-                .spawn(move || write_loop(db, trees, watchers, queue))
-                .map_err(backend)?
+        let head = tree
+            .get(HEAD_KEY)
+            .map_err(backend)?
+            .map(|v| u64_be(&v))
+            .unwrap_or(0);
+        let state = Writer {
+            db,
+            tree: tree.clone(),
+            head,
+            versions: HashMap::new(),
+            watchers: watchers.clone(),
         };
+        let writer_thread = std::thread::Builder::new()
+            .name("ferry-sled-writer".into())
+            .spawn(move || state.run(queue))
+            .map_err(backend)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
-                trees,
+                tree,
                 writer: Some(writer),
                 writer_thread: Some(writer_thread),
                 watchers,
@@ -266,228 +329,283 @@ impl SledStore {
             .map_err(|_| StoreError::Closed)
     }
 
-    fn trees(&self) -> &Trees {
-        &self.inner.trees
+    fn tree(&self) -> &Tree {
+        &self.inner.tree
     }
 
     fn category_head(&self, category: &str) -> Result<u64, StoreError> {
-        let prefix = key2(category, &[]);
+        let prefix = category_prefix(category);
         Ok(self
-            .trees()
-            .categories
+            .tree()
             .scan_prefix(&prefix)
+            .keys()
             .next_back()
             .transpose()
             .map_err(backend)?
-            .map(|(k, _)| u64_be(&k[prefix.len()..]))
+            .map(|k| u64_be(&k[prefix.len()..]))
             .unwrap_or(0))
     }
 
-    fn message_at(&self, global: u64) -> Result<Message, StoreError> {
-        let bytes = self
-            .trees()
-            .messages
-            .get(global.to_be_bytes())
-            .map_err(backend)?
-            .ok_or_else(|| backend(format!("index points at missing message {global}")))?;
+    fn message_at(&self, key: &[u8]) -> Result<Message, StoreError> {
+        let bytes = self.tree().get(key).map_err(backend)?.ok_or_else(|| {
+            backend(format!(
+                "index points at missing message {}",
+                String::from_utf8_lossy(key)
+            ))
+        })?;
         decode("message", &bytes)
     }
 }
 
-fn write_loop(
+/// The format tag of the first layout, which kept it in a `meta` tree.
+fn legacy_format(db: &sled::Db) -> Result<Option<Vec<u8>>, StoreError> {
+    if !db.tree_names().iter().any(|name| name.as_ref() == b"meta") {
+        return Ok(None);
+    }
+    let meta = db.open_tree("meta").map_err(backend)?;
+    Ok(meta.get("format").map_err(backend)?.map(|tag| tag.to_vec()))
+}
+
+/// Copies a folder of the first layout into the `ferry` tree, then drops the old trees. The
+/// format tag is written last, in the same flush as the final records: a crash before it leaves
+/// the old trees whole, and the next open starts the copy again from an emptied tree.
+fn migrate_v1(db: &sled::Db, tree: &Tree) -> Result<(), StoreError> {
+    tracing::info!("copying the store from format ferry-sled/1 to ferry-sled/2");
+    tree.clear().map_err(backend)?;
+    let old = |name: &str| db.open_tree(name).map_err(backend);
+    let mut batch = sled::Batch::default();
+    let mut pending = 0;
+    let flush_batch = |batch: &mut sled::Batch, pending: &mut usize, force: bool| {
+        if force || *pending >= 10_000 {
+            *pending = 0;
+            tree.apply_batch(std::mem::take(batch)).map_err(backend)
+        } else {
+            Ok(())
+        }
+    };
+    for entry in old("messages")?.iter() {
+        let (global, json) = entry.map_err(backend)?;
+        let global = u64_be(&global);
+        let message: Message = decode("message", &json)?;
+        let at = message_key(message.stream.category_str(), global);
+        batch.insert(
+            stream_key(message.stream.as_str(), message.position),
+            &global.to_be_bytes(),
+        );
+        batch.insert(id_key(&message.id), at.as_slice());
+        batch.insert(at, json);
+        pending += 3;
+        flush_batch(&mut batch, &mut pending, false)?;
+    }
+    for (name, tag) in [
+        ("consumers", CONSUMER),
+        ("views", VIEW),
+        ("parked", PARKED),
+        ("deferred", DEFERRED),
+    ] {
+        for entry in old(name)?.iter() {
+            let (old_key, value) = entry.map_err(backend)?;
+            let mut new_key = vec![tag];
+            new_key.extend_from_slice(&old_key);
+            batch.insert(new_key, value);
+            pending += 1;
+            flush_batch(&mut batch, &mut pending, false)?;
+        }
+    }
+    if let Some(head) = old("meta")?.get("head").map_err(backend)? {
+        batch.insert(HEAD_KEY, head);
+    }
+    batch.insert(FORMAT_KEY, FORMAT);
+    flush_batch(&mut batch, &mut pending, true)?;
+    db.flush().map_err(backend)?;
+    for name in [
+        "meta",
+        "messages",
+        "streams",
+        "versions",
+        "categories",
+        "ids",
+        "consumers",
+        "views",
+        "parked",
+        "deferred",
+    ] {
+        db.drop_tree(name).map_err(backend)?;
+    }
+    db.flush().map_err(backend)?;
+    Ok(())
+}
+
+/// The writes of the group being built, by key (`None`: removed). A commit reads through them
+/// before the tree, so it sees what the group's earlier commits wrote though none of it is in
+/// sled yet.
+type Staged = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// One commit's reads and writes: its own writes first, then the group's, then the tree. Dropped
+/// without a trace when the commit fails.
+struct Staging<'a> {
+    tree: &'a Tree,
+    group: &'a Staged,
+    own: Staged,
+}
+
+impl Staging<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.own.get(key).or_else(|| self.group.get(key)) {
+            Some(staged) => Ok(staged.clone()),
+            None => Ok(self.tree.get(key).map_err(backend)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.own.insert(key, Some(value));
+    }
+
+    /// Removes `key`; whether it was there.
+    fn remove(&mut self, key: Vec<u8>) -> Result<bool, StoreError> {
+        let existed = self.get(&key)?.is_some();
+        self.own.insert(key, None);
+        Ok(existed)
+    }
+}
+
+/// The writer thread's state: it is the only writer, so the head and stream versions it keeps
+/// are the truth, and reads it makes cannot race another write.
+struct Writer {
     db: sled::Db,
-    trees: Trees,
+    tree: Tree,
+    head: u64,
+    /// Versions of streams written lately (every stream the current group wrote is here).
+    versions: HashMap<String, u64>,
     watchers: Watchers,
-    mut queue: mpsc::UnboundedReceiver<WriteRequest>,
-) {
-    while let Some(first) = queue.blocking_recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match queue.try_recv() {
-                Ok(request) => group.push(request),
-                Err(_) => break,
+}
+
+impl Writer {
+    fn run(mut self, mut queue: mpsc::UnboundedReceiver<WriteRequest>) {
+        while let Some(first) = queue.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match queue.try_recv() {
+                    Ok(request) => group.push(request),
+                    Err(_) => break,
+                }
             }
-        }
-        let mut results = Vec::with_capacity(group.len());
-        let mut touched: BTreeSet<String> = BTreeSet::new();
-        for request in &group {
-            let result = match request {
-                WriteRequest::Commit { commit, .. } => {
-                    apply(&trees, commit).map(|(c, t)| (Applied::Committed(c), t))
+            let mut staged = Staged::new();
+            let mut results = Vec::with_capacity(group.len());
+            let mut touched: BTreeSet<String> = BTreeSet::new();
+            let mut failure = None;
+            for request in &group {
+                let result = match request {
+                    WriteRequest::Commit { commit, .. } => self
+                        .stage(&mut staged, commit)
+                        .map(|(c, t)| (Applied::Committed(c), t)),
+                    // These scan the tree, so what the group staged so far is written first.
+                    WriteRequest::RebuildViews {
+                        tables, consumers, ..
+                    } => match self.write_staged(&mut staged) {
+                        Ok(()) => self
+                            .rebuild(tables, consumers)
+                            .map(|(c, t)| (Applied::Committed(c), t)),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    },
+                    WriteRequest::Replay { chosen, .. } => match self.write_staged(&mut staged) {
+                        Ok(()) => self.replay(chosen).map(|(n, t)| (Applied::Moved(n), t)),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    },
+                };
+                if let Ok((_, categories)) = &result {
+                    touched.extend(categories.iter().cloned());
                 }
-                WriteRequest::RebuildViews {
-                    tables, consumers, ..
-                } => rebuild(&trees, tables, consumers).map(|(c, t)| (Applied::Committed(c), t)),
-                WriteRequest::Replay { chosen, .. } => {
-                    replay(&trees, chosen).map(|(n, t)| (Applied::Moved(n), t))
-                }
+                results.push(result.map(|(applied, _)| applied));
+            }
+            // Group commit: one batch and one fsync for every commit above.
+            let written = match failure {
+                Some(e) => Err(e),
+                None => self
+                    .write_staged(&mut staged)
+                    .and_then(|()| self.db.flush().map_err(backend)),
             };
-            if let Ok((_, categories)) = &result {
-                touched.extend(categories.iter().cloned());
+            if let Err(e) = written {
+                // The group may be partly in memory and maybe not on disk: neither "failed" nor
+                // "written" is true, so stop. Every caller learns the store stopped; nothing is
+                // accepted after this point.
+                let reason = format!("write failed, the store stopped (restart to recover): {e}");
+                tracing::error!("{reason}");
+                for request in group {
+                    request.reply(Err(StoreError::Backend(reason.clone())));
+                }
+                return;
             }
-            results.push(result.map(|(applied, _)| applied));
-        }
-        // Group commit: one fsync makes every transaction above durable.
-        if let Err(e) = db.flush() {
-            // The group is applied in memory but maybe not on disk: neither "failed" nor
-            // "written" is true, so stop. Every caller learns the store stopped; nothing is
-            // accepted after this point.
-            let reason = format!("flush failed, the store stopped (restart to recover): {e}");
-            tracing::error!("{reason}");
-            for request in group {
-                request.reply(Err(StoreError::Backend(reason.clone())));
-            }
-            return;
-        }
-        if let Ok(watchers) = watchers.lock() {
-            for category in &touched {
-                if let Some(sender) = watchers.get(category) {
-                    sender.send_modify(|n| *n = n.wrapping_add(1));
+            if let Ok(watchers) = self.watchers.lock() {
+                for category in &touched {
+                    if let Some(sender) = watchers.get(category) {
+                        sender.send_modify(|n| *n = n.wrapping_add(1));
+                    }
                 }
             }
-        }
-        for (request, result) in group.into_iter().zip(results) {
-            request.reply(result);
+            for (request, result) in group.into_iter().zip(results) {
+                request.reply(result);
+            }
+            if self.versions.len() > MAX_CACHED_VERSIONS {
+                self.versions.clear();
+            }
         }
     }
-}
 
-/// Empties view tables and resets consumers in one transaction. The keys to delete are listed
-/// first: sled transactions cannot scan, and nothing else writes while the writer thread is here.
-fn rebuild(
-    trees: &Trees,
-    tables: &[String],
-    consumers: &[ConsumerId],
-) -> Result<(Committed, BTreeSet<String>), StoreError> {
-    let mut rows = Vec::new();
-    for table in tables {
-        for entry in trees.views.scan_prefix(key2(table, &[])) {
-            rows.push(entry.map_err(backend)?.0);
+    /// Writes what the group staged, and the head, as one atomic batch.
+    fn write_staged(&mut self, staged: &mut Staged) -> Result<(), StoreError> {
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (key, value) in std::mem::take(staged) {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch.insert(HEAD_KEY, &self.head.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(backend)
+    }
+
+    fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
+        match self.versions.get(stream) {
+            Some(version) => Ok(*version),
+            None => stored_version(&self.tree, stream),
         }
     }
-    let mut set_aside = Vec::new();
-    for consumer in consumers {
-        let mut prefix = consumer_key(consumer);
-        prefix.push(0);
-        for entry in trees.deferred.scan_prefix(&prefix) {
-            set_aside.push((true, entry.map_err(backend)?.0));
-        }
-        for entry in trees.parked.scan_prefix(&prefix) {
-            set_aside.push((false, entry.map_err(backend)?.0));
-        }
-    }
-    let result = (
-        &trees.views,
-        &trees.consumers,
-        &trees.deferred,
-        &trees.parked,
-    )
-        .transaction(|(views, positions, deferred, parked)| {
-            for key in &rows {
-                views.remove(key)?;
-            }
-            for consumer in consumers {
-                positions.insert(consumer_key(consumer), &0u64.to_be_bytes())?;
-            }
-            for (is_deferred, key) in &set_aside {
-                if *is_deferred {
-                    deferred.remove(key)?;
-                } else {
-                    parked.remove(key)?;
-                }
-            }
-            Ok::<_, ConflictableTransactionError<StoreError>>(())
-        });
-    result.map_err(|e| backend(format!("{e:?}")))?;
-    let touched = consumers
-        .iter()
-        .map(|c| c.category.as_str().to_owned())
-        .collect();
-    Ok((Committed::default(), touched))
-}
 
-/// Moves parked messages to their consumers' deferred sets, due at once. In the writer thread,
-/// like every write, so it cannot interleave with a rebuild that clears those sets.
-fn replay(
-    trees: &Trees,
-    chosen: &[ParkedMessage],
-) -> Result<(usize, BTreeSet<String>), StoreError> {
-    let now = now_ms();
-    let mut moved = 0;
-    let mut touched = BTreeSet::new();
-    for park in chosen {
-        let key = consumer_message_key(&park.consumer, park.message.global_position);
-        let defer = DeferredMessage {
-            consumer: park.consumer.clone(),
-            message: park.message.clone(),
-            due_ms: now,
-        };
-        let result = (&trees.parked, &trees.deferred).transaction(|(parked, deferred)| {
-            if parked.remove(key.as_slice())?.is_some() {
-                deferred.insert(key.as_slice(), encode(&defer))?;
-                Ok(true)
-            } else {
-                Ok::<_, ConflictableTransactionError<StoreError>>(false)
-            }
-        });
-        if result.map_err(|e| backend(format!("{e:?}")))? {
-            touched.insert(park.consumer.category.as_str().to_owned());
-            moved += 1;
-        }
-    }
-    Ok((moved, touched))
-}
-
-type Abort = ConflictableTransactionError<StoreError>;
-
-fn abort(e: StoreError) -> Abort {
-    ConflictableTransactionError::Abort(e)
-}
-
-/// Applies one commit as one sled transaction. Returns what it wrote and the categories whose
-/// consumers should wake.
-fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>), StoreError> {
-    validate_commit(commit)?;
-    let time_ms = now_ms();
-    let all = [
-        &trees.meta,
-        &trees.messages,
-        &trees.streams,
-        &trees.versions,
-        &trees.categories,
-        &trees.ids,
-        &trees.consumers,
-        &trees.views,
-        &trees.parked,
-        &trees.deferred,
-    ];
-    let result = all.as_slice().transaction(|t: &Vec<TransactionalTree>| {
-        let [
-            meta,
-            messages,
-            streams,
-            versions,
-            categories,
-            ids,
-            consumers,
-            views,
-            parked,
-            deferred,
-        ] = t.as_slice()
-        else {
-            return Err(abort(StoreError::Backend("tree set mismatch".into())));
+    /// Checks one commit against the store and the group so far, and stages its writes. Returns
+    /// what it wrote and the categories whose consumers should wake; on an error nothing of it is
+    /// staged.
+    fn stage(
+        &mut self,
+        group: &mut Staged,
+        commit: &Commit,
+    ) -> Result<(Committed, BTreeSet<String>), StoreError> {
+        validate_commit(commit)?;
+        let time_ms = now_ms();
+        let mut staging = Staging {
+            tree: &self.tree,
+            group,
+            own: Staged::new(),
         };
         let mut committed = Committed::default();
         let mut touched = BTreeSet::new();
-        let mut head = meta.get("head")?.map(|v| u64_be(&v)).unwrap_or(0);
+        let mut head = self.head;
+        let mut versions: Vec<(String, u64)> = Vec::new();
         for append in &commit.appends {
             let stream = append.stream.as_str();
-            let mut fresh = Vec::with_capacity(append.messages.len());
+            let mut fresh: Vec<&NewMessage> = Vec::with_capacity(append.messages.len());
             for message in &append.messages {
-                if ids.get(message.id.as_bytes())?.is_some()
-                    || fresh
-                        .iter()
-                        .any(|m: &&super::NewMessage| m.id == message.id)
+                if staging.get(&id_key(&message.id))?.is_some()
+                    || fresh.iter().any(|m| m.id == message.id)
                 {
                     committed.duplicates.push(message.id.clone());
                 } else {
@@ -497,15 +615,18 @@ fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>)
             if fresh.is_empty() {
                 continue;
             }
-            let mut version = versions.get(stream)?.map(|v| u64_be(&v)).unwrap_or(0);
+            let mut version = match versions.iter().rev().find(|(s, _)| s == stream) {
+                Some((_, version)) => *version,
+                None => self.stream_version(stream)?,
+            };
             if let Some(expected) = append.expected_version
                 && expected != version
             {
-                return Err(abort(StoreError::Conflict {
+                return Err(StoreError::Conflict {
                     stream: stream.to_owned(),
                     expected,
                     actual: version,
-                }));
+                });
             }
             let category = append.stream.category_str();
             for new in fresh {
@@ -521,27 +642,26 @@ fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>)
                     time_ms,
                     not_before_ms: new.not_before_ms,
                 };
-                messages.insert(&head.to_be_bytes(), encode(&message))?;
-                streams.insert(key2(stream, &version.to_be_bytes()), &head.to_be_bytes())?;
-                categories.insert(key2(category, &head.to_be_bytes()), &[])?;
-                ids.insert(message.id.as_bytes(), &head.to_be_bytes())?;
+                let at = message_key(category, head);
+                staging.insert(stream_key(stream, version), head.to_be_bytes().to_vec());
+                staging.insert(id_key(&message.id), at.clone());
+                staging.insert(at, encode(&message));
                 version += 1;
                 committed.written.push(message);
             }
-            versions.insert(stream, &version.to_be_bytes())?;
+            versions.push((stream.to_owned(), version));
             touched.insert(category.to_owned());
         }
-        meta.insert("head", &head.to_be_bytes())?;
 
         // Rows this commit wrote: a later change to the same row in the commit replaces it, even
         // with the same `seq` (one outcome may upsert a row twice, or delete and upsert it).
         let mut written_rows: BTreeSet<Vec<u8>> = BTreeSet::new();
         for write in &commit.views {
-            let key = key2(&write.table, write.key.as_bytes());
+            let key = view_key(&write.table, &write.key);
             if !written_rows.contains(&key)
-                && let Some(existing) = views.get(&key)?
+                && let Some(existing) = staging.get(&key)?
             {
-                let row: ViewRow = decode("view row", &existing).map_err(abort)?;
+                let row: ViewRow = decode("view row", &existing)?;
                 if write.seq <= row.last_update_seq {
                     continue;
                 }
@@ -551,54 +671,121 @@ fn apply(trees: &Trees, commit: &Commit) -> Result<(Committed, BTreeSet<String>)
                 value: write.value.clone().unwrap_or(Value::Null),
                 last_update_seq: write.seq,
             };
-            views.insert(key, encode(&row))?;
+            staging.insert(key, encode(&row));
         }
 
         match &commit.settle {
             Some(Settle::Advance { consumer, from, to }) => {
                 let key = consumer_key(consumer);
-                let actual = consumers.get(&key)?.map(|v| u64_be(&v)).unwrap_or(0);
+                let actual = staging.get(&key)?.map(|v| u64_be(&v)).unwrap_or(0);
                 if actual != *from {
-                    return Err(abort(StoreError::ConsumerMoved {
+                    return Err(StoreError::ConsumerMoved {
                         consumer: consumer.to_string(),
                         expected: *from,
                         actual,
-                    }));
+                    });
                 }
-                consumers.insert(key, &to.to_be_bytes())?;
+                staging.insert(key, to.to_be_bytes().to_vec());
             }
             // Gone means a rebuild cleared it meanwhile: this outcome is stale.
             Some(Settle::ClearDeferred {
                 consumer,
                 global_position,
-            }) if deferred
-                .remove(consumer_message_key(consumer, *global_position))?
-                .is_none() =>
-            {
-                return Err(abort(StoreError::ConsumerMoved {
+            }) if !staging.remove(set_aside_key(DEFERRED, consumer, *global_position))? => {
+                return Err(StoreError::ConsumerMoved {
                     consumer: consumer.to_string(),
                     expected: *global_position,
                     actual: 0,
-                }));
+                });
             }
-            Some(Settle::ClearDeferred { .. }) => {}
-            None => {}
+            Some(Settle::ClearDeferred { .. }) | None => {}
         }
         for park in &commit.park {
-            let key = consumer_message_key(&park.consumer, park.message.global_position);
-            parked.insert(key, encode(park))?;
+            let key = set_aside_key(PARKED, &park.consumer, park.message.global_position);
+            staging.insert(key, encode(park));
         }
         for defer in &commit.defer {
-            let key = consumer_message_key(&defer.consumer, defer.message.global_position);
-            deferred.insert(key, encode(defer))?;
+            let key = set_aside_key(DEFERRED, &defer.consumer, defer.message.global_position);
+            staging.insert(key, encode(defer));
             touched.insert(defer.consumer.category.as_str().to_owned());
         }
+
+        // The commit holds: its writes join the group.
+        let own = std::mem::take(&mut staging.own);
+        group.extend(own);
+        self.head = head;
+        self.versions.extend(versions);
         Ok((committed, touched))
-    });
-    result.map_err(|e| match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => backend(e),
-    })
+    }
+
+    /// Empties view tables and resets consumers in one batch. Nothing else writes while the
+    /// writer thread is here, so the keys listed are still the keys removed.
+    fn rebuild(
+        &mut self,
+        tables: &[String],
+        consumers: &[ConsumerId],
+    ) -> Result<(Committed, BTreeSet<String>), StoreError> {
+        let mut batch = sled::Batch::default();
+        for table in tables {
+            for row in self
+                .tree
+                .scan_prefix(key(VIEW, &[table.as_bytes(), &[]]))
+                .keys()
+            {
+                batch.remove(row.map_err(backend)?);
+            }
+        }
+        for consumer in consumers {
+            batch.insert(consumer_key(consumer), &0u64.to_be_bytes());
+            for tag in [DEFERRED, PARKED] {
+                for record in self
+                    .tree
+                    .scan_prefix(set_aside_prefix(tag, consumer))
+                    .keys()
+                {
+                    batch.remove(record.map_err(backend)?);
+                }
+            }
+        }
+        self.tree.apply_batch(batch).map_err(backend)?;
+        let touched = consumers
+            .iter()
+            .map(|c| c.category.as_str().to_owned())
+            .collect();
+        Ok((Committed::default(), touched))
+    }
+
+    /// Moves parked messages to their consumers' deferred sets, due at once. In the writer thread,
+    /// like every write, so it cannot interleave with a rebuild that clears those sets.
+    fn replay(
+        &mut self,
+        chosen: &[ParkedMessage],
+    ) -> Result<(usize, BTreeSet<String>), StoreError> {
+        let now = now_ms();
+        let mut batch = sled::Batch::default();
+        let mut moved = BTreeSet::new();
+        let mut touched = BTreeSet::new();
+        for park in chosen {
+            let global = park.message.global_position;
+            let parked = set_aside_key(PARKED, &park.consumer, global);
+            if self.tree.get(&parked).map_err(backend)?.is_none() || !moved.insert(parked.clone()) {
+                continue;
+            }
+            let defer = DeferredMessage {
+                consumer: park.consumer.clone(),
+                message: park.message.clone(),
+                due_ms: now,
+            };
+            batch.remove(parked);
+            batch.insert(
+                set_aside_key(DEFERRED, &park.consumer, global),
+                encode(&defer),
+            );
+            touched.insert(park.consumer.category.as_str().to_owned());
+        }
+        self.tree.apply_batch(batch).map_err(backend)?;
+        Ok((moved.len(), touched))
+    }
 }
 
 #[async_trait]
@@ -628,9 +815,9 @@ impl MessageStore for SledStore {
         Ok(categories
             .into_iter()
             .map(|category| {
-                self.trees()
-                    .categories
-                    .scan_prefix(key2(category, &[]))
+                self.tree()
+                    .scan_prefix(category_prefix(category))
+                    .keys()
                     .count() as u64
             })
             .sum())
@@ -642,27 +829,21 @@ impl MessageStore for SledStore {
         from_position: u64,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let start = key2(stream.as_str(), &from_position.to_be_bytes());
-        let end = key2(stream.as_str(), &u64::MAX.to_be_bytes());
-        self.trees()
-            .streams
+        let start = stream_key(stream.as_str(), from_position);
+        let end = stream_key(stream.as_str(), u64::MAX);
+        let category = stream.category_str();
+        self.tree()
             .range(start..=end)
+            .values()
             .take(limit)
-            .map(|entry| {
-                let (_, global) = entry.map_err(backend)?;
-                self.message_at(u64_be(&global))
+            .map(|global| {
+                self.message_at(&message_key(category, u64_be(&global.map_err(backend)?)))
             })
             .collect()
     }
 
     async fn stream_version(&self, stream: &StreamName) -> Result<u64, StoreError> {
-        Ok(self
-            .trees()
-            .versions
-            .get(stream.as_str())
-            .map_err(backend)?
-            .map(|v| u64_be(&v))
-            .unwrap_or(0))
+        stored_version(self.tree(), stream.as_str())
     }
 
     async fn read_category(
@@ -672,21 +853,18 @@ impl MessageStore for SledStore {
         origin_prefix: Option<&str>,
         limit: usize,
     ) -> Result<CategoryPage, StoreError> {
-        let start = key2(category.as_str(), &after.saturating_add(1).to_be_bytes());
-        let end = key2(category.as_str(), &u64::MAX.to_be_bytes());
-        let prefix_len = category.as_str().len() + 1;
+        let start = message_key(category.as_str(), after.saturating_add(1));
+        let end = message_key(category.as_str(), u64::MAX);
         let mut page = CategoryPage {
             messages: Vec::new(),
             scanned_to: after,
         };
-        for entry in self.trees().categories.range(start..=end).take(MAX_SCAN) {
+        for entry in self.tree().range(start..=end).values().take(MAX_SCAN) {
             if page.messages.len() >= limit {
                 break;
             }
-            let (key, _) = entry.map_err(backend)?;
-            let global = u64_be(&key[prefix_len..]);
-            let message = self.message_at(global)?;
-            page.scanned_to = global;
+            let message: Message = decode("message", &entry.map_err(backend)?)?;
+            page.scanned_to = message.global_position;
             let wanted = match origin_prefix {
                 None => true,
                 Some(prefix) => message
@@ -711,17 +889,16 @@ impl MessageStore for SledStore {
     }
 
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError> {
-        match self.trees().ids.get(id.as_bytes()).map_err(backend)? {
-            Some(global) => Ok(Some(self.message_at(u64_be(&global))?)),
+        match self.tree().get(id_key(id)).map_err(backend)? {
+            Some(at) => Ok(Some(self.message_at(&at)?)),
             None => Ok(None),
         }
     }
 
     async fn head(&self) -> Result<u64, StoreError> {
         Ok(self
-            .trees()
-            .meta
-            .get("head")
+            .tree()
+            .get(HEAD_KEY)
             .map_err(backend)?
             .map(|v| u64_be(&v))
             .unwrap_or(0))
@@ -729,8 +906,7 @@ impl MessageStore for SledStore {
 
     async fn consumer_position(&self, consumer: &ConsumerId) -> Result<u64, StoreError> {
         Ok(self
-            .trees()
-            .consumers
+            .tree()
             .get(consumer_key(consumer))
             .map_err(backend)?
             .map(|v| u64_be(&v))
@@ -741,23 +917,28 @@ impl MessageStore for SledStore {
         &self,
         category: Option<&Category>,
     ) -> Result<Vec<ConsumerInfo>, StoreError> {
-        let prefix = category.map(|c| key2(c.as_str(), &[])).unwrap_or_default();
+        let prefix = match category {
+            Some(c) => key(CONSUMER, &[c.as_str().as_bytes(), &[]]),
+            None => vec![CONSUMER],
+        };
         let mut listed = Vec::new();
-        for entry in self.trees().consumers.scan_prefix(prefix) {
+        for entry in self.tree().scan_prefix(prefix) {
             let (key, value) = entry.map_err(backend)?;
-            let text = String::from_utf8_lossy(&key);
+            let text = String::from_utf8_lossy(&key[1..]);
             let Some((category, name)) = text.split_once('\0') else {
                 continue;
             };
             let category = Category::parse(category)?;
             let position = u64_be(&value);
-            let start = key2(category.as_str(), &position.saturating_add(1).to_be_bytes());
-            let end = key2(category.as_str(), &u64::MAX.to_be_bytes());
-            let lag = self.trees().categories.range(start..=end).count() as u64;
+            let start = message_key(category.as_str(), position.saturating_add(1));
+            let end = message_key(category.as_str(), u64::MAX);
+            let lag = self.tree().range(start..=end).keys().count() as u64;
             let consumer = ConsumerId::new(category, name);
-            let mut deferred_prefix = consumer_key(&consumer);
-            deferred_prefix.push(0);
-            let deferred = self.trees().deferred.scan_prefix(deferred_prefix).count() as u64;
+            let deferred = self
+                .tree()
+                .scan_prefix(set_aside_prefix(DEFERRED, &consumer))
+                .keys()
+                .count() as u64;
             listed.push(ConsumerInfo {
                 category_head: self.category_head(consumer.category.as_str())?,
                 consumer,
@@ -770,12 +951,7 @@ impl MessageStore for SledStore {
     }
 
     async fn view_get(&self, table: &str, key: &str) -> Result<Option<ViewRow>, StoreError> {
-        let Some(bytes) = self
-            .trees()
-            .views
-            .get(key2(table, key.as_bytes()))
-            .map_err(backend)?
-        else {
+        let Some(bytes) = self.tree().get(view_key(table, key)).map_err(backend)? else {
             return Ok(None);
         };
         let row: ViewRow = decode("view row", &bytes)?;
@@ -788,9 +964,9 @@ impl MessageStore for SledStore {
         after_key: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, ViewRow)>, StoreError> {
-        let prefix = key2(table, &[]);
+        let prefix = key(VIEW, &[table.as_bytes(), &[]]);
         let mut rows = Vec::new();
-        for entry in self.trees().views.scan_prefix(&prefix) {
+        for entry in self.tree().scan_prefix(&prefix) {
             let (key, value) = entry.map_err(backend)?;
             let row_key = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
             if after_key.is_some_and(|after| row_key.as_str() <= after) {
@@ -812,28 +988,23 @@ impl MessageStore for SledStore {
         &self,
         consumer: Option<&ConsumerId>,
     ) -> Result<Vec<ParkedMessage>, StoreError> {
-        let prefix = consumer
-            .map(|c| {
-                let mut key = consumer_key(c);
-                key.push(0);
-                key
-            })
-            .unwrap_or_default();
-        self.trees()
-            .parked
+        let prefix = match consumer {
+            Some(c) => set_aside_prefix(PARKED, c),
+            None => vec![PARKED],
+        };
+        self.tree()
             .scan_prefix(prefix)
-            .map(|entry| decode("parked", &entry.map_err(backend)?.1))
+            .values()
+            .map(|entry| decode("parked", &entry.map_err(backend)?))
             .collect()
     }
 
     async fn deferred(&self, consumer: &ConsumerId) -> Result<Vec<DeferredMessage>, StoreError> {
-        let mut prefix = consumer_key(consumer);
-        prefix.push(0);
         let mut listed: Vec<DeferredMessage> = self
-            .trees()
-            .deferred
-            .scan_prefix(prefix)
-            .map(|entry| decode("deferred", &entry.map_err(backend)?.1))
+            .tree()
+            .scan_prefix(set_aside_prefix(DEFERRED, consumer))
+            .values()
+            .map(|entry| decode("deferred", &entry.map_err(backend)?))
             .collect::<Result<_, _>>()?;
         listed.sort_by_key(|d| (d.due_ms, d.message.global_position));
         Ok(listed)
