@@ -237,7 +237,8 @@ pub struct ServiceMetrics {
     /// Time spent deciding (guest calls and their reads) and committing, in seconds.
     pub handling_seconds: f64,
     /// Events passed through `project`: with the projection cache, at most about two per event
-    /// written (pending in its batch, then from the store), not one per event per message.
+    /// written (pending in its batch, then from the store), not one per event per message. Every
+    /// call counts, also those of lane work that was dropped and decided again on one thread.
     pub projected_events: u64,
 }
 
@@ -571,10 +572,13 @@ impl Consumer {
             )
             .await?;
         let idle = page.messages.is_empty();
-        if !idle && !self.handle_batch(page.messages.clone()).await? {
-            for message in page.messages {
+        // Shared, not copied: the batch path reads it, the one-by-one path needs it only when
+        // the batch declines.
+        let messages: Arc<[Message]> = page.messages.into();
+        if !idle && !self.handle_batch(messages.clone()).await? {
+            for message in messages.iter() {
                 let global = message.global_position;
-                self.handle(message, Source::Category).await?;
+                self.handle(message.clone(), Source::Category).await?;
                 self.position = global;
             }
         }
@@ -609,7 +613,7 @@ impl Consumer {
     /// Handles a page of the category as one commit: every outcome, parked and deferred message,
     /// and the consumer's new position, with one flush. Returns false, having written nothing,
     /// when the page needs the one-by-one path (a transient failure to retry, a conflict).
-    async fn handle_batch(&mut self, messages: Vec<Message>) -> Result<bool, Interrupted> {
+    async fn handle_batch(&mut self, messages: Arc<[Message]>) -> Result<bool, Interrupted> {
         let Some(last) = messages.last().map(|m| m.global_position) else {
             return Ok(true);
         };
@@ -1117,7 +1121,7 @@ async fn decide_batch(
     projections: Arc<ProjectionCache>,
     store: Arc<dyn MessageStore>,
     mail: Option<Arc<Maildir>>,
-    messages: Vec<Message>,
+    messages: Arc<[Message]>,
     reuse_instances: bool,
     lanes: usize,
 ) -> Result<BatchDecision, BatchDecline> {
@@ -1131,11 +1135,12 @@ async fn decide_batch(
     if split.len() > 1 {
         let mut deciding = Vec::with_capacity(split.len());
         for lane in split {
-            let (runtime, component, projections, store) = (
+            let (runtime, component, projections, store, messages) = (
                 runtime.clone(),
                 component.clone(),
                 projections.clone(),
                 store.clone(),
+                messages.clone(),
             );
             deciding.push(tokio::task::spawn_blocking(move || {
                 decide_lane(
@@ -1144,7 +1149,7 @@ async fn decide_batch(
                     &projections,
                     &store,
                     None,
-                    lane,
+                    lane.iter().map(|&i| &messages[i]),
                     reuse_instances,
                 )
             }));
@@ -1165,7 +1170,7 @@ async fn decide_batch(
             &projections,
             &store,
             mail,
-            messages,
+            messages.iter(),
             reuse_instances,
         )
     })
@@ -1175,20 +1180,20 @@ async fn decide_batch(
     Ok(decision)
 }
 
-/// Splits a page by entity into at most `lanes` lanes, keeping page order within each; empty
-/// when one lane would hold everything.
-fn split_by_entity(service: &str, messages: &[Message], lanes: usize) -> Vec<Vec<Message>> {
+/// Splits a page by entity into at most `lanes` lanes of indices into the page, keeping page
+/// order within each; empty when one lane would hold everything.
+fn split_by_entity(service: &str, messages: &[Message], lanes: usize) -> Vec<Vec<usize>> {
     if lanes < 2 {
         return Vec::new();
     }
-    let mut split: Vec<Vec<Message>> = vec![Vec::new(); lanes];
-    for message in messages {
+    let mut split: Vec<Vec<usize>> = vec![Vec::new(); lanes];
+    for (index, message) in messages.iter().enumerate() {
         let lane = entity_of(service, message).map_or(0, |entity| {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             std::hash::Hash::hash(&entity, &mut hasher);
             std::hash::Hasher::finish(&hasher) as usize % lanes
         });
-        split[lane].push(message.clone());
+        split[lane].push(index);
     }
     split.retain(|lane| !lane.is_empty());
     if split.len() < 2 {
@@ -1238,13 +1243,13 @@ fn merge_lanes(lanes: Vec<LaneDecision>) -> BatchDecision {
 
 /// Decides messages in order on this (blocking) thread, each in a fresh instance, each seeing
 /// what the earlier ones decided (through an [`Overlay`]).
-fn decide_lane(
+fn decide_lane<'a>(
     runtime: &Handle,
     component: &ServiceComponent,
     projections: &ProjectionCache,
     store: &Arc<dyn MessageStore>,
     mail: Option<Arc<Maildir>>,
-    messages: Vec<Message>,
+    messages: impl ExactSizeIterator<Item = &'a Message>,
     reuse_instances: bool,
 ) -> Result<LaneDecision, BatchDecline> {
     let manifest = component.manifest();
@@ -1261,10 +1266,13 @@ fn decide_lane(
         if let Some(due_ms) = message.not_before_ms
             && due_ms > now_ms()
         {
-            decision.items.push(BatchItem::Defer { message, due_ms });
+            decision.items.push(BatchItem::Defer {
+                message: message.clone(),
+                due_ms,
+            });
             continue;
         }
-        let entity = entity_of(&manifest.name, &message);
+        let entity = entity_of(&manifest.name, message);
         let host = StoreHost {
             runtime: runtime.clone(),
             store: store.clone(),
@@ -1318,9 +1326,9 @@ fn decide_lane(
                 None => None,
             };
             let outcome = if message.stream.is_command() {
-                instance.handle_command(&message, state.as_deref())
+                instance.handle_command(message, state.as_deref())
             } else {
-                instance.handle_event(&message, state.as_deref())
+                instance.handle_event(message, state.as_deref())
             }
             .map_err(Decline::Guest)?;
             if reuse_instances {
@@ -1337,17 +1345,17 @@ fn decide_lane(
             }
             Err(Decline::Guest(e)) => {
                 decision.items.push(BatchItem::Park {
-                    message,
+                    message: message.clone(),
                     reason: e.to_string(),
                 });
                 continue;
             }
         };
-        let checked = match check_outcome(manifest, &message, outcome) {
+        let checked = match check_outcome(manifest, message, outcome) {
             Ok(checked) => checked,
             Err(reason) => {
                 decision.items.push(BatchItem::Park {
-                    message,
+                    message: message.clone(),
                     reason: format!("invalid outcome: {reason}"),
                 });
                 continue;
@@ -1649,7 +1657,10 @@ mod tests {
         let page: Vec<Message> = (0..60)
             .map(|n| command(&format!("e{}", n % 6), n))
             .collect();
-        let lanes = split_by_entity("counter", &page, 2);
+        let lanes: Vec<Vec<&Message>> = split_by_entity("counter", &page, 2)
+            .into_iter()
+            .map(|lane| lane.into_iter().map(|i| &page[i]).collect())
+            .collect();
         assert_eq!(lanes.len(), 2, "six entities spread over two lanes");
         assert_eq!(lanes.iter().map(Vec::len).sum::<usize>(), 60);
         for (i, lane) in lanes.iter().enumerate() {
