@@ -6,24 +6,12 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Setup, wait_until};
+use support::{Setup, billing, types, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn types(messages: &[Value]) -> Vec<String> {
-    messages
-        .iter()
-        .map(|m| m["type"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
-
-fn send(setup: &Setup, stream: &str, message_type: &str, data: Value) -> Value {
-    setup.ferry_json(&["send", stream, message_type, &data.to_string()])["written"].clone()
-}
-
 fn register(setup: &Setup, user_id: &str, username: &str, email: &str) {
-    send(
-        setup,
+    setup.send(
         &format!("user:command.{user_id}"),
         "RegisterUser",
         json!({
@@ -69,8 +57,7 @@ fn registers_a_user_end_to_end() {
     setup.wait_for_registered_ann(WAIT, &events[0]);
 
     // A name change is a NameChanged, a NotifyUser for the browser, and a view update.
-    send(
-        &setup,
+    setup.send(
         "user:command.u1",
         "ChangeName",
         json!({"firstName": "Annie", "lastName": "Lee"}),
@@ -122,10 +109,10 @@ fn sends_an_email_once_when_send_email_is_delivered_twice() {
         "subject": "Your subscription", "body": "We noticed that your payment is overdue...",
     });
     let host = setup.start(&[]);
-    send(&setup, "email:command.e1", "SendEmail", send_email.clone());
+    setup.send("email:command.e1", "SendEmail", send_email.clone());
     setup.wait_for_stream("email.e1", 1);
     // The same email asked for again by a second command.
-    send(&setup, "email:command.e1", "SendEmail", send_email);
+    setup.send("email:command.e1", "SendEmail", send_email);
     let commands = setup.wait_for_stream("email:command.e1", 2);
     wait_until(WAIT, "both commands are handled", || {
         setup.ferry_json(&["consumers", "email:command"])["consumers"][0]["position"]
@@ -148,8 +135,7 @@ fn sends_an_email_once_when_send_email_is_delivered_twice() {
 fn refuses_email_delivery_to_a_service_without_the_grant() {
     let setup = Setup::new(&["email"]);
     let _host = setup.start(&["--mail-grant", "somebody-else"]);
-    send(
-        &setup,
+    setup.send(
         "email:command.e9",
         "SendEmail",
         json!({"id": "e9", "from": "a@b.c", "to": "d@e.f", "subject": "s", "body": "b"}),
@@ -172,8 +158,7 @@ fn refuses_email_delivery_to_a_service_without_the_grant() {
 fn subscription_catches_up(email_runs_at_the_end: bool) {
     let setup = Setup::new(&["subscription"]);
     let host = setup.start(&[]);
-    send(
-        &setup,
+    setup.send(
         "subscription:command.john",
         "MarkPaymentOverdue",
         json!({"email": "john@example.com", "followUpAfterMs": 3_600_000}),
@@ -193,8 +178,7 @@ fn subscription_catches_up(email_runs_at_the_end: bool) {
     setup.install("email");
     let host = setup.start(&[]);
     setup.wait_for_stream(&format!("email.{email_id}"), 1);
-    send(
-        &setup,
+    setup.send(
         &format!("email:command.{email_id}"),
         "RecordEmailOpened",
         json!({"timestamp": "2022-06-06T08:29:30Z"}),
@@ -243,69 +227,9 @@ fn subscription_and_email_work_without_ever_running_together() {
 fn follows_up_an_overdue_payment_by_what_happened_to_the_email() {
     let setup = Setup::new(&["subscription", "email"]);
     let _host = setup.start(&[]);
-    for id in ["opened", "ignored", "paid"] {
-        send(
-            &setup,
-            &format!("subscription:command.{id}"),
-            "MarkPaymentOverdue",
-            json!({"email": format!("{id}@example.com"), "followUpAfterMs": 2500}),
-        );
-    }
-    for id in ["opened", "ignored", "paid"] {
-        setup.wait_for_stream(&format!("subscription.{id}"), 2);
-    }
-    let email_of = |id: &str| {
-        setup.read(&format!("subscription.{id}"))[1]["data"]["emailId"]
-            .as_str()
-            .expect("email id")
-            .to_owned()
-    };
-    send(
-        &setup,
-        &format!("email:command.{}", email_of("opened")),
-        "RecordEmailOpened",
-        json!({}),
-    );
-    send(
-        &setup,
-        "subscription:command.paid",
-        "RecordPayment",
-        json!({}),
-    );
-    setup.wait_for_stream("subscription.opened", 3);
-    setup.wait_for_stream("subscription.paid", 3);
-
-    let opened = setup.wait_for_stream("subscription.opened", 4);
-    assert_eq!(
-        types(&opened),
-        [
-            "PaymentOverdue",
-            "PaymentOverdueNotificationSent",
-            "PaymentOverdueNotificationOpened",
-            "DiscountOffered"
-        ]
-    );
-    let ignored = setup.wait_for_stream("subscription.ignored", 3);
-    assert_eq!(
-        types(&ignored),
-        [
-            "PaymentOverdue",
-            "PaymentOverdueNotificationSent",
-            "SubscriptionCancelled"
-        ]
-    );
-    // The follow-ups were all handled (none left deferred): the paid one changed nothing.
-    wait_until(WAIT, "no follow-up is left", || {
-        setup.ferry_json(&["consumers", "subscription:command"])["consumers"][0]["deferred"] == 0
-    });
-    assert_eq!(
-        types(&setup.read("subscription.paid")),
-        [
-            "PaymentOverdue",
-            "PaymentOverdueNotificationSent",
-            "PaymentReceived"
-        ]
-    );
+    billing::mark_overdue(&setup, 2500);
+    billing::open_one_and_pay_one(&setup);
+    billing::assert_followed_up(&setup);
     // The discount email went out, to the right person, with the right origin.
     wait_until(WAIT, "four emails are delivered", || {
         setup.emails().len() == 4
@@ -338,8 +262,7 @@ fn rebuilds_the_users_view_from_the_event_history() {
             &format!("user{n}@example.com"),
         );
     }
-    send(
-        &setup,
+    setup.send(
         "user:command.u3",
         "ChangeName",
         json!({"firstName": "Renamed", "lastName": "Three"}),

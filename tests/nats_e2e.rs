@@ -10,24 +10,12 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::nats::NatsServer;
-use support::{Host, Setup, wait_until};
+use support::{Host, Setup, billing, types, wait_until};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn types(messages: &[Value]) -> Vec<String> {
-    messages
-        .iter()
-        .map(|m| m["type"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
-
-fn send(setup: &Setup, stream: &str, message_type: &str, data: Value) {
-    setup.ferry_json(&["send", stream, message_type, &data.to_string()]);
-}
-
 fn register(setup: &Setup, user: usize) {
-    send(
-        setup,
+    setup.send(
         &format!("user:command.u{user}"),
         "RegisterUser",
         json!({
@@ -139,69 +127,13 @@ fn follows_up_overdue_payments_with_a_process_per_service_through_a_kill() {
     let setup = Setup::with_store(&["subscription", "email"], &server.url());
     let (subscription, subscription_data) = start_service(&setup, "subscription");
     let (_email, email_data) = start_service(&setup, "email");
-    for id in ["opened", "ignored", "paid"] {
-        send(
-            &setup,
-            &format!("subscription:command.{id}"),
-            "MarkPaymentOverdue",
-            json!({"email": format!("{id}@example.com"), "followUpAfterMs": 3000}),
-        );
-    }
+    billing::mark_overdue(&setup, 3000);
     // Killed while the follow-ups wait (deferred) and the emails go out.
     setup.wait_for_stream("subscription.opened", 1);
     subscription.kill();
     let _subscription = setup.start_in(&subscription_data, &["--only", "subscription"]);
-    for id in ["opened", "ignored", "paid"] {
-        setup.wait_for_stream(&format!("subscription.{id}"), 2);
-    }
-    let email_of = |id: &str| {
-        setup.read(&format!("subscription.{id}"))[1]["data"]["emailId"]
-            .as_str()
-            .expect("email id")
-            .to_owned()
-    };
-    send(
-        &setup,
-        &format!("email:command.{}", email_of("opened")),
-        "RecordEmailOpened",
-        json!({}),
-    );
-    send(
-        &setup,
-        "subscription:command.paid",
-        "RecordPayment",
-        json!({}),
-    );
-    let opened = setup.wait_for_stream("subscription.opened", 4);
-    assert_eq!(
-        types(&opened),
-        [
-            "PaymentOverdue",
-            "PaymentOverdueNotificationSent",
-            "PaymentOverdueNotificationOpened",
-            "DiscountOffered"
-        ]
-    );
-    let ignored = setup.wait_for_stream("subscription.ignored", 3);
-    assert_eq!(
-        types(&ignored),
-        [
-            "PaymentOverdue",
-            "PaymentOverdueNotificationSent",
-            "SubscriptionCancelled"
-        ]
-    );
-    wait_until(WAIT, "no follow-up is left", || {
-        setup.ferry_json(&["consumers", "subscription:command"])["consumers"][0]["deferred"] == 0
-    });
-    assert_eq!(
-        types(&setup.read("subscription.paid")),
-        [
-            "PaymentOverdue",
-            "PaymentOverdueNotificationSent",
-            "PaymentReceived"
-        ]
-    );
+    billing::open_one_and_pay_one(&setup);
+    billing::assert_followed_up(&setup);
     wait_until(WAIT, "four emails are delivered", || {
         setup.emails_in(&email_data).len() == 4
     });

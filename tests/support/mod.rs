@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod billing;
 pub mod nats;
 
 pub fn repo_root() -> PathBuf {
@@ -253,6 +254,11 @@ impl Setup {
         serde_json::from_slice(&output.stdout).expect("JSON answer")
     }
 
+    /// `ferry send`: appends one message; returns what was written.
+    pub fn send(&self, stream: &str, message_type: &str, data: Value) -> Value {
+        self.ferry_json(&["send", stream, message_type, &data.to_string()])["written"].clone()
+    }
+
     /// Starts `ferry run` and waits until it listens.
     pub fn start(&self, extra: &[&str]) -> Host {
         self.start_in(&self.data(), extra)
@@ -355,6 +361,14 @@ impl Drop for Host {
 }
 
 /// Polls until `done` holds; panics with `what` after `timeout`.
+/// The `type` of each message, in order.
+pub fn types(messages: &[Value]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m["type"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
