@@ -1291,19 +1291,23 @@ fn decide_lane<'a>(
         let decided = instance.map_err(Decline::Guest).and_then(|mut instance| {
             let state = match &entity {
                 Some(stream) => {
-                    let start = states
-                        .get(stream)
-                        .cloned()
-                        .unwrap_or_else(|| projections.get(stream));
-                    let folded = fold(
-                        runtime,
-                        store.as_ref(),
-                        Some(&overlay),
-                        &mut instance,
-                        stream,
-                        start,
-                    )?;
                     let first_fold = !states.contains_key(stream);
+                    let folded = match states.get(stream) {
+                        // Folded earlier in this page: what is new can only be pending here.
+                        // A write by someone else since then fails the commit's expected
+                        // version, so the store need not be read again.
+                        Some((state, version)) => {
+                            fold_pending(&overlay, &mut instance, stream, state.clone(), *version)?
+                        }
+                        None => fold(
+                            runtime,
+                            store.as_ref(),
+                            Some(&overlay),
+                            &mut instance,
+                            stream,
+                            projections.get(stream),
+                        )?,
+                    };
                     states.insert(stream.clone(), folded.clone());
                     let added = overlay
                         .lock()
@@ -1442,19 +1446,60 @@ fn fold(
     loop {
         let page = read_merged(runtime, store, overlay, stream, version, READ_BATCH)
             .map_err(Decline::Store)?;
-        if page.is_empty() {
+        (state, version) = project_all(instance, &page, state, version)?;
+        if page.len() < READ_BATCH {
             return Ok((state, version));
         }
-        for event in &page {
-            state = Some(
-                instance
-                    .project(state.as_deref(), event)
-                    .map_err(Decline::Guest)?,
-            );
-            version = event.position + 1;
-        }
-        record_projected(instance.service(), page.len() as u64);
     }
+}
+
+/// Folds only the events this page has pending for `stream` past `version`.
+fn fold_pending(
+    overlay: &SharedOverlay,
+    instance: &mut crate::wasm::GuestInstance,
+    stream: &StreamName,
+    state: Option<String>,
+    version: u64,
+) -> Result<(Option<String>, u64), Decline> {
+    let pending: Vec<Message> = match overlay.lock() {
+        Ok(overlay) => overlay
+            .pending
+            .get(stream)
+            .map(|(_, added)| {
+                added
+                    .iter()
+                    .filter(|m| m.position >= version)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default(),
+        Err(_) => {
+            return Err(Decline::Store(StoreError::Backend(
+                "overlay poisoned".into(),
+            )));
+        }
+    };
+    project_all(instance, &pending, state, version)
+}
+
+fn project_all(
+    instance: &mut crate::wasm::GuestInstance,
+    events: &[Message],
+    mut state: Option<String>,
+    mut version: u64,
+) -> Result<(Option<String>, u64), Decline> {
+    for event in events {
+        state = Some(
+            instance
+                .project(state.as_deref(), event)
+                .map_err(Decline::Guest)?,
+        );
+        version = event.position + 1;
+    }
+    if !events.is_empty() {
+        record_projected(instance.service(), events.len() as u64);
+    }
+    Ok((state, version))
 }
 
 /// Projects a stream with a service's component, as `ferry project` shows it.
