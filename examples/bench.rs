@@ -712,6 +712,15 @@ async fn main() -> anyhow::Result<()> {
             format!("{fresh:.1} µs"),
             String::new(),
         );
+        let instantiate = per_call(&mut || {
+            counter.instantiate(Box::new(NullHost))?;
+            Ok(())
+        })?;
+        table.row(
+            "3. of which instantiating and dropping (no call)",
+            format!("{instantiate:.1} µs"),
+            "the rest is the first call, into fresh memory".into(),
+        );
         let mut reused_instance = counter.instantiate(Box::new(NullHost))?;
         let reused = per_call(&mut || {
             reused_instance.handle_command(&message, Some("{\"total\":1}"))?;
