@@ -9,11 +9,10 @@ mod support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Setup, wait_until};
+use support::{Setup, SteadySender, wait_until};
 
 const ENTITIES: usize = 5;
 
@@ -63,24 +62,7 @@ fn kill_repeatedly(setup: Setup) {
     let mut rng = Rng(seed);
 
     let setup = Arc::new(setup);
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicUsize::new(0));
-    // The steady flow: one command after another, each retried with its own id until stored.
-    let sender = {
-        let (setup, stop, sent) = (setup.clone(), stop.clone(), sent.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let n = sent.load(Ordering::Relaxed);
-                let id = format!("cmd-{n}");
-                let stream = format!("counter:command.e{}", n % ENTITIES);
-                let output =
-                    setup.ferry(&["send", &stream, "Increment", r#"{"by":1}"#, "--id", &id]);
-                if output.status.success() {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let sender = SteadySender::start(setup.clone(), ENTITIES);
 
     let mut host = Some(setup.start(&[]));
     for _ in 0..kills {
@@ -92,9 +74,7 @@ fn kill_repeatedly(setup: Setup) {
         }
         host = Some(setup.start(&[]));
     }
-    stop.store(true, Ordering::Relaxed);
-    sender.join().expect("sender");
-    let commands = sent.load(Ordering::Relaxed);
+    let commands = sender.stop();
     eprintln!("crash test: {kills} kills, {commands} commands");
     assert!(
         commands >= kills,

@@ -7,12 +7,11 @@ mod support;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use support::{Setup, guest, wait_until};
+use support::{Setup, SteadySender, guest, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -79,19 +78,7 @@ fn replaces_a_service_under_load_with_every_message_handled_once() {
     let first = hash_of(&setup.services().join("counter.wasm"));
     wait_for_version(&setup, &first);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicUsize::new(0));
-    let sender = {
-        let (setup, stop, sent) = (setup.clone(), stop.clone(), sent.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let n = sent.load(Ordering::Relaxed);
-                if send(&setup, &format!("cmd-{n}"), n % 3) {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let sender = SteadySender::start(setup.clone(), 3);
     let position = |setup: &Setup| -> u64 {
         setup.ferry_json(&["consumers", "counter:command"])["consumers"][0]["position"]
             .as_u64()
@@ -107,9 +94,7 @@ fn replaces_a_service_under_load_with_every_message_handled_once() {
         positions.push(position(&setup));
     }
     std::thread::sleep(Duration::from_millis(700));
-    stop.store(true, Ordering::Relaxed);
-    sender.join().expect("sender");
-    let commands = sent.load(Ordering::Relaxed);
+    let commands = sender.stop();
     positions.push(position(&setup));
     assert!(
         positions.windows(2).all(|w| w[0] <= w[1]),

@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -361,6 +363,44 @@ impl Drop for Host {
 }
 
 /// Polls until `done` holds; panics with `what` after `timeout`.
+/// A steady flow of `Increment` commands to the counter, one after another: command `cmd-N` goes
+/// to `counter:command.e{N % entities}` and is sent again with the same id until it is stored.
+pub struct SteadySender {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    thread: JoinHandle<()>,
+}
+
+impl SteadySender {
+    pub fn start(setup: Arc<Setup>, entities: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let n = sent.load(Ordering::Relaxed);
+                    let id = format!("cmd-{n}");
+                    let stream = format!("counter:command.e{}", n % entities);
+                    let output =
+                        setup.ferry(&["send", &stream, "Increment", r#"{"by":1}"#, "--id", &id]);
+                    if output.status.success() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        Self { stop, sent, thread }
+    }
+
+    /// Stops the flow; how many commands were stored.
+    pub fn stop(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("sender");
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
 /// The `type` of each message, in order.
 pub fn types(messages: &[Value]) -> Vec<String> {
     messages
