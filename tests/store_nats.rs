@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::store::{Commit, MessageStore, NatsStore, StoreError};
+use ferry::store::{Commit, ConsumerId, MessageStore, NatsStore, StoreError};
 use serde_json::json;
 use support::nats::NatsServer;
 
@@ -84,4 +84,40 @@ async fn goes_on_after_the_server_restarts() {
         .expect("read");
     let ids: Vec<_> = read.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["before", "after"], "kept across the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakes_every_process_that_watches_a_category() {
+    let server = NatsServer::start();
+    // Two connections stand for two processes (two gateways, or two hosts running one service).
+    let first = NatsStore::connect(&server.url()).await.expect("first");
+    let second = NatsStore::connect(&server.url()).await.expect("second");
+    let watcher = ConsumerId::new(conformance::category("user"), "gateway");
+    let mut first_changes = first.watch(&watcher).await.expect("first watch");
+    let mut second_changes = second.watch(&watcher).await.expect("second watch");
+    for n in 0..3 {
+        first_changes.borrow_and_update();
+        second_changes.borrow_and_update();
+        first
+            .commit(Commit::append(
+                conformance::stream("user.1"),
+                None,
+                vec![conformance::msg(
+                    &format!("u{n}"),
+                    "UserRegistered",
+                    json!({}),
+                )],
+            ))
+            .await
+            .expect("append");
+        for (name, changes) in [
+            ("first", &mut first_changes),
+            ("second", &mut second_changes),
+        ] {
+            tokio::time::timeout(Duration::from_secs(10), changes.changed())
+                .await
+                .unwrap_or_else(|_| panic!("the {name} process is woken by write {n}"))
+                .expect("open");
+        }
+    }
 }

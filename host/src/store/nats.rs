@@ -49,6 +49,8 @@ const FORMAT: &str = "ferry-nats/1";
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Atomic batches one process sends at once (the server allows 50 per stream by default).
 const MAX_BATCHES_IN_FLIGHT: usize = 16;
+/// A wake-up consumer nobody pulled from for this long (its process is gone) is removed.
+const WATCHER_INACTIVE: Duration = Duration::from_secs(300);
 
 /// A message as stored in its subject's payload; the stream and global position come from the
 /// subject and the sequence.
@@ -128,6 +130,9 @@ struct Inner {
     ns: String,
     url: String,
     watchers: tokio::sync::Mutex<HashMap<ConsumerId, watch::Sender<u64>>>,
+    /// Names this connection's wake-up consumers: every process that watches a category gets
+    /// every wake-up (a JetStream consumer shared by two processes would split them).
+    instance: String,
     /// The server takes a bounded number of unfinished atomic batches per stream.
     batches: tokio::sync::Semaphore,
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
@@ -199,6 +204,7 @@ impl NatsStore {
                 ns,
                 url: server,
                 watchers: Default::default(),
+                instance: uuid::Uuid::new_v4().simple().to_string(),
                 batches: tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT),
                 tasks: Default::default(),
             }),
@@ -690,10 +696,12 @@ impl NatsStore {
     /// every new message of the category and every change to the consumer's position and
     /// deferred set.
     async fn start_watcher(&self, consumer: &ConsumerId) -> Result<watch::Sender<u64>, StoreError> {
-        let name = durable_name(consumer);
+        let name = format!("{}-{}", durable_name(consumer), self.inner.instance);
         let config = pull::Config {
             durable_name: Some(name.clone()),
-            description: Some(format!("wakes Ferry consumer {consumer}")),
+            description: Some(format!("wakes Ferry consumer {consumer} in one process")),
+            // The server removes it once its process is gone.
+            inactive_threshold: WATCHER_INACTIVE,
             filter_subjects: vec![
                 self.category_filter(&consumer.category),
                 self.position_subject(consumer),
