@@ -376,3 +376,28 @@ fn reuses_healthy_instances_and_drops_one_that_trapped() {
             .contains("trapped")
     );
 }
+
+#[test]
+fn refuses_zero_decide_lanes_and_keeps_each_entitys_order_on_one_lane() {
+    let setup = Setup::new(&["counter"]);
+    let refused = setup.ferry(&["run", "--decide-lanes", "0"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--decide-lanes"),
+        "the error names the option"
+    );
+    // Sent while no host runs, so the consumer reads them as one page.
+    for n in 0..12 {
+        let stream = format!("counter:command.l{}", n % 4);
+        setup.ferry_json(&["send", &stream, "Increment", r#"{"by":1}"#]);
+    }
+    let _host = setup.start(&["--decide-lanes", "1"]);
+    for entity in 0..4 {
+        let totals: Vec<u64> = setup
+            .wait_for_stream(&format!("counter.l{entity}"), 3)
+            .iter()
+            .map(|e| e["data"]["total"].as_u64().unwrap_or_default())
+            .collect();
+        assert_eq!(totals, [1, 2, 3], "l{entity} counts in order");
+    }
+}

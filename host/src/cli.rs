@@ -106,8 +106,8 @@ pub enum Command {
         reuse_instances: bool,
         /// Threads on which one consumer decides the entities of a page at the same time
         /// (default: one per core, at most 4; 1 decides every page in order on one thread).
-        #[arg(long, value_name = "N")]
-        decide_lanes: Option<usize>,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=64))]
+        decide_lanes: Option<u8>,
         /// A limit for one service, overriding the defaults above:
         /// `SERVICE:timeout-ms=N` or `SERVICE:memory-mib=N` (repeatable).
         #[arg(long = "service-limit", value_name = "SERVICE:KEY=N", value_parser = parse_service_limit)]
@@ -209,7 +209,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 max_deliveries: max_deliveries.max(1),
                 retry_base: Duration::from_millis(retry_base_ms),
                 reuse_instances,
-                decide_lanes: decide_lanes.unwrap_or(defaults.decide_lanes).max(1),
+                decide_lanes: decide_lanes.map_or(defaults.decide_lanes, usize::from),
                 ..defaults
             };
             let capabilities = Capabilities {
