@@ -64,28 +64,48 @@ pub fn polyglot(name: &str) -> PathBuf {
 
 /// Components to install in place of Rust guests, from `FERRY_GUEST_SWAP`
 /// (`email=email_js,user_aggregator=user_aggregator_py`): the same tests then run with services
-/// written in other languages.
+/// written in other languages. A pair naming no Rust guest fails loudly, so that a typo cannot
+/// quietly run the Rust guests instead.
+fn swaps() -> &'static [(String, String)] {
+    static SWAPS: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    SWAPS.get_or_init(|| {
+        let text = std::env::var("FERRY_GUEST_SWAP").unwrap_or_default();
+        text.split(',')
+            .filter(|pair| !pair.trim().is_empty())
+            .map(|pair| {
+                let (rust, other) = pair
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("FERRY_GUEST_SWAP: {pair:?} is not RUST=OTHER"));
+                assert!(
+                    repo_root()
+                        .join("guests")
+                        .join(rust.replace('_', "-"))
+                        .is_dir(),
+                    "FERRY_GUEST_SWAP: {rust:?} is not a Rust guest in guests/"
+                );
+                (rust.to_owned(), other.to_owned())
+            })
+            .collect()
+    })
+}
+
 fn swapped(name: &str) -> Option<PathBuf> {
-    let swaps = std::env::var("FERRY_GUEST_SWAP").ok()?;
-    let other = swaps
-        .split(',')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(rust, _)| *rust == name)
-        .map(|(_, other)| other.to_owned())?;
-    Some(polyglot(&other))
+    swaps()
+        .iter()
+        .find(|(rust, _)| rust == name)
+        .map(|(_, other)| polyglot(other))
 }
 
 /// Precompiled code of the swapped-in components, compiled once and copied into each data
 /// folder, so that every test does not compile them again (seconds each).
 fn seed_cache(data: &Path) {
     static SEEDED: OnceLock<PathBuf> = OnceLock::new();
-    if std::env::var_os("FERRY_GUEST_SWAP").is_none() {
+    if swaps().is_empty() {
         return;
     }
     let shared = SEEDED.get_or_init(|| {
         let shared = repo_root().join("target/polyglot-cache");
-        let swaps = std::env::var("FERRY_GUEST_SWAP").unwrap_or_default();
-        for (_, other) in swaps.split(',').filter_map(|pair| pair.split_once('=')) {
+        for (_, other) in swaps() {
             let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
                 .arg("--data")
                 .arg(&shared)
