@@ -381,12 +381,12 @@ async fn end_to_end_throughput(
 /// Row 2b: latency from a command's append to its handling being durable, at a steady rate.
 async fn end_to_end_latency(
     backend: &Backend,
+    config: RunnerConfig,
     rate: f64,
     commands: usize,
 ) -> anyhow::Result<(Duration, Duration)> {
     let dir = tempfile::tempdir()?;
-    let (store, running) =
-        start_counter(dir.path(), backend, RunnerConfig::default(), Handler::Wasm).await?;
+    let (store, running) = start_counter(dir.path(), backend, config, Handler::Wasm).await?;
     let changes = event_writes(&store).await?;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -599,20 +599,22 @@ async fn main() -> anyhow::Result<()> {
                 reused_rate / native_rate * 100.0
             ),
         );
-        for (label, load) in [("full", 1.0), ("half", 0.5)] {
+        // Half load is half of the maximum of the same configuration.
+        for (label, config, load) in [
+            ("full load", fresh, rate),
+            ("half load", fresh, rate * 0.5),
+            ("half load with --reuse-instances", reuse, reused_rate * 0.5),
+        ] {
             let mut p50s = Vec::new();
             let mut p99s = Vec::new();
             for _ in 0..rounds {
                 let (p50, p99) =
-                    end_to_end_latency(&Backend::Sled, rate * load, commands / 2).await?;
+                    end_to_end_latency(&Backend::Sled, config, load, commands / 2).await?;
                 p50s.push(p50.as_secs_f64() * 1e3);
                 p99s.push(p99.as_secs_f64() * 1e3);
             }
             table.row(
-                &format!(
-                    "2. latency append → handled, {label} load ({:.0}/s)",
-                    rate * load
-                ),
+                &format!("2. latency append → handled, {label} ({load:.0}/s)"),
                 format!("p50 {:.2} ms, p99 {:.2} ms", median(p50s), median(p99s)),
                 String::new(),
             );
@@ -667,9 +669,13 @@ async fn main() -> anyhow::Result<()> {
                 let mut p50s = Vec::new();
                 let mut p99s = Vec::new();
                 for _ in 0..rounds {
-                    let (p50, p99) =
-                        end_to_end_latency(&Backend::Nats(url.clone()), rate * 0.5, commands / 2)
-                            .await?;
+                    let (p50, p99) = end_to_end_latency(
+                        &Backend::Nats(url.clone()),
+                        RunnerConfig::default(),
+                        rate * 0.5,
+                        commands / 2,
+                    )
+                    .await?;
                     p50s.push(p50.as_secs_f64() * 1e3);
                     p99s.push(p99.as_secs_f64() * 1e3);
                 }
