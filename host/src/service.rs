@@ -1055,8 +1055,14 @@ async fn decide(
         let (state, version) = match &entity {
             Some(stream) => {
                 let start = projections.get(stream);
-                let (state, version) =
-                    fold(&runtime, store.as_ref(), None, &mut instance, stream, start)?;
+                let (state, version) = fold(
+                    &runtime,
+                    Some(store.as_ref()),
+                    None,
+                    &mut instance,
+                    stream,
+                    start,
+                )?;
                 projections.put(stream, version, &state);
                 (state, version)
             }
@@ -1292,22 +1298,21 @@ fn decide_lane<'a>(
             let state = match &entity {
                 Some(stream) => {
                     let first_fold = !states.contains_key(stream);
-                    let folded = match states.get(stream) {
-                        // Folded earlier in this page: what is new can only be pending here.
-                        // A write by someone else since then fails the commit's expected
-                        // version, so the store need not be read again.
-                        Some((state, version)) => {
-                            fold_pending(&overlay, &mut instance, stream, state.clone(), *version)?
-                        }
-                        None => fold(
-                            runtime,
-                            store.as_ref(),
-                            Some(&overlay),
-                            &mut instance,
-                            stream,
-                            projections.get(stream),
-                        )?,
+                    // Folded earlier in this page, what is new can only be pending here: a
+                    // write by someone else since then fails the commit's expected version, so
+                    // the store is read only by the first fold.
+                    let (start, stored) = match states.get(stream) {
+                        Some(folded) => (folded.clone(), None),
+                        None => (projections.get(stream), Some(store.as_ref())),
                     };
+                    let folded = fold(
+                        runtime,
+                        stored,
+                        Some(&overlay),
+                        &mut instance,
+                        stream,
+                        start,
+                    )?;
                     states.insert(stream.clone(), folded.clone());
                     let added = overlay
                         .lock()
@@ -1434,10 +1439,11 @@ fn decide_lane<'a>(
 }
 
 /// Folds a stream through an instance's `project`, from a known `(state, version)`; returns the
-/// state (none for an empty stream) and the stream's version.
+/// state (none for an empty stream) and the stream's version. Without a store, only what the
+/// overlay has pending is folded.
 fn fold(
     runtime: &Handle,
-    store: &dyn MessageStore,
+    store: Option<&dyn MessageStore>,
     overlay: Option<&SharedOverlay>,
     instance: &mut crate::wasm::GuestInstance,
     stream: &StreamName,
@@ -1451,35 +1457,6 @@ fn fold(
             return Ok((state, version));
         }
     }
-}
-
-/// Folds only the events this page has pending for `stream` past `version`.
-fn fold_pending(
-    overlay: &SharedOverlay,
-    instance: &mut crate::wasm::GuestInstance,
-    stream: &StreamName,
-    state: Option<String>,
-    version: u64,
-) -> Result<(Option<String>, u64), Decline> {
-    let pending: Vec<Message> = match overlay.lock() {
-        Ok(overlay) => overlay
-            .pending
-            .get(stream)
-            .map(|(_, added)| {
-                added
-                    .iter()
-                    .filter(|m| m.position >= version)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default(),
-        Err(_) => {
-            return Err(Decline::Store(StoreError::Backend(
-                "overlay poisoned".into(),
-            )));
-        }
-    };
-    project_all(instance, &pending, state, version)
 }
 
 fn project_all(
@@ -1521,7 +1498,7 @@ pub async fn project(
         let mut instance = component.instantiate(Box::new(host))?;
         fold(
             &runtime,
-            store.as_ref(),
+            Some(store.as_ref()),
             None,
             &mut instance,
             &stream,
@@ -1561,16 +1538,20 @@ struct Overlay {
 
 type SharedOverlay = Arc<std::sync::Mutex<Overlay>>;
 
-/// A stream as a handler should see it: the stored messages, then those the batch added.
+/// A stream as a handler should see it: the stored messages (none read without a store), then
+/// those the batch added.
 fn read_merged(
     runtime: &Handle,
-    store: &dyn MessageStore,
+    store: Option<&dyn MessageStore>,
     overlay: Option<&SharedOverlay>,
     stream: &StreamName,
     from: u64,
     limit: usize,
 ) -> Result<Vec<Message>, StoreError> {
-    let mut messages = runtime.block_on(store.read_stream(stream, from, limit))?;
+    let mut messages = match store {
+        Some(store) => runtime.block_on(store.read_stream(stream, from, limit))?,
+        None => Vec::new(),
+    };
     if let Some(overlay) = overlay
         && let Ok(overlay) = overlay.lock()
         && let Some((base, pending)) = overlay.pending.get(stream)
@@ -1598,7 +1579,7 @@ impl GuestHost for StoreHost {
         let stream = StreamName::parse(stream).map_err(|e| e.to_string())?;
         read_merged(
             &self.runtime,
-            self.store.as_ref(),
+            Some(self.store.as_ref()),
             self.overlay.as_ref(),
             &stream,
             from_position,

@@ -249,6 +249,13 @@ impl SledStore {
             path: shown.clone(),
             reason,
         };
+        let other_format = |tag: &[u8]| {
+            unusable(format!(
+                "it holds format {:?}, this Ferry reads {:?}",
+                String::from_utf8_lossy(tag),
+                String::from_utf8_lossy(FORMAT)
+            ))
+        };
         let db = sled::Config::new()
             .path(&path)
             .flush_every_ms(None)
@@ -267,22 +274,10 @@ impl SledStore {
         let tree = db.open_tree("ferry").map_err(backend)?;
         match tree.get(FORMAT_KEY).map_err(backend)? {
             Some(tag) if tag.as_ref() == FORMAT => {}
-            Some(tag) => {
-                return Err(unusable(format!(
-                    "it holds format {:?}, this Ferry reads {:?}",
-                    String::from_utf8_lossy(&tag),
-                    String::from_utf8_lossy(FORMAT)
-                )));
-            }
+            Some(tag) => return Err(other_format(&tag)),
             None => match legacy_format(&db)? {
                 Some(tag) if tag == FORMAT_V1 => migrate_v1(&db, &tree)?,
-                Some(tag) => {
-                    return Err(unusable(format!(
-                        "it holds format {:?}, this Ferry reads {:?}",
-                        String::from_utf8_lossy(&tag),
-                        String::from_utf8_lossy(FORMAT)
-                    )));
-                }
+                Some(tag) => return Err(other_format(&tag)),
                 None if tree.is_empty() => {
                     tree.insert(FORMAT_KEY, FORMAT).map_err(backend)?;
                     db.flush().map_err(backend)?;
