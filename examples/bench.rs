@@ -12,6 +12,10 @@
 //! the tests: `FERRY_NATS_SERVER`, `.tools/venv`, `PATH`), on a JetStream it starts with
 //! `sync_interval: always`, so both stores are durable on disk before they acknowledge.
 
+// The allocator the `ferry` binary uses, so the in-process rows measure the host as shipped.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "measure/mod.rs"]
 mod measure;
 // The tests' nats-server launcher; the benchmark only starts a server.
