@@ -218,7 +218,7 @@ pub struct CategoryPage {
 }
 
 /// Errors callers branch on.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
     Name(#[from] NameError),

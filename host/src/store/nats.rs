@@ -25,10 +25,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
-use futures_util::StreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     Category, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo, DeferredMessage, Message,
@@ -49,6 +49,12 @@ const FORMAT: &str = "ferry-nats/1";
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Atomic batches one process sends at once (the server allows 50 per stream by default).
 const MAX_BATCHES_IN_FLIGHT: usize = 16;
+/// Most commits checked together for one batch.
+const MAX_GROUP: usize = 256;
+/// Commits waiting for the group committer before `commit` waits to queue.
+const QUEUE: usize = 1024;
+/// Direct gets one commit's checks send at once.
+const LOOKUPS_IN_FLIGHT: usize = 64;
 /// A wake-up consumer nobody pulled from for this long (its process is gone) is removed.
 const WATCHER_INACTIVE: Duration = Duration::from_secs(300);
 
@@ -95,6 +101,7 @@ impl Stored {
 const WALK_BACK: u64 = 32;
 
 /// One stored JetStream message, as a direct get answers it.
+#[derive(Clone)]
 struct Entry {
     seq: u64,
     subject: String,
@@ -135,6 +142,8 @@ struct Inner {
     instance: String,
     /// The server takes a bounded number of unfinished atomic batches per stream.
     batches: tokio::sync::Semaphore,
+    /// Commits for the group committer.
+    queue: mpsc::Sender<Queued>,
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
@@ -197,6 +206,7 @@ impl NatsStore {
                 "the stream {ns} exists without atomic publish, direct get and rollups"
             )));
         }
+        let (queue, queued) = mpsc::channel(QUEUE);
         let store = Self {
             inner: Arc::new(Inner {
                 client,
@@ -206,9 +216,14 @@ impl NatsStore {
                 watchers: Default::default(),
                 instance: uuid::Uuid::new_v4().simple().to_string(),
                 batches: tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT),
+                queue,
                 tasks: Default::default(),
             }),
         };
+        let committer = tokio::spawn(commit_queued(Arc::downgrade(&store.inner), queued));
+        if let Ok(mut tasks) = store.inner.tasks.lock() {
+            tasks.push(committer.abort_handle());
+        }
         store.check_format().await?;
         Ok(store)
     }
@@ -268,6 +283,21 @@ impl NatsStore {
         self.subject(&format!("defer.{}.{global}", Self::consumer_part(consumer)))
     }
 
+    fn claim_subject(&self, id: &str) -> String {
+        self.subject(&format!("id.{}", token(id)))
+    }
+
+    /// The subject a settle changes: the consumer's position, or one deferred entry.
+    fn settle_subject(&self, settle: &Settle) -> String {
+        match settle {
+            Settle::Advance { consumer, .. } => self.position_subject(consumer),
+            Settle::ClearDeferred {
+                consumer,
+                global_position,
+            } => self.deferred_subject(consumer, *global_position),
+        }
+    }
+
     fn view_subject(&self, table: &str, key: &str) -> String {
         self.subject(&format!("v.{table}.{}", token(key)))
     }
@@ -294,6 +324,23 @@ impl NatsStore {
     /// The last message of a subject (wildcards allowed).
     async fn last(&self, subject: &str) -> Result<Option<Entry>, StoreError> {
         self.direct_get(json!({ "last_by_subj": subject })).await
+    }
+
+    /// The last message of each subject, fetched concurrently; each subject once.
+    async fn lasts(
+        &self,
+        mut subjects: Vec<String>,
+    ) -> Result<HashMap<String, Option<Entry>>, StoreError> {
+        subjects.sort_unstable();
+        subjects.dedup();
+        futures_util::stream::iter(subjects)
+            .map(|subject| async move {
+                let entry = self.last(&subject).await?;
+                Ok::<_, StoreError>((subject, entry))
+            })
+            .buffer_unordered(LOOKUPS_IN_FLIGHT)
+            .try_collect()
+            .await
     }
 
     /// Messages matching `filter` from sequence `from` on, at most `batch`, in order, with how
@@ -496,60 +543,130 @@ impl NatsStore {
         Ok(first_seq)
     }
 
-    /// Checks a commit against the stored state and turns it into one batch. `Ok(None)`: the
-    /// commit raced another writer; check again.
-    async fn try_commit(&self, commit: &Commit) -> Result<Option<Committed>, StoreError> {
-        let mut plan = Plan::default();
-        let mut committed = Committed::default();
+    /// Checks a group of commits against the stored state, in order, and publishes the ones that
+    /// fit as one atomic batch: each commit sees the ones before it, as if committed one by one,
+    /// and one that fails its checks fails alone. Returns the outcomes of the first commits of
+    /// the group (at least one); `Ok(None)`: another writer changed a subject the group read
+    /// (nothing was stored); check again.
+    async fn try_commits(
+        &self,
+        commits: &[&Commit],
+    ) -> Result<Option<Vec<Result<Committed, StoreError>>>, StoreError> {
+        // Everything the checks read, fetched at once: one round trip, not one per subject.
+        let mut subjects = Vec::new();
+        for commit in commits {
+            for append in &commit.appends {
+                subjects.push(self.message_subject(&append.stream));
+                for message in &append.messages {
+                    subjects.push(self.claim_subject(&message.id));
+                }
+            }
+            subjects.extend(
+                commit
+                    .settle
+                    .iter()
+                    .map(|settle| self.settle_subject(settle)),
+            );
+            for write in &commit.views {
+                if validate_table_name(&write.table).is_ok() {
+                    subjects.push(self.view_subject(&write.table, &write.key));
+                }
+            }
+        }
+        let mut staged = Staged {
+            fetched: self.lasts(subjects).await?,
+            ..Staged::default()
+        };
+        let mut outcomes = Vec::new();
+        let mut written = Vec::new();
+        for commit in commits {
+            let planned = match self.plan_commit(&staged, commit) {
+                Ok(planned) => planned,
+                Err(e) => {
+                    outcomes.push(Err(e));
+                    written.push(Vec::new());
+                    continue;
+                }
+            };
+            if staged.plan.outgoing.len() + planned.ops.len() > MAX_BATCH {
+                if !staged.plan.outgoing.is_empty() {
+                    break;
+                }
+                outcomes.push(Err(StoreError::TooLarge {
+                    entries: planned.ops.len(),
+                    limit: MAX_BATCH,
+                }));
+                written.push(Vec::new());
+                continue;
+            }
+            written.push(staged.apply(planned.ops));
+            outcomes.push(Ok(Committed {
+                written: Vec::new(),
+                duplicates: planned.duplicates,
+            }));
+        }
+        if staged.plan.outgoing.is_empty() {
+            return Ok(Some(outcomes));
+        }
+        let first = match self.publish(staged.plan.outgoing).await {
+            Ok(first) => first,
+            Err(BatchRefused::Raced) => return Ok(None),
+            Err(BatchRefused::Other(e)) => return Err(e),
+        };
+        for (outcome, written) in outcomes.iter_mut().zip(written) {
+            if let Ok(committed) = outcome {
+                committed.written = written
+                    .into_iter()
+                    .map(|(index, stream, stored)| {
+                        stored.into_message(stream, first + index as u64)
+                    })
+                    .collect();
+            }
+        }
+        Ok(Some(outcomes))
+    }
 
-        // Ids already stored, or repeated within this commit, are skipped.
-        let ids: Vec<&str> = commit
-            .appends
-            .iter()
-            .flat_map(|a| a.messages.iter().map(|m| m.id.as_str()))
-            .collect();
-        let claim_subjects: Vec<String> = ids
-            .iter()
-            .map(|id| self.subject(&format!("id.{}", token(id))))
-            .collect();
-        let claims =
-            futures_util::future::try_join_all(claim_subjects.iter().map(|s| self.last(s))).await?;
-        let stored: HashSet<&str> = ids
-            .iter()
-            .zip(&claims)
-            .filter(|(_, claim)| claim.is_some())
-            .map(|(id, _)| *id)
-            .collect();
+    /// What one commit adds to a group's batch, checked against what the group sees; nothing of
+    /// it is staged yet, so a commit that fails here leaves the group as it was.
+    fn plan_commit(&self, staged: &Staged, commit: &Commit) -> Result<PlannedCommit, StoreError> {
+        let mut planned = PlannedCommit::default();
+        let first_index = staged.plan.outgoing.len();
         let mut seen = HashSet::new();
         let time_ms = now_ms();
-        let mut versions: HashMap<&str, u64> = HashMap::new();
-        // Batch index of each stream's latest message in this commit.
-        let mut planned: HashMap<&str, usize> = HashMap::new();
+        // Next version and batch index of the latest message of each stream this commit appends
+        // to, continuing from the group's.
+        let mut streams: HashMap<&str, (u64, Option<usize>)> = HashMap::new();
         for append in &commit.appends {
             let mut fresh = Vec::new();
             for message in &append.messages {
-                if stored.contains(message.id.as_str()) || !seen.insert(message.id.as_str()) {
-                    committed.duplicates.push(message.id.clone());
+                let claim = self.claim_subject(&message.id);
+                if staged.claimed(&claim) || !seen.insert(message.id.as_str()) {
+                    planned.duplicates.push(message.id.clone());
                 } else {
-                    fresh.push(message);
+                    fresh.push((message, claim));
                 }
             }
             if fresh.is_empty() {
                 continue;
             }
             let subject = self.message_subject(&append.stream);
+            // The first message of a stream in the batch expects the stream's stored last
+            // sequence and points back at it; later ones point back into the batch.
             let mut expect = None;
-            let version = match versions.get(append.stream.as_str()) {
-                Some(version) => *version,
-                None => {
-                    let last = self.last(&subject).await?;
-                    let version = match &last {
-                        Some(entry) => self.decode_message(entry)?.position + 1,
-                        None => 0,
-                    };
-                    expect = Some(last.map_or(0, |e| e.seq));
-                    version
-                }
+            let (version, mut latest) = match streams.get(append.stream.as_str()) {
+                Some(&known) => known,
+                None => match staged.streams.get(&subject) {
+                    Some(&(version, index)) => (version, Some(index)),
+                    None => {
+                        let last = staged.fetched.get(&subject).and_then(Option::as_ref);
+                        expect = Some(last.map_or(0, |e| e.seq));
+                        let version = match last {
+                            Some(entry) => self.decode_message(entry)?.position + 1,
+                            None => 0,
+                        };
+                        (version, None)
+                    }
+                },
             };
             if let Some(expected) = append.expected_version
                 && expected != version
@@ -561,11 +678,11 @@ impl NatsStore {
                 });
             }
             let count = fresh.len() as u64;
-            for (offset, message) in fresh.into_iter().enumerate() {
+            for (offset, (message, claim)) in fresh.into_iter().enumerate() {
                 // The claim goes first, the message right after it.
-                let index = plan.outgoing.len() + 1;
-                let (prev_seq, prev_back) = match planned.get(append.stream.as_str()) {
-                    Some(&earlier) => (None, Some((index - earlier) as u64)),
+                let index = first_index + planned.ops.len() + 1;
+                let (prev_seq, prev_back) = match latest {
+                    Some(earlier) => (None, Some((index - earlier) as u64)),
                     None => (expect.filter(|&seq| seq > 0), None),
                 };
                 let stored = Stored {
@@ -579,20 +696,24 @@ impl NatsStore {
                     prev_seq,
                     prev_back,
                 };
-                plan.claim(self.subject(&format!("id.{}", token(&message.id))));
-                let index = plan.append(&subject, to_json(&stored)?, expect.take());
-                planned.insert(append.stream.as_str(), index);
-                plan.written.push((index, append.stream.clone(), stored));
+                planned.ops.push(Op::Claim(claim));
+                planned.ops.push(Op::Message {
+                    subject: subject.clone(),
+                    payload: to_json(&stored)?,
+                    expect: expect.take(),
+                    stream: append.stream.clone(),
+                    stored,
+                });
+                latest = Some(index);
             }
-            // A later append to the same stream in this commit continues from here.
-            versions.insert(append.stream.as_str(), version + count);
+            streams.insert(append.stream.as_str(), (version + count, latest));
         }
 
         match &commit.settle {
             None => {}
-            Some(Settle::Advance { consumer, from, to }) => {
-                let subject = self.position_subject(consumer);
-                let current = self.last(&subject).await?;
+            Some(settle @ Settle::Advance { consumer, from, to }) => {
+                let subject = self.settle_subject(settle);
+                let current = staged.current(&subject);
                 let actual = match &current {
                     Some(entry) => decode_position(entry)?,
                     None => 0,
@@ -604,17 +725,22 @@ impl NatsStore {
                         actual,
                     });
                 }
-                let seq = current.map_or(0, |e| e.seq);
-                plan.put(&subject, to_json(&json!({ "position": to }))?, Some(seq));
+                planned.put(
+                    subject,
+                    to_json(&json!({ "position": to }))?,
+                    Some(current.map_or(0, |e| e.seq)),
+                );
             }
-            Some(Settle::ClearDeferred {
-                consumer,
-                global_position,
-            }) => {
-                let subject = self.deferred_subject(consumer, *global_position);
-                match self.last(&subject).await? {
+            Some(
+                settle @ Settle::ClearDeferred {
+                    consumer,
+                    global_position,
+                },
+            ) => {
+                let subject = self.settle_subject(settle);
+                match staged.current(&subject) {
                     Some(entry) if !entry.payload.is_empty() => {
-                        plan.put(&subject, Vec::new(), Some(entry.seq));
+                        planned.put(subject, Vec::new(), Some(entry.seq));
                     }
                     _ => {
                         return Err(StoreError::ConsumerMoved {
@@ -627,15 +753,14 @@ impl NatsStore {
             }
         }
 
-        // View rows: a change applies when it is past the stored row's `lastUpdateSeq`; of the
-        // changes to one row in this commit, the last that applies stands.
+        // View rows: a change applies when it is past the row's `lastUpdateSeq` before this
+        // commit; of the changes to one row in this commit, the last that applies stands.
         let mut rows: BTreeMap<(String, String), RowChange> = BTreeMap::new();
         for write in &commit.views {
             validate_table_name(&write.table)?;
             let key = (write.table.clone(), write.key.clone());
             if !rows.contains_key(&key) {
-                let subject = self.view_subject(&write.table, &write.key);
-                let current = self.last(&subject).await?;
+                let current = staged.current(&self.view_subject(&write.table, &write.key));
                 let seq = current.as_ref().map_or(0, |e| e.seq);
                 let stored = match current {
                     Some(entry) => Some(decode_row(&entry)?.last_update_seq),
@@ -661,35 +786,58 @@ impl NatsStore {
         }
         for ((table, key), row) in rows {
             if let Some(change) = row.change {
-                let subject = self.view_subject(&table, &key);
-                plan.put(&subject, to_json(&change)?, Some(row.seq));
+                planned.put(
+                    self.view_subject(&table, &key),
+                    to_json(&change)?,
+                    Some(row.seq),
+                );
             }
         }
 
         for parked in &commit.park {
             let subject = self.parked_subject(&parked.consumer, parked.message.global_position);
-            plan.put(&subject, to_json(parked)?, None);
+            planned.put(subject, to_json(parked)?, None);
         }
         for deferred in &commit.defer {
             let subject =
                 self.deferred_subject(&deferred.consumer, deferred.message.global_position);
-            plan.put(&subject, to_json(deferred)?, None);
+            planned.put(subject, to_json(deferred)?, None);
         }
+        Ok(planned)
+    }
 
-        if plan.outgoing.is_empty() {
-            return Ok(Some(committed));
-        }
-        let written = std::mem::take(&mut plan.written);
-        let first = match self.publish(plan.outgoing).await {
-            Ok(first) => first,
-            Err(BatchRefused::Raced) => return Ok(None),
-            Err(BatchRefused::Other(e)) => return Err(e),
+    /// Commits the first of `waiting` and as many after it as fit into the same batch, and
+    /// answers each; the rest wait for the next group.
+    async fn commit_group(&self, waiting: &mut Vec<Queued>) {
+        let commits: Vec<&Commit> = waiting.iter().map(|queued| &queued.commit).collect();
+        let outcomes = match self.try_commits(&commits).await {
+            Ok(Some(outcomes)) => outcomes,
+            // Another process changed a subject the group read: the first commit checks again
+            // on its own, so it cannot be starved by groups that keep racing.
+            Ok(None) => vec![self.commit_alone(commits[0]).await],
+            // The server did not answer or refused the batch: every commit of it fails alike.
+            Err(e) => commits.iter().map(|_| Err(e.clone())).collect(),
         };
-        committed.written = written
-            .into_iter()
-            .map(|(index, stream, stored)| stored.into_message(stream, first + index as u64))
-            .collect();
-        Ok(Some(committed))
+        for (queued, outcome) in waiting.drain(..outcomes.len()).zip(outcomes) {
+            // A caller that stopped waiting learns nothing; the commit stands or not as decided.
+            let _ = queued.reply.send(outcome);
+        }
+    }
+
+    async fn commit_alone(&self, commit: &Commit) -> Result<Committed, StoreError> {
+        for attempt in 0..RACE_RETRIES {
+            if let Some(outcomes) = self.try_commits(&[commit]).await? {
+                return outcomes
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| Err(backend("commit", "no outcome")));
+            }
+            tokio::time::sleep(Duration::from_millis(attempt as u64 * 2)).await;
+        }
+        Err(backend(
+            "commit",
+            format!("other writers kept changing the same subjects ({RACE_RETRIES} tries)"),
+        ))
     }
 
     /// The durable JetStream consumer that wakes a Ferry consumer: it delivers (headers only)
@@ -757,14 +905,141 @@ struct RowChange {
     change: Option<ViewRow>,
 }
 
-/// What a commit will publish.
+/// A commit waiting for the group committer, and who waits for its outcome.
+struct Queued {
+    commit: Commit,
+    reply: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+/// Commits what waits in the queue in groups, one atomic batch per group. The server stores a
+/// stream's atomic batches one at a time (~1.4 ms each on this machine, whatever their size),
+/// so a batch per commit capped a process at ~650 commits/s however many were sent at once.
+async fn commit_queued(store: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Queued>) {
+    let mut waiting: Vec<Queued> = Vec::new();
+    loop {
+        if waiting.is_empty() {
+            match queue.recv().await {
+                Some(queued) => waiting.push(queued),
+                None => return,
+            }
+        }
+        while waiting.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(queued) => waiting.push(queued),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = store.upgrade() else { return };
+        NatsStore { inner }.commit_group(&mut waiting).await;
+    }
+}
+
+/// What a batch will publish.
 #[derive(Default)]
 struct Plan {
     outgoing: Vec<Outgoing>,
     /// Key-value subjects already in the batch: a later change replaces the earlier one.
     keyed: HashMap<String, usize>,
-    /// Batch index, stream and content of each message written.
-    written: Vec<(usize, StreamName, Stored)>,
+}
+
+/// A group's view of the server: the last entry of each subject its commits read, changed by
+/// the commits planned into its batch so far.
+#[derive(Default)]
+struct Staged {
+    fetched: HashMap<String, Option<Entry>>,
+    claimed: HashSet<String>,
+    /// Next version and batch index of the latest planned message, per message subject.
+    streams: HashMap<String, (u64, usize)>,
+    /// Key-value subjects set by the batch: positions, deferred entries, view rows.
+    values: HashMap<String, Vec<u8>>,
+    plan: Plan,
+}
+
+impl Staged {
+    fn claimed(&self, claim: &str) -> bool {
+        self.claimed.contains(claim) || self.fetched.get(claim).is_some_and(Option::is_some)
+    }
+
+    /// A key-value subject's current entry: the batch's value (with the stored sequence, which
+    /// only the batch's first change of it expects), or the stored one.
+    fn current(&self, subject: &str) -> Option<Entry> {
+        let stored = self.fetched.get(subject).and_then(Option::as_ref);
+        match self.values.get(subject) {
+            Some(payload) => Some(Entry {
+                seq: stored.map_or(0, |e| e.seq),
+                subject: subject.to_owned(),
+                payload: payload.clone().into(),
+            }),
+            None => stored.cloned(),
+        }
+    }
+
+    /// Adds a planned commit to the batch; returns the batch index, stream and content of each
+    /// message it writes.
+    fn apply(&mut self, ops: Vec<Op>) -> Vec<(usize, StreamName, Stored)> {
+        let mut written = Vec::new();
+        for op in ops {
+            match op {
+                Op::Claim(subject) => {
+                    self.plan.claim(subject.clone());
+                    self.claimed.insert(subject);
+                }
+                Op::Message {
+                    subject,
+                    payload,
+                    expect,
+                    stream,
+                    stored,
+                } => {
+                    let index = self.plan.append(&subject, payload, expect);
+                    self.streams.insert(subject, (stored.position + 1, index));
+                    written.push((index, stream, stored));
+                }
+                Op::Put {
+                    subject,
+                    payload,
+                    expect,
+                } => {
+                    self.plan.put(&subject, payload.clone(), expect);
+                    self.values.insert(subject, payload);
+                }
+            }
+        }
+        written
+    }
+}
+
+/// One commit's part of a batch, in batch order, and the ids it skips.
+#[derive(Default)]
+struct PlannedCommit {
+    ops: Vec<Op>,
+    duplicates: Vec<String>,
+}
+
+impl PlannedCommit {
+    fn put(&mut self, subject: String, payload: Vec<u8>, expect: Option<u64>) {
+        self.ops.push(Op::Put {
+            subject,
+            payload,
+            expect,
+        });
+    }
+}
+
+enum Op {
+    Claim(String),
+    Message {
+        subject: String,
+        payload: Vec<u8>,
+        expect: Option<u64>,
+        stream: StreamName,
+        stored: Stored,
+    },
+    Put {
+        subject: String,
+        payload: Vec<u8>,
+        expect: Option<u64>,
+    },
 }
 
 impl Plan {
@@ -958,16 +1233,13 @@ fn durable_name(consumer: &ConsumerId) -> String {
 impl MessageStore for NatsStore {
     async fn commit(&self, commit: Commit) -> Result<Committed, StoreError> {
         validate_commit(&commit)?;
-        for attempt in 0..RACE_RETRIES {
-            if let Some(committed) = self.try_commit(&commit).await? {
-                return Ok(committed);
-            }
-            tokio::time::sleep(Duration::from_millis(attempt as u64 * 2)).await;
-        }
-        Err(backend(
-            "commit",
-            format!("other writers kept changing the same subjects ({RACE_RETRIES} tries)"),
-        ))
+        let (reply, outcome) = oneshot::channel();
+        self.inner
+            .queue
+            .send(Queued { commit, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        outcome.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn read_stream(
