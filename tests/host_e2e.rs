@@ -110,6 +110,40 @@ fn writes_events_once_when_a_command_is_redelivered() {
 }
 
 #[test]
+fn a_redelivered_command_does_not_count_twice_for_the_next_one_in_its_page() {
+    let setup = Setup::new(&["counter"]);
+    let send = |id: &str, by: u64| {
+        setup.ferry_json(&[
+            "send",
+            "counter:command.p",
+            "Increment",
+            &format!(r#"{{"by":{by}}}"#),
+            "--id",
+            id,
+        ]);
+    };
+    send("cmd-p1", 1);
+    let host = setup.start(&[]);
+    stream_of(&setup, "counter.p", 1);
+    host.stop();
+
+    // The first command is delivered again in one page with a new one for the same entity: its
+    // outcome is stored already, so the second must fold the stored event only, not a pending
+    // copy of it as well.
+    setup.rewind_consumer("counter:command", "microservice:counter", 0);
+    send("cmd-p2", 2);
+    let host = setup.start(&[]);
+    let events = stream_of(&setup, "counter.p", 2);
+    host.stop();
+    let totals: Vec<&Value> = events.iter().map(|e| &e["data"]["total"]).collect();
+    assert_eq!(
+        totals,
+        [1, 3],
+        "each event's total counts every command once: {events:?}"
+    );
+}
+
+#[test]
 fn parks_faulty_guests_and_keeps_handling_others() {
     let setup = Setup::new(&["counter", "chaos"]);
     // Tight limits for chaos only; counter keeps the defaults.

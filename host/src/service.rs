@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde_json::{Map, Value};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -34,6 +35,8 @@ const MAX_OUTCOME_BYTES: usize = 4 * 1024 * 1024;
 const CONFLICT_RETRIES: u32 = 10;
 /// Messages of a stream read per request while projecting.
 const READ_BATCH: usize = 256;
+/// Entity reads a lane sends at once before deciding.
+const PREFETCH_IN_FLIGHT: usize = 32;
 /// Namespace of the deterministic ids Ferry derives (a fixed, random UUID).
 const ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a0f_9a7e_52c4_4f0e_9c1e_2b7d_f1a3_c5e9);
 
@@ -1062,6 +1065,7 @@ async fn decide(
                     &mut instance,
                     stream,
                     start,
+                    None,
                 )?;
                 projections.put(stream, version, &state);
                 (state, version)
@@ -1259,8 +1263,19 @@ fn decide_lane<'a>(
     reuse_instances: bool,
 ) -> Result<LaneDecision, BatchDecline> {
     let manifest = component.manifest();
+    let messages: Vec<&Message> = messages.collect();
+    let mut prefetched = prefetch_entities(
+        runtime,
+        projections,
+        store.as_ref(),
+        &manifest.name,
+        &messages,
+    )
+    .map_err(BatchDecline::Store)?;
     let overlay: SharedOverlay = Arc::default();
-    let mut states: HashMap<StreamName, (Option<String>, u64)> = HashMap::new();
+    let mut states: HashMap<StreamName, Folded> = HashMap::new();
+    // Ids of the messages the lane adds, checked against the store together at the end.
+    let mut added_ids: Vec<String> = Vec::new();
     let mut reusable: Option<crate::wasm::GuestInstance> = None;
     let mut decision = BatchDecision {
         items: Vec::with_capacity(messages.len()),
@@ -1301,9 +1316,12 @@ fn decide_lane<'a>(
                     // Folded earlier in this page, what is new can only be pending here: a
                     // write by someone else since then fails the commit's expected version, so
                     // the store is read only by the first fold.
-                    let (start, stored) = match states.get(stream) {
-                        Some(folded) => (folded.clone(), None),
-                        None => (projections.get(stream), Some(store.as_ref())),
+                    let (start, stored, first_page) = match states.get(stream) {
+                        Some(folded) => (folded.clone(), None, None),
+                        None => match prefetched.remove(stream) {
+                            Some((start, page)) => (start, Some(store.as_ref()), Some(page)),
+                            None => (projections.get(stream), Some(store.as_ref()), None),
+                        },
                     };
                     let folded = fold(
                         runtime,
@@ -1312,6 +1330,7 @@ fn decide_lane<'a>(
                         &mut instance,
                         stream,
                         start,
+                        first_page,
                     )?;
                     states.insert(stream.clone(), folded.clone());
                     let added = overlay
@@ -1374,25 +1393,25 @@ fn decide_lane<'a>(
             return Err(BatchDecline::OneByOne);
         };
         for (stream, new) in &checked.messages {
-            // A message whose id is stored (a replayed event's outcome) will be dropped by
-            // the store: later messages must not see it twice.
-            let stored = runtime
-                .block_on(store.message(&new.id))
-                .map_err(BatchDecline::Store)?
-                .is_some();
             let already_pending = pending
                 .pending
                 .get(stream)
                 .is_some_and(|(_, added)| added.iter().any(|m| m.id == new.id));
-            if stored || already_pending {
+            if already_pending {
                 continue;
             }
+            added_ids.push(new.id.clone());
             let (base, added) = match pending.pending.get_mut(stream) {
                 Some(entry) => entry,
                 None => {
-                    let stored = runtime
-                        .block_on(store.stream_version(stream))
-                        .map_err(BatchDecline::Store)?;
+                    // A stream folded in this lane with nothing pending is at the version
+                    // folded (a write since fails the commit's expected version).
+                    let stored = match states.get(stream) {
+                        Some((_, version)) => *version,
+                        None => runtime
+                            .block_on(store.stream_version(stream))
+                            .map_err(BatchDecline::Store)?,
+                    };
                     pending
                         .pending
                         .entry(stream.clone())
@@ -1419,6 +1438,17 @@ fn decide_lane<'a>(
         }
         drop(pending);
         decision.items.push(BatchItem::Decided(checked));
+    }
+    // A message whose id is stored (the outcome of a replayed message) will be dropped by the
+    // store, and later messages of the lane must not have seen it: such a page goes one by one.
+    // Checked once for the lane, since it is rare and each check is a round trip on JetStream.
+    let stored = runtime
+        .block_on(futures_util::future::try_join_all(
+            added_ids.iter().map(|id| store.message(id)),
+        ))
+        .map_err(BatchDecline::Store)?;
+    if stored.iter().any(Option::is_some) {
+        return Err(BatchDecline::OneByOne);
     }
     let (host_reads, written, views) = match overlay.lock() {
         Ok(overlay) => (
@@ -1448,10 +1478,14 @@ fn fold(
     instance: &mut crate::wasm::GuestInstance,
     stream: &StreamName,
     (mut state, mut version): (Option<String>, u64),
+    mut first_page: Option<Vec<Message>>,
 ) -> Result<(Option<String>, u64), Decline> {
     loop {
-        let page = read_merged(runtime, store, overlay, stream, version, READ_BATCH)
-            .map_err(Decline::Store)?;
+        let page = match first_page.take() {
+            Some(stored) => merge_pending(overlay, stream, version, READ_BATCH, stored),
+            None => read_merged(runtime, store, overlay, stream, version, READ_BATCH)
+                .map_err(Decline::Store)?,
+        };
         (state, version) = project_all(instance, &page, state, version)?;
         if page.len() < READ_BATCH {
             return Ok((state, version));
@@ -1503,6 +1537,7 @@ pub async fn project(
             &mut instance,
             &stream,
             (None, 0),
+            None,
         )
         .map_err(|e| match e {
             Decline::Guest(e) => anyhow::Error::new(e),
@@ -1538,6 +1573,9 @@ struct Overlay {
 
 type SharedOverlay = Arc<std::sync::Mutex<Overlay>>;
 
+/// A stream's state folded by `project` (none for an empty stream) and the version it is at.
+type Folded = (Option<String>, u64);
+
 /// A stream as a handler should see it: the stored messages (none read without a store), then
 /// those the batch added.
 fn read_merged(
@@ -1548,10 +1586,22 @@ fn read_merged(
     from: u64,
     limit: usize,
 ) -> Result<Vec<Message>, StoreError> {
-    let mut messages = match store {
+    let stored = match store {
         Some(store) => runtime.block_on(store.read_stream(stream, from, limit))?,
         None => Vec::new(),
     };
+    Ok(merge_pending(overlay, stream, from, limit, stored))
+}
+
+/// Stored messages of a stream read from `from`, with what the batch added in place of what
+/// they would have been.
+fn merge_pending(
+    overlay: Option<&SharedOverlay>,
+    stream: &StreamName,
+    from: u64,
+    limit: usize,
+    mut messages: Vec<Message>,
+) -> Vec<Message> {
     if let Some(overlay) = overlay
         && let Ok(overlay) = overlay.lock()
         && let Some((base, pending)) = overlay.pending.get(stream)
@@ -1560,7 +1610,36 @@ fn read_merged(
         messages.extend(pending.iter().filter(|m| m.position >= from).cloned());
         messages.truncate(limit);
     }
-    Ok(messages)
+    messages
+}
+
+/// The first page of each entity a lane will fold, read from the store at once (concurrently:
+/// on JetStream each read is a round trip), with the cached projection it continues.
+fn prefetch_entities(
+    runtime: &Handle,
+    projections: &ProjectionCache,
+    store: &dyn MessageStore,
+    service: &str,
+    messages: &[&Message],
+) -> Result<HashMap<StreamName, (Folded, Vec<Message>)>, StoreError> {
+    let mut entities: Vec<StreamName> = Vec::new();
+    for message in messages {
+        if let Some(entity) = entity_of(service, message)
+            && !entities.contains(&entity)
+        {
+            entities.push(entity);
+        }
+    }
+    let reads = entities.into_iter().map(|entity| async move {
+        let start = projections.get(&entity);
+        let page = store.read_stream(&entity, start.1, READ_BATCH).await?;
+        Ok::<_, StoreError>((entity, (start, page)))
+    });
+    runtime.block_on(
+        futures_util::stream::iter(reads)
+            .buffer_unordered(PREFETCH_IN_FLIGHT)
+            .try_collect(),
+    )
 }
 
 impl StoreHost {
