@@ -320,25 +320,35 @@ async fn start_counter(
 
 /// Wakes after every durable write of an event (the outcome and the consumer's position are
 /// written together), so a wait ends as soon as its command is handled, not at the next poll.
-async fn event_writes(store: &Arc<dyn MessageStore>) -> anyhow::Result<watch::Receiver<u64>> {
-    Ok(store
+/// The command consumer's position, read once per write to the events' category and shared by
+/// every waiter: a read per waiting command would load the store with the benchmark's own reads
+/// (on JetStream each is a round trip to the server).
+async fn handled_position(store: &Arc<dyn MessageStore>) -> anyhow::Result<watch::Receiver<u64>> {
+    let mut changes = store
         .watch(&ConsumerId::new(Category::parse("counter")?, "bench"))
-        .await?)
+        .await?;
+    let consumer = ConsumerId::new(Category::parse("counter:command")?, "microservice:counter");
+    let (position, handled) = watch::channel(0);
+    let store = store.clone();
+    tokio::spawn(async move {
+        loop {
+            changes.borrow_and_update();
+            let Ok(now) = store.consumer_position(&consumer).await else {
+                return;
+            };
+            position.send_replace(now);
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                () = position.closed() => return,
+            }
+        }
+    });
+    Ok(handled)
 }
 
-async fn wait_handled(
-    store: &Arc<dyn MessageStore>,
-    mut changes: watch::Receiver<u64>,
-    global: u64,
-) -> anyhow::Result<()> {
-    let consumer = ConsumerId::new(Category::parse("counter:command")?, "microservice:counter");
-    loop {
-        changes.borrow_and_update();
-        if store.consumer_position(&consumer).await? >= global {
-            return Ok(());
-        }
-        changes.changed().await?;
-    }
+async fn wait_handled(mut handled: watch::Receiver<u64>, global: u64) -> anyhow::Result<()> {
+    handled.wait_for(|&position| position >= global).await?;
+    Ok(())
 }
 
 /// Row 2: commands appended by 32 concurrent writers while the host handles them; the rate at
@@ -351,7 +361,7 @@ async fn end_to_end_throughput(
 ) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let (store, running) = start_counter(dir.path(), backend, config, handler).await?;
-    let changes = event_writes(&store).await?;
+    let handled = handled_position(&store).await?;
     let start = Instant::now();
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..32 {
@@ -376,7 +386,7 @@ async fn end_to_end_throughput(
     while let Some(result) = writers.join_next().await {
         last = last.max(result??);
     }
-    wait_handled(&store, changes, last).await?;
+    wait_handled(handled, last).await?;
     let rate = commands as f64 / start.elapsed().as_secs_f64();
     running.shutdown().await;
     Ok(rate)
@@ -391,13 +401,13 @@ async fn end_to_end_latency(
 ) -> anyhow::Result<(Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let (store, running) = start_counter(dir.path(), backend, config, Handler::Wasm).await?;
-    let changes = event_writes(&store).await?;
+    let handled = handled_position(&store).await?;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let mut tasks = tokio::task::JoinSet::new();
     let mut next = Instant::now();
     for n in 0..commands {
         let store = store.clone();
-        let changes = changes.clone();
+        let handled = handled.clone();
         tasks.spawn(async move {
             let sent = Instant::now();
             let stream = StreamName::parse(&format!("counter:command.e{}", n % 100))?;
@@ -409,7 +419,7 @@ async fn end_to_end_latency(
                 ))
                 .await?;
             let global = written.written.first().map_or(0, |m| m.global_position);
-            wait_handled(&store, changes, global).await?;
+            wait_handled(handled, global).await?;
             anyhow::Ok(sent.elapsed())
         });
         next += interval;
