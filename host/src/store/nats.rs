@@ -53,7 +53,7 @@ const MAX_BATCHES_IN_FLIGHT: usize = 16;
 const MAX_GROUP: usize = 256;
 /// Commits waiting for the group committer before `commit` waits to queue.
 const QUEUE: usize = 1024;
-/// Direct gets one commit's checks send at once.
+/// Direct gets a group's checks send at once.
 const LOOKUPS_IN_FLIGHT: usize = 64;
 /// A wake-up consumer nobody pulled from for this long (its process is gone) is removed.
 const WATCHER_INACTIVE: Duration = Duration::from_secs(300);
@@ -1350,10 +1350,7 @@ impl MessageStore for NatsStore {
     }
 
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError> {
-        let Some(claim) = self
-            .last(&self.subject(&format!("id.{}", token(id))))
-            .await?
-        else {
+        let Some(claim) = self.last(&self.claim_subject(id)).await? else {
             return Ok(None);
         };
         // The message follows its claim in the same atomic batch.
