@@ -1316,12 +1316,17 @@ fn decide_lane<'a>(
                     // Folded earlier in this page, what is new can only be pending here: a
                     // write by someone else since then fails the commit's expected version, so
                     // the store is read only by the first fold.
-                    let (start, stored, first_page) = match states.get(stream) {
-                        Some(folded) => (folded.clone(), None, None),
-                        None => match prefetched.remove(stream) {
-                            Some((start, page)) => (start, Some(store.as_ref()), Some(page)),
-                            None => (projections.get(stream), Some(store.as_ref()), None),
-                        },
+                    // The prefetched page is used only while nothing is pending on the stream:
+                    // a pending base read after it may be past what it holds, and merging would
+                    // skip the stored events in between.
+                    let nothing_pending = overlay
+                        .lock()
+                        .is_ok_and(|o| !o.pending.contains_key(stream));
+                    let prefetched = prefetched.remove(stream).filter(|_| nothing_pending);
+                    let (start, stored, first_page) = match (states.get(stream), prefetched) {
+                        (Some(folded), _) => (folded.clone(), None, None),
+                        (None, Some((start, page))) => (start, Some(store.as_ref()), Some(page)),
+                        (None, None) => (projections.get(stream), Some(store.as_ref()), None),
                     };
                     let folded = fold(
                         runtime,
