@@ -121,3 +121,42 @@ async fn wakes_every_process_that_watches_a_category() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_a_message_past_the_servers_limit_alone_among_commits_sent_together() {
+    let (store, _server) = open_nats().await;
+    // Sent at once, the commits are checked and published together; the one the server could
+    // not take must fail on its own, clearly, and the others must be stored.
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let mut commits = Vec::new();
+    for i in 0..8 {
+        let data = if i == 3 {
+            json!({ "blob": huge })
+        } else {
+            json!({ "n": i })
+        };
+        let store = store.clone();
+        commits.push(tokio::spawn(async move {
+            store
+                .commit(Commit::append(
+                    conformance::stream(&format!("big.{i}")),
+                    None,
+                    vec![conformance::msg(&format!("m{i}"), "Sent", data)],
+                ))
+                .await
+        }));
+    }
+    for (i, commit) in commits.into_iter().enumerate() {
+        let outcome = commit.await.expect("join");
+        if i == 3 {
+            let error = outcome.expect_err("larger than the server takes");
+            assert!(
+                matches!(&error, StoreError::InvalidMessage { id, .. } if id == "m3"),
+                "{error}"
+            );
+        } else {
+            assert_eq!(outcome.expect("stored").written.len(), 1, "commit {i}");
+        }
+    }
+    assert!(store.message("m3").await.expect("lookup").is_none());
+}

@@ -55,6 +55,8 @@ const MAX_GROUP: usize = 256;
 const QUEUE: usize = 1024;
 /// Direct gets a group's checks send at once.
 const LOOKUPS_IN_FLIGHT: usize = 64;
+/// Bytes a batch message's headers (batch id and sequence, expectations) may take.
+const HEADROOM: usize = 512;
 /// A wake-up consumer nobody pulled from for this long (its process is gone) is removed.
 const WATCHER_INACTIVE: Duration = Duration::from_secs(300);
 
@@ -588,12 +590,13 @@ impl NatsStore {
                     continue;
                 }
             };
-            if staged.plan.outgoing.len() + planned.ops.len() > MAX_BATCH {
+            let entries = planned.entries(&staged.plan);
+            if staged.plan.outgoing.len() + entries > MAX_BATCH {
                 if !staged.plan.outgoing.is_empty() {
                     break;
                 }
                 outcomes.push(Err(StoreError::TooLarge {
-                    entries: planned.ops.len(),
+                    entries,
                     limit: MAX_BATCH,
                 }));
                 written.push(Vec::new());
@@ -611,7 +614,16 @@ impl NatsStore {
         let first = match self.publish(staged.plan.outgoing).await {
             Ok(first) => first,
             Err(BatchRefused::Raced) => return Ok(None),
-            Err(BatchRefused::Other(e)) => return Err(e),
+            Err(BatchRefused::Other(e)) => {
+                // The commits in the batch fail with it; those refused by their checks keep
+                // their own error, and those that did not fit still wait.
+                for outcome in &mut outcomes {
+                    if outcome.is_ok() {
+                        *outcome = Err(e.clone());
+                    }
+                }
+                return Ok(Some(outcomes));
+            }
         };
         for (outcome, written) in outcomes.iter_mut().zip(written) {
             if let Ok(committed) = outcome {
@@ -803,6 +815,20 @@ impl NatsStore {
                 self.deferred_subject(&deferred.consumer, deferred.message.global_position);
             planned.put(subject, to_json(deferred)?, None);
         }
+        // The server refuses a message past its max_payload; found here, it fails this commit
+        // alone instead of the batch it would share.
+        let max_payload = self.inner.client.server_info().max_payload;
+        if max_payload > 0
+            && let Some((name, size)) = planned.largest()
+            && size + HEADROOM > max_payload
+        {
+            return Err(StoreError::InvalidMessage {
+                id: name.to_owned(),
+                reason: format!(
+                    "{size} bytes stored is more than the server takes in one message ({max_payload})"
+                ),
+            });
+        }
         Ok(planned)
     }
 
@@ -815,7 +841,7 @@ impl NatsStore {
             // Another process changed a subject the group read: the first commit checks again
             // on its own, so it cannot be starved by groups that keep racing.
             Ok(None) => vec![self.commit_alone(commits[0]).await],
-            // The server did not answer or refused the batch: every commit of it fails alike.
+            // The server did not answer the checks' reads: every commit of the group fails alike.
             Err(e) => commits.iter().map(|_| Err(e.clone())).collect(),
         };
         for (queued, outcome) in waiting.drain(..outcomes.len()).zip(outcomes) {
@@ -1017,6 +1043,40 @@ struct PlannedCommit {
 }
 
 impl PlannedCommit {
+    /// Entries it adds to a batch: a change to a key-value subject the batch already sets
+    /// replaces that entry.
+    fn entries(&self, plan: &Plan) -> usize {
+        let mut puts = HashSet::new();
+        self.ops
+            .iter()
+            .filter(|op| match op {
+                Op::Put { subject, .. } => {
+                    !plan.keyed.contains_key(subject) && puts.insert(subject.as_str())
+                }
+                _ => true,
+            })
+            .count()
+    }
+
+    /// Its largest message (the id, or the subject of a key-value change) with its size.
+    fn largest(&self) -> Option<(&str, usize)> {
+        self.ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Claim(_) => None,
+                Op::Message {
+                    subject,
+                    payload,
+                    stored,
+                    ..
+                } => Some((stored.id.as_str(), subject.len() + payload.len())),
+                Op::Put {
+                    subject, payload, ..
+                } => Some((subject.as_str(), subject.len() + payload.len())),
+            })
+            .max_by_key(|(_, size)| *size)
+    }
+
     fn put(&mut self, subject: String, payload: Vec<u8>, expect: Option<u64>) {
         self.ops.push(Op::Put {
             subject,
