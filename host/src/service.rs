@@ -1316,17 +1316,20 @@ fn decide_lane<'a>(
                     // Folded earlier in this page, what is new can only be pending here: a
                     // write by someone else since then fails the commit's expected version, so
                     // the store is read only by the first fold.
-                    // The prefetched page is used only while nothing is pending on the stream:
-                    // a pending base read after it may be past what it holds, and merging would
-                    // skip the stored events in between.
-                    let nothing_pending = overlay
-                        .lock()
-                        .is_ok_and(|o| !o.pending.contains_key(stream));
-                    let prefetched = prefetched.remove(stream).filter(|_| nothing_pending);
-                    let (start, stored, first_page) = match (states.get(stream), prefetched) {
-                        (Some(folded), _) => (folded.clone(), None, None),
-                        (None, Some((start, page))) => (start, Some(store.as_ref()), Some(page)),
-                        (None, None) => (projections.get(stream), Some(store.as_ref()), None),
+                    let (start, stored, first_page) = match states.get(stream) {
+                        Some(folded) => (folded.clone(), None, None),
+                        None => {
+                            // The prefetched page serves only while nothing is pending on the
+                            // stream: a pending base read after it may be past what it holds,
+                            // and merging would skip the stored events in between.
+                            let nothing_pending = overlay
+                                .lock()
+                                .is_ok_and(|o| !o.pending.contains_key(stream));
+                            match prefetched.remove(stream).filter(|_| nothing_pending) {
+                                Some((start, page)) => (start, Some(store.as_ref()), Some(page)),
+                                None => (projections.get(stream), Some(store.as_ref()), None),
+                            }
+                        }
                     };
                     let folded = fold(
                         runtime,
@@ -1482,9 +1485,9 @@ fn fold(
     overlay: Option<&SharedOverlay>,
     instance: &mut crate::wasm::GuestInstance,
     stream: &StreamName,
-    (mut state, mut version): (Option<String>, u64),
+    (mut state, mut version): Folded,
     mut first_page: Option<Vec<Message>>,
-) -> Result<(Option<String>, u64), Decline> {
+) -> Result<Folded, Decline> {
     loop {
         let page = match first_page.take() {
             Some(stored) => merge_pending(overlay, stream, version, READ_BATCH, stored),
@@ -1627,14 +1630,10 @@ fn prefetch_entities(
     service: &str,
     messages: &[&Message],
 ) -> Result<HashMap<StreamName, (Folded, Vec<Message>)>, StoreError> {
-    let mut entities: Vec<StreamName> = Vec::new();
-    for message in messages {
-        if let Some(entity) = entity_of(service, message)
-            && !entities.contains(&entity)
-        {
-            entities.push(entity);
-        }
-    }
+    let entities: HashSet<StreamName> = messages
+        .iter()
+        .filter_map(|message| entity_of(service, message))
+        .collect();
     let reads = entities.into_iter().map(|entity| async move {
         let start = projections.get(&entity);
         let page = store.read_stream(&entity, start.1, READ_BATCH).await?;
