@@ -237,13 +237,15 @@ async fn serves_categories_consumers_views_webhook_health_and_metrics() {
             .await;
         assert_eq!(status, StatusCode::ACCEPTED);
     }
-    support::wait_until(Duration::from_secs(30), "the view has both", || {
+    // All three commands handled: both rows, and `a` counted twice.
+    support::wait_until(Duration::from_secs(30), "the view has all three", || {
         let fixture = &fixture;
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
-                fixture.get("/views/totals").await.1["rows"]
-                    .as_array()
-                    .is_some_and(|rows| rows.len() == 2)
+                let rows = fixture.get("/views/totals").await.1;
+                let a = fixture.get("/views/totals/a").await.1;
+                rows["rows"].as_array().is_some_and(|rows| rows.len() == 2)
+                    && a["row"]["value"]["total"] == 4
             })
         })
     });
