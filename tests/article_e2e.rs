@@ -227,8 +227,10 @@ fn subscription_and_email_work_without_ever_running_together() {
 fn follows_up_an_overdue_payment_by_what_happened_to_the_email() {
     let setup = Setup::new(&["subscription", "email"]);
     let _host = setup.start(&[]);
-    billing::mark_overdue(&setup, 2500);
-    billing::open_one_and_pay_one(&setup);
+    // Long enough for the whole flow before the follow-ups on a slow machine; the test waits
+    // this long for the ignored one to be cancelled.
+    let follow_ups_due = billing::mark_overdue(&setup, Duration::from_secs(10));
+    billing::open_one_and_pay_one(&setup, follow_ups_due);
     billing::assert_followed_up(&setup);
     // The discount email went out, to the right person, with the right origin.
     wait_until(WAIT, "four emails are delivered", || {
