@@ -127,15 +127,21 @@ fn follows_up_overdue_payments_with_a_process_per_service_through_a_kill() {
     let setup = Setup::with_store(&["subscription", "email"], &server.url());
     let (subscription, subscription_data) = start_service(&setup, "subscription");
     let (_email, email_data) = start_service(&setup, "email");
-    billing::mark_overdue(&setup, 3000);
+    // Long enough for the whole flow, a restart included, before the follow-ups on a slow
+    // machine; the test waits this long for the ignored one to be cancelled.
+    let follow_ups_due = billing::mark_overdue(&setup, Duration::from_secs(15));
     // Killed while the follow-ups wait (deferred) and the emails go out.
     setup.wait_for_stream("subscription.opened", 1);
     subscription.kill();
     let _subscription = setup.start_in(&subscription_data, &["--only", "subscription"]);
-    billing::open_one_and_pay_one(&setup);
+    billing::open_one_and_pay_one(&setup, follow_ups_due);
     billing::assert_followed_up(&setup);
     wait_until(WAIT, "four emails are delivered", || {
         setup.emails_in(&email_data).len() == 4
+    });
+    // The email service delivers the file before it records EmailSent.
+    wait_until(WAIT, "5 email events are recorded", || {
+        category(&setup, "email").len() >= 5
     });
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -163,6 +169,10 @@ fn services_go_on_after_the_server_restarts() {
     });
     wait_until(WAIT, "the second email is delivered", || {
         setup.emails_in(&email_data).len() == 2
+    });
+    // The email service delivers the file before it records EmailSent.
+    wait_until(WAIT, "2 emails are recorded as sent", || {
+        category(&setup, "email").len() >= 2
     });
     for user in [1, 2] {
         assert_eq!(

@@ -71,6 +71,17 @@ fn handled_by(events: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the latest counter event was written by `version` (its `handledBy`).
+fn wait_for_handled_by(setup: &Setup, version: &str) {
+    wait_until(WAIT, &format!("{version} handles a command"), || {
+        let all = setup.ferry_json(&["read", "counter", "--limit", "100000"])["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        handled_by(&all).last().is_some_and(|last| last == version)
+    });
+}
+
 #[test]
 fn replaces_a_service_under_load_with_every_message_handled_once() {
     let setup = Arc::new(Setup::new(&["counter"]));
@@ -86,14 +97,18 @@ fn replaces_a_service_under_load_with_every_message_handled_once() {
     };
     let mut positions = vec![position(&setup)];
     let mut since = Vec::new();
+    // Each version must handle some commands before it is replaced, or its run is missing below.
+    let mut running = "counter".to_owned();
     for version in ["counter_next", "counter", "counter_next", "counter"] {
-        std::thread::sleep(Duration::from_millis(700));
+        wait_for_handled_by(&setup, &running);
         let hash = drop_guest(&setup, "counter.wasm", version);
         wait_for_version(&setup, &hash);
         since.push(services(&setup)[0]["sinceMs"].as_u64().unwrap_or(0));
         positions.push(position(&setup));
+        // What its events say in `handledBy`: `counter_next.wasm` is `counter-next`.
+        running = version.replace('_', "-");
     }
-    std::thread::sleep(Duration::from_millis(700));
+    wait_for_handled_by(&setup, &running);
     let commands = sender.stop();
     positions.push(position(&setup));
     assert!(
