@@ -23,6 +23,9 @@ fn registers_and_renames_in_a_browser_across_a_service_restart() {
         .arg(repo_root().join("tests/browser/registration.mjs"))
         .arg(format!("http://{address}/"))
         .arg(setup.services())
+        // For the script to ask the host which services run.
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .arg(setup.data())
         .current_dir(repo_root().join("tests/browser"))
         .output()
         .expect("node runs (scripts/test installs playwright-core and chromium)");

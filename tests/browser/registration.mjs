@@ -2,12 +2,33 @@
 // the name, and checks that both events appear live, while the user service is stopped and
 // started again between the two steps (its component moved out of and back into the services
 // folder; the host reloads it). Run by tests/browser.rs:
-//   node registration.mjs URL SERVICES_DIR
+//   node registration.mjs URL SERVICES_DIR FERRY DATA_DIR
 import { chromium } from "playwright-core";
+import { execFile } from "node:child_process";
 import { rename } from "node:fs/promises";
 import { join } from "node:path";
+import { promisify } from "node:util";
 
-const [url, services] = process.argv.slice(2);
+const [url, services, ferry, data] = process.argv.slice(2);
+
+// The gateway does not list services: ask the host through the CLI.
+async function runningServices() {
+  const args = ["--data", data, "--services", services, "--json", "services"];
+  const { stdout } = await promisify(execFile)(ferry, args);
+  return JSON.parse(stdout).services.map((service) => service.name);
+}
+
+// The host lists a removed service until its consumers have stopped.
+async function waitUntilStopped(name, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while ((await runningServices()).includes(name)) {
+    if (Date.now() > deadline) {
+      throw new Error(`the ${name} service still runs ${timeoutMs} ms after its component was moved away`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 const browser = await chromium.launch({ executablePath, args: ["--no-sandbox"] });
 const step = (text) => console.log("step:", text);
@@ -30,7 +51,7 @@ try {
   const component = join(services, "user.wasm");
   const parked = join(services, "..", "user.wasm.away");
   await rename(component, parked);
-  await new Promise((resolve) => setTimeout(resolve, 1500));
+  await waitUntilStopped("user", 30000);
 
   step("change the name while it is down");
   await page.fill("#name-form input[name=firstName]", "Annie");
