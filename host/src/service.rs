@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::mail::Maildir;
 use crate::store::{
-    Category, Commit, ConsumerId, DeferredMessage, Message, MessageStore, NewMessage,
+    Category, Commit, Committed, ConsumerId, DeferredMessage, Message, MessageStore, NewMessage,
     ParkedMessage, Settle, StoreError, StreamAppend, StreamName, ViewWrite, now_ms,
     validate_table_name,
 };
@@ -504,6 +504,35 @@ struct Consumer {
     shutdown: watch::Receiver<bool>,
 }
 
+/// How long a consumer keeps reading pages before it looks at its deferred messages again.
+const KEEP_READING_FOR: Duration = Duration::from_millis(250);
+
+/// A page read after the consumer's position (or after the page in flight).
+enum NextPage {
+    /// Nothing to handle up to `scanned_to` (everything there was filtered out, or nothing).
+    Idle {
+        scanned_to: u64,
+    },
+    /// Declined as a batch: handle it one message at a time.
+    OneByOne(Arc<[Message]>),
+    Decided(Box<DecidedPage>),
+}
+
+/// A page decided as one commit, until the store answers.
+struct DecidedPage {
+    messages: Arc<[Message]>,
+    /// The global position of its last message: where the consumer moves.
+    last: u64,
+    /// Taken when it is sent.
+    commit: Option<Commit>,
+    parked: u64,
+    cacheable: Vec<(StreamName, Option<String>, u64)>,
+    /// What it writes, for the next page to be decided on top of.
+    writes: Overlay,
+    lanes_met: bool,
+    started: std::time::Instant,
+}
+
 /// Why handling stopped without settling the message; it is delivered again later.
 enum Interrupted {
     Shutdown,
@@ -564,38 +593,7 @@ impl Consumer {
         }
 
         self.position = self.store.consumer_position(&self.id).await?;
-        let position = self.position;
-        let page = self
-            .store
-            .read_category(
-                &self.id.category,
-                position,
-                self.origin_prefix.as_deref(),
-                self.store.batch_size(),
-            )
-            .await?;
-        let idle = page.messages.is_empty();
-        // Shared, not copied: the batch path reads it, the one-by-one path needs it only when
-        // the batch declines.
-        let messages: Arc<[Message]> = page.messages.into();
-        if !idle && !self.handle_batch(messages.clone()).await? {
-            for message in messages.iter() {
-                let global = message.global_position;
-                self.handle(message.clone(), Source::Category).await?;
-                self.position = global;
-            }
-        }
-        if page.scanned_to > position && idle {
-            // Everything scanned was filtered out: remember that, so a restart does not rescan.
-            self.settle_only(Settle::Advance {
-                consumer: self.id.clone(),
-                from: position,
-                to: page.scanned_to,
-            })
-            .await?;
-            self.position = page.scanned_to;
-        }
-        if !idle {
+        if !self.handle_category().await? {
             return Ok(());
         }
         let wait_for_due = async {
@@ -613,34 +611,149 @@ impl Consumer {
         }
     }
 
-    /// Handles a page of the category as one commit: every outcome, parked and deferred message,
-    /// and the consumer's new position, with one flush. Returns false, having written nothing,
-    /// when the page needs the one-by-one path (a transient failure to retry, a conflict).
-    async fn handle_batch(&mut self, messages: Arc<[Message]>) -> Result<bool, Interrupted> {
-        let Some(last) = messages.last().map(|m| m.global_position) else {
-            return Ok(true);
+    /// Handles the category's pages from the stored position; true when it ran out of messages,
+    /// false when it stopped to let deferred messages in.
+    ///
+    /// Pages are pipelined: while a page's commit is in flight, the next page is read and decided
+    /// on top of what the page in flight writes (its messages and view rows carried into the next
+    /// page's overlay), so deciding overlaps the store's flush or round trip. The next page is
+    /// kept only if the page in flight was committed; its commit advances the position from where
+    /// that page ended, so it can never land without it. A service with the mail capability is
+    /// not pipelined: nothing is delivered on the strength of a commit that might fail.
+    async fn handle_category(&mut self) -> Result<bool, Interrupted> {
+        let began = std::time::Instant::now();
+        let overlap = self.mail.is_none();
+        let mut in_flight: Option<Box<DecidedPage>> = None;
+        loop {
+            let reading = began.elapsed() < KEEP_READING_FOR;
+            if !reading && in_flight.is_none() {
+                return Ok(false);
+            }
+            let sending = in_flight.as_mut().and_then(|page| page.commit.take());
+            let store = self.store.clone();
+            let committing = async move {
+                match sending {
+                    Some(commit) => Some(store.commit(commit).await),
+                    None => None,
+                }
+            };
+            let (from, carry) = match &in_flight {
+                Some(page) if overlap => (page.last, Some(page.writes.clone())),
+                Some(page) => (page.last, None),
+                None => (self.position, None),
+            };
+            let next = async {
+                match reading {
+                    true => Some(self.next_page(from, carry).await),
+                    false => None,
+                }
+            };
+            let (committed, next) = if overlap {
+                tokio::join!(committing, next)
+            } else {
+                let committed = committing.await;
+                match committed {
+                    Some(Err(_)) => {
+                        drop(next);
+                        (committed, None)
+                    }
+                    _ => (committed, next.await),
+                }
+            };
+            if let (Some(result), Some(page)) = (committed, in_flight.take()) {
+                match result {
+                    Ok(committed) => self.committed(page, &committed),
+                    Err(
+                        StoreError::Conflict { .. }
+                        | StoreError::Name(_)
+                        | StoreError::InvalidMessage { .. }
+                        | StoreError::TooLarge { .. },
+                    ) => {
+                        // The page goes one by one; the next page, decided on top of it, is
+                        // dropped and read again.
+                        self.one_by_one(&page.messages).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            match next.transpose()? {
+                None => {}
+                Some(NextPage::Idle { scanned_to }) => {
+                    if scanned_to > self.position {
+                        // Everything scanned was filtered out: remember that, so a restart
+                        // does not rescan.
+                        self.settle_only(Settle::Advance {
+                            consumer: self.id.clone(),
+                            from: self.position,
+                            to: scanned_to,
+                        })
+                        .await?;
+                        self.position = scanned_to;
+                    }
+                    return Ok(true);
+                }
+                Some(NextPage::OneByOne(messages)) => self.one_by_one(&messages).await?,
+                Some(NextPage::Decided(page)) => {
+                    if page.lanes_met {
+                        tracing::debug!(consumer = %self.id, "handlers read or wrote across entities: deciding pages on one thread");
+                        self.lanes = 1;
+                    }
+                    in_flight = Some(page);
+                }
+            }
+        }
+    }
+
+    /// Handles messages one at a time, each with its own commit.
+    async fn one_by_one(&mut self, messages: &[Message]) -> Result<(), Interrupted> {
+        for message in messages {
+            let global = message.global_position;
+            self.handle(message.clone(), Source::Category).await?;
+            self.position = global;
+        }
+        Ok(())
+    }
+
+    /// Reads the page after `from` and decides it as one commit: every outcome, parked and
+    /// deferred message, and the consumer's new position. `carry` is what the page in flight
+    /// writes, seen by this page as if it were stored.
+    async fn next_page(&self, from: u64, carry: Option<Overlay>) -> Result<NextPage, Interrupted> {
+        let page = self
+            .store
+            .read_category(
+                &self.id.category,
+                from,
+                self.origin_prefix.as_deref(),
+                self.store.batch_size(),
+            )
+            .await?;
+        let Some(last) = page.messages.last().map(|m| m.global_position) else {
+            return Ok(NextPage::Idle {
+                scanned_to: page.scanned_to,
+            });
         };
-        let count = messages.len();
+        // Shared, not copied: the lanes read it, the one-by-one path needs it only when the
+        // page is declined.
+        let messages: Arc<[Message]> = page.messages.into();
         let started = std::time::Instant::now();
-        let decision = match decide_batch(
-            self.component.clone(),
-            self.projections.clone(),
-            self.store.clone(),
-            self.mail.clone(),
-            messages,
-            self.config.reuse_instances,
-            self.lanes,
-        )
-        .await
-        {
-            Ok(decision) => decision,
-            Err(BatchDecline::OneByOne) => return Ok(false),
-            Err(BatchDecline::Store(e)) => return Err(e.into()),
+        let decider = Decider {
+            component: self.component.clone(),
+            projections: self.projections.clone(),
+            store: self.store.clone(),
+            mail: self.mail.clone(),
+            reuse_instances: self.config.reuse_instances,
         };
+        let decision =
+            match decide_batch(decider, messages.clone(), carry.map(Arc::new), self.lanes).await {
+                Ok(decision) => decision,
+                Err(BatchDecline::OneByOne) => return Ok(NextPage::OneByOne(messages)),
+                Err(BatchDecline::Store(e)) => return Err(e.into()),
+            };
         let mut commit = Commit {
             settle: Some(Settle::Advance {
                 consumer: self.id.clone(),
-                from: self.position,
+                from,
                 to: last,
             }),
             ..Commit::default()
@@ -673,36 +786,35 @@ impl Consumer {
                 }
             }
         }
-        if decision.lanes_met {
-            tracing::debug!(consumer = %self.id, "handlers read or wrote across entities: deciding pages on one thread");
-            self.lanes = 1;
-        }
         commit.appends = group_appends(outgoing, |stream| decision.expected.get(stream).copied());
-        match self.store.commit(commit).await {
-            Ok(committed) => {
-                tracing::debug!(
-                    consumer = %self.id, count, written = committed.written.len(),
-                    duplicates = committed.duplicates.len(), "handled a batch"
-                );
-                record(
-                    self.component.manifest().name.as_str(),
-                    count as u64 - parked,
-                    parked,
-                    started.elapsed(),
-                );
-                self.position = last;
-                for (stream, state, version) in decision.cacheable {
-                    self.projections.put(&stream, version, &state);
-                }
-                Ok(true)
-            }
-            Err(
-                StoreError::Conflict { .. }
-                | StoreError::Name(_)
-                | StoreError::InvalidMessage { .. }
-                | StoreError::TooLarge { .. },
-            ) => Ok(false),
-            Err(e) => Err(e.into()),
+        Ok(NextPage::Decided(Box::new(DecidedPage {
+            messages,
+            last,
+            commit: Some(commit),
+            parked,
+            cacheable: decision.cacheable,
+            writes: decision.writes,
+            lanes_met: decision.lanes_met,
+            started,
+        })))
+    }
+
+    /// What follows a page's commit: the position, metrics, and the states worth caching.
+    fn committed(&mut self, page: Box<DecidedPage>, committed: &Committed) {
+        let count = page.messages.len() as u64;
+        tracing::debug!(
+            consumer = %self.id, count, written = committed.written.len(),
+            duplicates = committed.duplicates.len(), "handled a batch"
+        );
+        record(
+            self.component.manifest().name.as_str(),
+            count - page.parked,
+            page.parked,
+            page.started.elapsed(),
+        );
+        self.position = page.last;
+        for (stream, state, version) in page.cacheable {
+            self.projections.put(&stream, version, &state);
         }
     }
 
@@ -1100,6 +1212,7 @@ enum BatchItem {
 }
 
 /// A batch's decisions, ready to be committed together.
+#[derive(Default)]
 struct BatchDecision {
     items: Vec<BatchItem>,
     /// The stored version of each entity the batch projected: the expected versions.
@@ -1109,6 +1222,19 @@ struct BatchDecision {
     cacheable: Vec<(StreamName, Option<String>, u64)>,
     /// The page was tried in lanes, which met; it was decided on one thread instead.
     lanes_met: bool,
+    /// The messages and view rows it writes, as the next page's overlay starts.
+    writes: Overlay,
+}
+
+/// What a page is decided with: the service's code, its cached states, the store it reads, and
+/// the mail capability when granted.
+#[derive(Clone)]
+struct Decider {
+    component: Arc<ServiceComponent>,
+    projections: Arc<ProjectionCache>,
+    store: Arc<dyn MessageStore>,
+    mail: Option<Arc<Maildir>>,
+    reuse_instances: bool,
 }
 
 /// Why a batch could not be decided as one.
@@ -1127,17 +1253,14 @@ enum BatchDecline {
 /// on one thread (and `lanes_met` tells the consumer to stop trying). A service with the mail
 /// capability always uses one thread, so no email is sent by work that is dropped.
 async fn decide_batch(
-    component: Arc<ServiceComponent>,
-    projections: Arc<ProjectionCache>,
-    store: Arc<dyn MessageStore>,
-    mail: Option<Arc<Maildir>>,
+    decider: Decider,
     messages: Arc<[Message]>,
-    reuse_instances: bool,
+    carry: Option<Arc<Overlay>>,
     lanes: usize,
 ) -> Result<BatchDecision, BatchDecline> {
     let runtime = Handle::current();
-    let split = if mail.is_none() {
-        split_by_entity(&component.manifest().name, &messages, lanes)
+    let split = if decider.mail.is_none() {
+        split_by_entity(&decider.component.manifest().name, &messages, lanes)
     } else {
         Vec::new()
     };
@@ -1145,22 +1268,18 @@ async fn decide_batch(
     if split.len() > 1 {
         let mut deciding = Vec::with_capacity(split.len());
         for lane in split {
-            let (runtime, component, projections, store, messages) = (
+            let (runtime, decider, messages, carry) = (
                 runtime.clone(),
-                component.clone(),
-                projections.clone(),
-                store.clone(),
+                decider.clone(),
                 messages.clone(),
+                carry.clone(),
             );
             deciding.push(tokio::task::spawn_blocking(move || {
                 decide_lane(
                     &runtime,
-                    &component,
-                    &projections,
-                    &store,
-                    None,
+                    &decider,
+                    carry.as_deref(),
                     lane.iter().map(|&i| &messages[i]),
-                    reuse_instances,
                 )
             }));
         }
@@ -1174,15 +1293,7 @@ async fn decide_batch(
         lanes_met = true;
     }
     let joined = tokio::task::spawn_blocking(move || {
-        decide_lane(
-            &runtime,
-            &component,
-            &projections,
-            &store,
-            mail,
-            messages.iter(),
-            reuse_instances,
-        )
+        decide_lane(&runtime, &decider, carry.as_deref(), messages.iter())
     })
     .await;
     let mut decision = joined.map_err(|_| BatchDecline::OneByOne)??.decision;
@@ -1237,31 +1348,33 @@ fn lanes_apart(lanes: &[LaneDecision]) -> bool {
 }
 
 fn merge_lanes(lanes: Vec<LaneDecision>) -> BatchDecision {
-    let mut merged = BatchDecision {
-        items: Vec::new(),
-        expected: HashMap::new(),
-        cacheable: Vec::new(),
-        lanes_met: false,
-    };
+    let mut merged = BatchDecision::default();
     for lane in lanes {
         merged.items.extend(lane.decision.items);
         merged.expected.extend(lane.decision.expected);
         merged.cacheable.extend(lane.decision.cacheable);
+        merged.writes.pending.extend(lane.decision.writes.pending);
+        merged.writes.views.extend(lane.decision.writes.views);
     }
     merged
 }
 
 /// Decides messages in order on this (blocking) thread, each in a fresh instance, each seeing
-/// what the earlier ones decided (through an [`Overlay`]).
+/// what the earlier ones decided (through an [`Overlay`]) on top of what `carry` holds (the
+/// writes of the page in flight).
 fn decide_lane<'a>(
     runtime: &Handle,
-    component: &ServiceComponent,
-    projections: &ProjectionCache,
-    store: &Arc<dyn MessageStore>,
-    mail: Option<Arc<Maildir>>,
+    decider: &Decider,
+    carry: Option<&Overlay>,
     messages: impl ExactSizeIterator<Item = &'a Message>,
-    reuse_instances: bool,
 ) -> Result<LaneDecision, BatchDecline> {
+    let Decider {
+        component,
+        projections,
+        store,
+        mail,
+        reuse_instances,
+    } = decider;
     let manifest = component.manifest();
     let messages: Vec<&Message> = messages.collect();
     let mut prefetched = prefetch_entities(
@@ -1272,16 +1385,27 @@ fn decide_lane<'a>(
         &messages,
     )
     .map_err(BatchDecline::Store)?;
-    let overlay: SharedOverlay = Arc::default();
+    let carried: HashMap<StreamName, usize> = carry
+        .map(|carry| {
+            carry
+                .pending
+                .iter()
+                .map(|(stream, (_, added))| (stream.clone(), added.len()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let carried_of = |stream: &StreamName| carried.get(stream).copied().unwrap_or(0);
+    let overlay: SharedOverlay =
+        Arc::new(std::sync::Mutex::new(carry.cloned().unwrap_or_default()));
+    // View rows this lane writes (the overlay also holds the carried ones).
+    let mut own_views: HashSet<(String, String)> = HashSet::new();
     let mut states: HashMap<StreamName, Folded> = HashMap::new();
     // Ids of the messages the lane adds, checked against the store together at the end.
     let mut added_ids: Vec<String> = Vec::new();
     let mut reusable: Option<crate::wasm::GuestInstance> = None;
     let mut decision = BatchDecision {
         items: Vec::with_capacity(messages.len()),
-        expected: HashMap::new(),
-        cacheable: Vec::new(),
-        lanes_met: false,
+        ..BatchDecision::default()
     };
     for message in messages {
         if let Some(due_ms) = message.not_before_ms
@@ -1312,33 +1436,52 @@ fn decide_lane<'a>(
         let decided = instance.map_err(Decline::Guest).and_then(|mut instance| {
             let state = match &entity {
                 Some(stream) => {
-                    let first_fold = !states.contains_key(stream);
-                    // Folded earlier in this page, what is new can only be pending here: a
-                    // write by someone else since then fails the commit's expected version, so
-                    // the store is read only by the first fold.
-                    let (start, stored, first_page) = match states.get(stream) {
-                        Some(folded) => (folded.clone(), None, None),
+                    let start = match states.get(stream) {
+                        // Folded earlier in this page, what is new can only be pending here:
+                        // a write by someone else since then fails the commit's expected
+                        // version, so the store is read only by the first fold.
+                        Some(folded) => folded.clone(),
                         None => {
-                            // The prefetched page serves only while nothing is pending on the
-                            // stream: a pending base read after it may be past what it holds,
-                            // and merging would skip the stored events in between.
-                            let nothing_pending = overlay
-                                .lock()
-                                .is_ok_and(|o| !o.pending.contains_key(stream));
-                            match prefetched.remove(stream).filter(|_| nothing_pending) {
-                                Some((start, page)) => (start, Some(store.as_ref()), Some(page)),
-                                None => (projections.get(stream), Some(store.as_ref()), None),
-                            }
+                            // The prefetched page serves only while this lane has nothing
+                            // pending on the stream: a pending base read after it may be past
+                            // what it holds, and merging would skip the stored events in
+                            // between. (A carried base was known before it was read.)
+                            let nothing_pending = overlay.lock().is_ok_and(|o| {
+                                o.pending
+                                    .get(stream)
+                                    .is_none_or(|(_, added)| added.len() == carried_of(stream))
+                            });
+                            let (start, first_page) =
+                                match prefetched.remove(stream).filter(|_| nothing_pending) {
+                                    Some((start, page)) => (start, Some(page)),
+                                    None => (projections.get(stream), None),
+                                };
+                            // Stored events first, alone: that state is worth caching even
+                            // when pending ones follow (the next fold reads only what is new).
+                            let stored = fold(
+                                runtime,
+                                Some(store.as_ref()),
+                                None,
+                                &mut instance,
+                                stream,
+                                start,
+                                first_page,
+                            )?;
+                            decision
+                                .cacheable
+                                .push((stream.clone(), stored.0.clone(), stored.1));
+                            stored
                         }
                     };
+                    // Then what is pending: carried from the page in flight, or added here.
                     let folded = fold(
                         runtime,
-                        stored,
+                        None,
                         Some(&overlay),
                         &mut instance,
                         stream,
                         start,
-                        first_page,
+                        None,
                     )?;
                     states.insert(stream.clone(), folded.clone());
                     let added = overlay
@@ -1346,17 +1489,13 @@ fn decide_lane<'a>(
                         .ok()
                         .and_then(|o| o.pending.get(stream).map(|(_, p)| p.len() as u64))
                         .unwrap_or(0);
-                    if first_fold && added == 0 {
-                        // Folded from stored events only: worth caching, even when this
-                        // batch then writes to the stream (the next fold reads only those).
-                        decision
-                            .cacheable
-                            .push((stream.clone(), folded.0.clone(), folded.1));
-                    }
+                    // The page in flight will have written the carried ones: this page expects
+                    // the version after them.
+                    let own_added = added - carried_of(stream) as u64;
                     decision
                         .expected
                         .entry(stream.clone())
-                        .or_insert(folded.1 - added);
+                        .or_insert(folded.1 - own_added);
                     folded.0
                 }
                 None => None,
@@ -1367,7 +1506,7 @@ fn decide_lane<'a>(
                 instance.handle_event(message, state.as_deref())
             }
             .map_err(Decline::Guest)?;
-            if reuse_instances {
+            if *reuse_instances {
                 // Only an instance whose every call succeeded is used again.
                 reusable = Some(instance);
             }
@@ -1440,9 +1579,9 @@ fn decide_lane<'a>(
             });
         }
         for view in &checked.views {
-            pending
-                .views
-                .insert((view.table.clone(), view.key.clone()), view.value.clone());
+            let row = (view.table.clone(), view.key.clone());
+            pending.views.insert(row.clone(), view.value.clone());
+            own_views.insert(row);
         }
         drop(pending);
         decision.items.push(BatchItem::Decided(checked));
@@ -1458,21 +1597,32 @@ fn decide_lane<'a>(
     if stored.iter().any(Option::is_some) {
         return Err(BatchDecline::OneByOne);
     }
-    let (host_reads, written, views) = match overlay.lock() {
-        Ok(overlay) => (
-            overlay.host_reads,
-            overlay.pending.keys().cloned().collect::<Vec<_>>(),
-            overlay.views.keys().cloned().collect(),
-        ),
-        Err(_) => return Err(BatchDecline::OneByOne),
+    let Ok(overlay) = overlay.lock() else {
+        return Err(BatchDecline::OneByOne);
     };
+    // What this lane adds, without what it was carried: the next page's carry, and what lanes
+    // compare.
+    for (stream, (base, added)) in &overlay.pending {
+        let carried = carried_of(stream);
+        if added.len() > carried {
+            decision.writes.pending.insert(
+                stream.clone(),
+                (base + carried as u64, added[carried..].to_vec()),
+            );
+        }
+    }
+    for row in &own_views {
+        if let Some(value) = overlay.views.get(row) {
+            decision.writes.views.insert(row.clone(), value.clone());
+        }
+    }
     let mut streams: HashSet<StreamName> = states.into_keys().collect();
-    streams.extend(written);
+    streams.extend(decision.writes.pending.keys().cloned());
     Ok(LaneDecision {
+        host_reads: overlay.host_reads,
         decision,
         streams,
-        views,
-        host_reads,
+        views: own_views,
     })
 }
 
@@ -1570,7 +1720,7 @@ struct StoreHost {
 /// Messages and view rows decided by earlier messages of a batch and not yet committed. Later
 /// messages of the batch read through it, so they decide on what the batch will have written
 /// (the users view, a username claim, the entity's own events).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Overlay {
     /// Stream → (its stored version when the batch first wrote to it, the pending messages).
     pending: HashMap<StreamName, (u64, Vec<Message>)>,
@@ -1743,12 +1893,7 @@ mod tests {
 
     fn lane(streams: &[&str], views: &[&str], host_reads: usize) -> LaneDecision {
         LaneDecision {
-            decision: BatchDecision {
-                items: Vec::new(),
-                expected: HashMap::new(),
-                cacheable: Vec::new(),
-                lanes_met: false,
-            },
+            decision: BatchDecision::default(),
             streams: streams
                 .iter()
                 .map(|s| StreamName::parse(s).expect("stream"))
@@ -1815,5 +1960,198 @@ mod tests {
             lane(&["counter.b"], &["x"], 0),
         ];
         assert!(!lanes_apart(&view), "two lanes wrote one view row");
+    }
+
+    /// A counter whose commands may also peek at the `totals` view through the host.
+    struct PeekingCounter;
+
+    fn total_of(state: Option<&str>) -> i64 {
+        state
+            .and_then(|text| serde_json::from_str::<Value>(text).ok())
+            .and_then(|state| state["total"].as_i64())
+            .unwrap_or(0)
+    }
+
+    impl crate::wasm::NativeService for PeekingCounter {
+        fn manifest(&self) -> crate::wasm::Manifest {
+            crate::wasm::Manifest {
+                name: "counter".into(),
+                handles_commands: true,
+                subscriptions: Vec::new(),
+                views: vec!["totals".into()],
+            }
+        }
+
+        fn project(
+            &self,
+            _: &mut dyn GuestHost,
+            state: Option<&str>,
+            event: &Message,
+        ) -> Result<String, GuestError> {
+            let by = event.data["by"].as_i64().unwrap_or(0);
+            Ok(serde_json::json!({ "total": total_of(state) + by }).to_string())
+        }
+
+        fn handle_command(
+            &self,
+            host: &mut dyn GuestHost,
+            command: &Message,
+            state: Option<&str>,
+        ) -> Result<Outcome, GuestError> {
+            let entity = command.stream.id();
+            let seen = match command.data["peek"].as_bool() {
+                Some(true) => host
+                    .view_get("totals", entity)
+                    .map_err(GuestError::Transient)?,
+                _ => None,
+            };
+            let by = command.data["by"].as_i64().unwrap_or(1);
+            let total = total_of(state) + by;
+            Ok(Outcome {
+                messages: vec![crate::wasm::Outgoing {
+                    stream: format!("counter.{entity}"),
+                    message_type: "Incremented".into(),
+                    data: serde_json::json!({ "by": by, "total": total, "seen": seen }).to_string(),
+                    metadata: None,
+                    not_before_ms: None,
+                }],
+                views: vec![crate::wasm::ViewChange {
+                    table: "totals".into(),
+                    key: entity.into(),
+                    value: Some(serde_json::json!({ "total": total }).to_string()),
+                }],
+            })
+        }
+
+        fn handle_event(
+            &self,
+            _: &mut dyn GuestHost,
+            _: &Message,
+            _: Option<&str>,
+        ) -> Result<Outcome, GuestError> {
+            Ok(Outcome::default())
+        }
+    }
+
+    fn increment(entity: &str, n: u64, data: Value) -> Message {
+        Message {
+            data,
+            ..command(entity, n)
+        }
+    }
+
+    fn outcome_data(decision: &BatchDecision) -> Vec<Value> {
+        decision
+            .items
+            .iter()
+            .filter_map(|item| match item {
+                BatchItem::Decided(checked) => Some(checked.messages[0].1.data.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn decides_a_page_on_top_of_what_the_page_in_flight_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn MessageStore> =
+            Arc::new(crate::store::SledStore::open(dir.path()).expect("store"));
+        let counter_a = StreamName::parse("counter.a").expect("stream");
+        // Stored: a at total 1 (version 1).
+        store
+            .commit(Commit::append(
+                counter_a.clone(),
+                Some(0),
+                vec![NewMessage {
+                    id: "stored-1".into(),
+                    message_type: "Incremented".into(),
+                    data: serde_json::json!({ "by": 1 }),
+                    metadata: Map::new(),
+                    not_before_ms: None,
+                }],
+            ))
+            .await
+            .expect("stored event");
+        // In flight, not stored yet: a second event (total 3) and its view row.
+        let mut carry = Overlay::default();
+        carry.pending.insert(
+            counter_a.clone(),
+            (
+                1,
+                vec![Message {
+                    id: "carried-2".into(),
+                    stream: counter_a.clone(),
+                    message_type: "Incremented".into(),
+                    data: serde_json::json!({ "by": 2 }),
+                    metadata: Map::new(),
+                    position: 1,
+                    global_position: 0,
+                    time_ms: 0,
+                    not_before_ms: None,
+                }],
+            ),
+        );
+        carry.views.insert(
+            ("totals".into(), "a".into()),
+            Some(serde_json::json!({ "total": 3 })),
+        );
+        let component = Arc::new(ServiceComponent::native(Arc::new(PeekingCounter)));
+        let decider = Decider {
+            component,
+            projections: Arc::new(ProjectionCache::default()),
+            store: store.clone(),
+            mail: None,
+            reuse_instances: false,
+        };
+        let decide = |messages: Vec<Message>, lanes: usize| {
+            decide_batch(
+                decider.clone(),
+                messages.into(),
+                Some(Arc::new(carry.clone())),
+                lanes,
+            )
+        };
+
+        let peeking = increment("a", 10, serde_json::json!({ "by": 1, "peek": true }));
+        let Ok(decision) = decide(vec![peeking], 1).await else {
+            panic!("the page was declined");
+        };
+        assert_eq!(
+            outcome_data(&decision),
+            [serde_json::json!({ "by": 1, "total": 4, "seen": r#"{"total":3}"# })],
+            "the handler saw the carried event and view row"
+        );
+        assert_eq!(
+            decision.expected.get(&counter_a),
+            Some(&2),
+            "it expects the version after the page in flight"
+        );
+        let (base, own) = decision.writes.pending.get(&counter_a).expect("writes a");
+        assert_eq!(
+            (*base, own.len()),
+            (2, 1),
+            "it carries on only its own event"
+        );
+        assert_eq!(
+            decision.cacheable,
+            [(counter_a.clone(), Some(r#"{"total":1}"#.to_owned()), 1)],
+            "only what is stored is cached"
+        );
+
+        // Two entities on two lanes share the carry without meeting.
+        let page = vec![
+            increment("a", 10, serde_json::json!({ "by": 1 })),
+            increment("b", 11, serde_json::json!({ "by": 5 })),
+        ];
+        let Ok(decision) = decide(page, 2).await else {
+            panic!("the page was declined");
+        };
+        assert!(!decision.lanes_met, "the carry is not a meeting point");
+        let mut totals: Vec<i64> = outcome_data(&decision)
+            .iter()
+            .filter_map(|data| data["total"].as_i64())
+            .collect();
+        totals.sort();
+        assert_eq!(totals, [4, 5], "a on top of the carry, b alone");
     }
 }
