@@ -526,9 +526,8 @@ struct DecidedPage {
     /// Taken when it is sent.
     commit: Option<Commit>,
     parked: u64,
-    cacheable: Vec<(StreamName, Option<String>, u64)>,
     /// What it writes, for the next page to be decided on top of.
-    writes: Overlay,
+    writes: Arc<Overlay>,
     lanes_met: bool,
     started: std::time::Instant,
 }
@@ -625,7 +624,7 @@ impl Consumer {
         let overlap = self.mail.is_none();
         let mut in_flight: Option<Box<DecidedPage>> = None;
         loop {
-            let reading = began.elapsed() < KEEP_READING_FOR;
+            let reading = began.elapsed() < KEEP_READING_FOR && !*self.shutdown.borrow();
             if !reading && in_flight.is_none() {
                 return Ok(false);
             }
@@ -662,6 +661,12 @@ impl Consumer {
             };
             if let (Some(result), Some(page)) = (committed, in_flight.take()) {
                 match result {
+                    Ok(committed) if overlap && !stored_as_carried(&page.writes, &committed) => {
+                        // Something else wrote to a stream first, or an event was a duplicate:
+                        // the next page was decided on writes that are not what is stored.
+                        self.committed(page, &committed);
+                        continue;
+                    }
                     Ok(committed) => self.committed(page, &committed),
                     Err(
                         StoreError::Conflict { .. }
@@ -718,7 +723,11 @@ impl Consumer {
     /// Reads the page after `from` and decides it as one commit: every outcome, parked and
     /// deferred message, and the consumer's new position. `carry` is what the page in flight
     /// writes, seen by this page as if it were stored.
-    async fn next_page(&self, from: u64, carry: Option<Overlay>) -> Result<NextPage, Interrupted> {
+    async fn next_page(
+        &self,
+        from: u64,
+        carry: Option<Arc<Overlay>>,
+    ) -> Result<NextPage, Interrupted> {
         let page = self
             .store
             .read_category(
@@ -744,12 +753,11 @@ impl Consumer {
             mail: self.mail.clone(),
             reuse_instances: self.config.reuse_instances,
         };
-        let decision =
-            match decide_batch(decider, messages.clone(), carry.map(Arc::new), self.lanes).await {
-                Ok(decision) => decision,
-                Err(BatchDecline::OneByOne) => return Ok(NextPage::OneByOne(messages)),
-                Err(BatchDecline::Store(e)) => return Err(e.into()),
-            };
+        let decision = match decide_batch(decider, messages.clone(), carry, self.lanes).await {
+            Ok(decision) => decision,
+            Err(BatchDecline::OneByOne) => return Ok(NextPage::OneByOne(messages)),
+            Err(BatchDecline::Store(e)) => return Err(e.into()),
+        };
         let mut commit = Commit {
             settle: Some(Settle::Advance {
                 consumer: self.id.clone(),
@@ -792,8 +800,7 @@ impl Consumer {
             last,
             commit: Some(commit),
             parked,
-            cacheable: decision.cacheable,
-            writes: decision.writes,
+            writes: Arc::new(decision.writes),
             lanes_met: decision.lanes_met,
             started,
         })))
@@ -813,9 +820,6 @@ impl Consumer {
             page.started.elapsed(),
         );
         self.position = page.last;
-        for (stream, state, version) in page.cacheable {
-            self.projections.put(&stream, version, &state);
-        }
     }
 
     async fn sleep(&mut self, duration: Duration) -> Result<(), Interrupted> {
@@ -1215,11 +1219,9 @@ enum BatchItem {
 #[derive(Default)]
 struct BatchDecision {
     items: Vec<BatchItem>,
-    /// The stored version of each entity the batch projected: the expected versions.
+    /// The version of each entity the batch projected, as the batch found it (stored, plus what
+    /// the page in flight writes): the expected versions.
     expected: HashMap<StreamName, u64>,
-    /// States worth caching: entities projected from stored events only. A state folded over
-    /// pending events saw them without their global positions, so it is never kept.
-    cacheable: Vec<(StreamName, Option<String>, u64)>,
     /// The page was tried in lanes, which met; it was decided on one thread instead.
     lanes_met: bool,
     /// The messages and view rows it writes, as the next page's overlay starts.
@@ -1235,6 +1237,19 @@ struct Decider {
     store: Arc<dyn MessageStore>,
     mail: Option<Arc<Maildir>>,
     reuse_instances: bool,
+}
+
+/// True when a page's commit stored its writes where the next page, decided on top of them,
+/// expected them: each stream's messages at the carried base, none dropped as a duplicate.
+fn stored_as_carried(writes: &Overlay, committed: &Committed) -> bool {
+    if !committed.duplicates.is_empty() {
+        return false;
+    }
+    writes.pending.iter().all(|(stream, (base, carried))| {
+        let mut stored = committed.written.iter().filter(|m| &m.stream == stream);
+        stored.clone().count() == carried.len()
+            && stored.next().is_none_or(|first| first.position == *base)
+    })
 }
 
 /// Why a batch could not be decided as one.
@@ -1352,7 +1367,6 @@ fn merge_lanes(lanes: Vec<LaneDecision>) -> BatchDecision {
     for lane in lanes {
         merged.items.extend(lane.decision.items);
         merged.expected.extend(lane.decision.expected);
-        merged.cacheable.extend(lane.decision.cacheable);
         merged.writes.pending.extend(lane.decision.writes.pending);
         merged.writes.views.extend(lane.decision.writes.views);
     }
@@ -1467,9 +1481,10 @@ fn decide_lane<'a>(
                                 start,
                                 first_page,
                             )?;
-                            decision
-                                .cacheable
-                                .push((stream.clone(), stored.0.clone(), stored.1));
+                            // Stored events only, so true whatever becomes of this page. (A
+                            // state folded over pending events saw them without their global
+                            // positions, so it is never kept.)
+                            projections.put(stream, stored.1, &stored.0);
                             stored
                         }
                     };
@@ -1722,7 +1737,8 @@ struct StoreHost {
 /// (the users view, a username claim, the entity's own events).
 #[derive(Debug, Default, Clone)]
 struct Overlay {
-    /// Stream → (its stored version when the batch first wrote to it, the pending messages).
+    /// Stream → (the version its first pending message goes at, the pending messages): the
+    /// stored version when the batch first wrote to it, or where the page in flight's go.
     pending: HashMap<StreamName, (u64, Vec<Message>)>,
     views: HashMap<(String, String), Option<Value>>,
     /// Reads handlers made through the host (streams, views), which may see other entities.
@@ -2096,9 +2112,10 @@ mod tests {
             Some(serde_json::json!({ "total": 3 })),
         );
         let component = Arc::new(ServiceComponent::native(Arc::new(PeekingCounter)));
+        let projections = Arc::new(ProjectionCache::default());
         let decider = Decider {
             component,
-            projections: Arc::new(ProjectionCache::default()),
+            projections: projections.clone(),
             store: store.clone(),
             mail: None,
             reuse_instances: false,
@@ -2133,9 +2150,28 @@ mod tests {
             "it carries on only its own event"
         );
         assert_eq!(
-            decision.cacheable,
-            [(counter_a.clone(), Some(r#"{"total":1}"#.to_owned()), 1)],
+            projections.get(&counter_a),
+            (Some(r#"{"total":1}"#.to_owned()), 1),
             "only what is stored is cached"
+        );
+        let carried = Committed {
+            written: vec![Message {
+                global_position: 7,
+                ..carry.pending[&counter_a].1[0].clone()
+            }],
+            duplicates: Vec::new(),
+        };
+        assert!(stored_as_carried(&carry, &carried));
+        let moved = Committed {
+            written: vec![Message {
+                position: 2,
+                ..carried.written[0].clone()
+            }],
+            duplicates: Vec::new(),
+        };
+        assert!(
+            !stored_as_carried(&carry, &moved),
+            "stored past where the next page expected it"
         );
 
         // Two entities on two lanes share the carry without meeting.
@@ -2143,6 +2179,11 @@ mod tests {
             increment("a", 10, serde_json::json!({ "by": 1 })),
             increment("b", 11, serde_json::json!({ "by": 5 })),
         ];
+        assert_eq!(
+            split_by_entity("counter", &page, 2).len(),
+            2,
+            "a and b on two lanes"
+        );
         let Ok(decision) = decide(page, 2).await else {
             panic!("the page was declined");
         };
