@@ -382,7 +382,6 @@ impl Drop for Host {
     }
 }
 
-/// Polls until `done` holds; panics with `what` after `timeout`.
 /// A steady flow of `Increment` commands to the counter, one after another: command `cmd-N` goes
 /// to `counter:command.e{N % entities}` and is sent again with the same id until it is stored.
 pub struct SteadySender {
@@ -429,6 +428,7 @@ pub fn types(messages: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// Polls until `done` holds; panics with `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
