@@ -1606,10 +1606,10 @@ fn decide_lane<'a>(
     // Checked once for the lane, since it is rare and each check is a round trip on JetStream.
     let stored = runtime
         .block_on(futures_util::future::try_join_all(
-            added_ids.iter().map(|id| store.message(id)),
+            added_ids.iter().map(|id| store.contains(id)),
         ))
         .map_err(BatchDecline::Store)?;
-    if stored.iter().any(Option::is_some) {
+    if stored.contains(&true) {
         return Err(BatchDecline::OneByOne);
     }
     let Ok(overlay) = overlay.lock() else {

@@ -204,6 +204,7 @@ pub async fn appends_to_several_streams_atomically(store: Store) {
             .is_empty()
     );
     assert!(store.message("x1").await.expect("lookup").is_none());
+    assert!(!store.contains("x1").await.expect("lookup"));
 
     let commit = Commit {
         appends: vec![
@@ -493,6 +494,7 @@ pub async fn commits_an_outcome_with_the_consumer_position(store: Store) {
         command.global_position
     );
     assert!(store.message("evt").await.expect("lookup").is_some());
+    assert!(store.contains("evt").await.expect("lookup"));
 }
 
 pub async fn ignores_a_view_change_from_an_older_position(store: Store) {

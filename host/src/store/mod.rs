@@ -296,6 +296,10 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The message with this id.
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError>;
 
+    /// Whether a message with this id is stored: what a commit checks to drop a duplicate,
+    /// without reading the message.
+    async fn contains(&self, id: &str) -> Result<bool, StoreError>;
+
     /// The global position of the last message written (0 when empty).
     async fn head(&self) -> Result<u64, StoreError>;
 

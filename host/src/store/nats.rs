@@ -1421,6 +1421,11 @@ impl MessageStore for NatsStore {
         Ok((message.id == id).then_some(message))
     }
 
+    async fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        // The claim is what a commit checks for duplicates; its message is in the same batch.
+        Ok(self.last(&self.claim_subject(id)).await?.is_some())
+    }
+
     async fn head(&self) -> Result<u64, StoreError> {
         Ok(self.last(&self.subject("m.>")).await?.map_or(0, |e| e.seq))
     }

@@ -890,6 +890,10 @@ impl MessageStore for SledStore {
         }
     }
 
+    async fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        self.tree().contains_key(id_key(id)).map_err(backend)
+    }
+
     async fn head(&self) -> Result<u64, StoreError> {
         Ok(self
             .tree()
