@@ -664,10 +664,10 @@ impl Consumer {
                     Ok(committed) if overlap && !stored_as_carried(&page.writes, &committed) => {
                         // Something else wrote to a stream first, or an event was a duplicate:
                         // the next page was decided on writes that are not what is stored.
-                        self.committed(page, &committed);
+                        self.page_stored(page, &committed);
                         continue;
                     }
-                    Ok(committed) => self.committed(page, &committed),
+                    Ok(committed) => self.page_stored(page, &committed),
                     Err(
                         StoreError::Conflict { .. }
                         | StoreError::Name(_)
@@ -807,7 +807,7 @@ impl Consumer {
     }
 
     /// What follows a page's commit: the position, metrics, and the states worth caching.
-    fn committed(&mut self, page: Box<DecidedPage>, committed: &Committed) {
+    fn page_stored(&mut self, page: Box<DecidedPage>, committed: &Committed) {
         let count = page.messages.len() as u64;
         tracing::debug!(
             consumer = %self.id, count, written = committed.written.len(),
