@@ -1245,10 +1245,16 @@ fn stored_as_carried(writes: &Overlay, committed: &Committed) -> bool {
     if !committed.duplicates.is_empty() {
         return false;
     }
+    // One pass over what was written: each stream's first position and count.
+    let mut stored: HashMap<&StreamName, (u64, usize)> = HashMap::new();
+    for message in &committed.written {
+        stored
+            .entry(&message.stream)
+            .or_insert((message.position, 0))
+            .1 += 1;
+    }
     writes.pending.iter().all(|(stream, (base, carried))| {
-        let mut stored = committed.written.iter().filter(|m| &m.stream == stream);
-        stored.clone().count() == carried.len()
-            && stored.next().is_none_or(|first| first.position == *base)
+        stored.get(stream).copied().unwrap_or((*base, 0)) == (*base, carried.len())
     })
 }
 
