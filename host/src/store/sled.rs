@@ -3,8 +3,9 @@
 //! One writer thread owns every write. It takes all requests waiting in its queue (a group),
 //! checks each commit against what the store and the group's earlier commits hold (so a conflict
 //! fails only that commit), writes the whole group as one atomic sled batch, makes it durable with
-//! one `flush`, and only then answers the callers and wakes the consumers. Readers go to the tree
-//! directly.
+//! one `flush`, and only then answers the callers, moves the durable head and wakes the consumers.
+//! Readers go to the tree directly; a category read stops at the durable head, so no consumer is
+//! handed a message that is written but not yet on disk.
 //!
 //! Everything lives in one tree, `ferry`, because a sled batch is atomic on one tree only (a
 //! transaction over several trees cost twice as much per message). Keys start with a tag byte;
@@ -23,6 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -106,6 +108,8 @@ struct Inner {
     tree: Tree,
     writer: Option<mpsc::UnboundedSender<WriteRequest>>,
     writer_thread: Option<JoinHandle<()>>,
+    /// The last global position on disk: category reads stop there (see `read_category`).
+    durable: Arc<AtomicU64>,
     watchers: Watchers,
 }
 
@@ -293,11 +297,13 @@ impl SledStore {
             .map_err(backend)?
             .map(|v| u64_be(&v))
             .unwrap_or(0);
+        let durable = Arc::new(AtomicU64::new(head));
         let state = Writer {
             db,
             tree: tree.clone(),
             head,
             versions: HashMap::new(),
+            durable: durable.clone(),
             watchers: watchers.clone(),
         };
         let writer_thread = std::thread::Builder::new()
@@ -310,6 +316,7 @@ impl SledStore {
                 tree,
                 writer: Some(writer),
                 writer_thread: Some(writer_thread),
+                durable,
                 watchers,
             }),
         })
@@ -472,6 +479,8 @@ struct Writer {
     head: u64,
     /// Versions of streams written lately (every stream the current group wrote is here).
     versions: HashMap<String, u64>,
+    /// The last global position on disk, moved after each flush.
+    durable: Arc<AtomicU64>,
     watchers: Watchers,
 }
 
@@ -537,6 +546,7 @@ impl Writer {
                 }
                 return;
             }
+            self.durable.store(self.head, Ordering::Release);
             if let Ok(watchers) = self.watchers.lock() {
                 for category in &touched {
                     if let Some(sender) = watchers.get(category) {
@@ -848,12 +858,18 @@ impl MessageStore for SledStore {
         origin_prefix: Option<&str>,
         limit: usize,
     ) -> Result<CategoryPage, StoreError> {
-        let start = message_key(category.as_str(), after.saturating_add(1));
-        let end = message_key(category.as_str(), u64::MAX);
+        // A message written but not yet flushed stays unseen: a consumer must not act on it (send
+        // an email) while a crash could still take it back.
+        let durable = self.inner.durable.load(Ordering::Acquire);
         let mut page = CategoryPage {
             messages: Vec::new(),
             scanned_to: after,
         };
+        if durable <= after {
+            return Ok(page);
+        }
+        let start = message_key(category.as_str(), after.saturating_add(1));
+        let end = message_key(category.as_str(), durable);
         for entry in self.tree().range(start..=end).values().take(MAX_SCAN) {
             if page.messages.len() >= limit {
                 break;
@@ -1028,5 +1044,54 @@ impl MessageStore for SledStore {
         let (reply, answer) = oneshot::channel();
         self.write(WriteRequest::Replay { chosen, reply })?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(stream: &str, id: &str) -> Commit {
+        let message = NewMessage {
+            id: id.into(),
+            message_type: "Registered".into(),
+            data: serde_json::json!({}),
+            metadata: Default::default(),
+            not_before_ms: None,
+        };
+        Commit::append(
+            StreamName::parse(stream).expect("stream"),
+            None,
+            vec![message],
+        )
+    }
+
+    fn ids(page: &CategoryPage) -> Vec<&str> {
+        page.messages.iter().map(|m| m.id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_category_read_stops_at_what_is_on_disk() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(backend)?;
+        let store = SledStore::open(dir.path())?;
+        store.commit(append("user.1", "a")).await?;
+        store.commit(append("user.2", "b")).await?;
+        let user = Category::parse("user")?;
+        // As if `b` were in the tree with its flush still running.
+        store.inner.durable.store(1, Ordering::Release);
+        let page = store.read_category(&user, 0, None, 10).await?;
+        assert_eq!(ids(&page), ["a"]);
+        assert_eq!(
+            page.scanned_to, 1,
+            "nothing unflushed is skipped over either"
+        );
+        let page = store.read_category(&user, 1, None, 10).await?;
+        assert!(page.messages.is_empty());
+        assert_eq!(page.scanned_to, 1);
+        // The next commit's flush covers both.
+        store.commit(append("user.3", "c")).await?;
+        let page = store.read_category(&user, 1, None, 10).await?;
+        assert_eq!(ids(&page), ["b", "c"]);
+        Ok(())
     }
 }
