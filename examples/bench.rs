@@ -392,13 +392,71 @@ async fn end_to_end_throughput(
     Ok(rate)
 }
 
+/// p50 and p99 of one round's samples, in milliseconds.
+#[derive(Clone, Copy)]
+struct Spread {
+    p50: f64,
+    p99: f64,
+}
+
+impl Spread {
+    fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort();
+        let ms = |p| percentile(&samples, p).as_secs_f64() * 1e3;
+        Self {
+            p50: ms(0.5),
+            p99: ms(0.99),
+        }
+    }
+
+    /// The median of each percentile over the rounds.
+    fn median(rounds: &[Spread]) -> Self {
+        Self {
+            p50: median(rounds.iter().map(|s| s.p50).collect()),
+            p99: median(rounds.iter().map(|s| s.p99).collect()),
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "p50 {:.2} ms, p99 {:.2} ms", self.p50, self.p99)
+    }
+}
+
+/// A latency row over rounds: from the command stored to its outcome stored, and from the send
+/// (the command's own append included).
+#[derive(Default)]
+struct Latencies {
+    from_append: Vec<Spread>,
+    from_send: Vec<Spread>,
+}
+
+impl Latencies {
+    fn add(&mut self, (from_append, from_send): (Spread, Spread)) {
+        self.from_append.push(from_append);
+        self.from_send.push(from_send);
+    }
+
+    fn row(&self, table: &mut Table, what: &str, note: &str) {
+        table.row(
+            what,
+            Spread::median(&self.from_append).to_string(),
+            format!(
+                "from the send, the append included: {}{note}",
+                Spread::median(&self.from_send)
+            ),
+        );
+    }
+}
+
 /// Row 2b: latency from a command's append to its handling being durable, at a steady rate.
 async fn end_to_end_latency(
     backend: &Backend,
     config: RunnerConfig,
     rate: f64,
     commands: usize,
-) -> anyhow::Result<(Duration, Duration)> {
+) -> anyhow::Result<(Spread, Spread)> {
     let dir = tempfile::tempdir()?;
     let (store, running) = start_counter(dir.path(), backend, config, Handler::Wasm).await?;
     let handled = handled_position(&store).await?;
@@ -418,20 +476,62 @@ async fn end_to_end_latency(
                     vec![command(format!("l{n}"), 1)],
                 ))
                 .await?;
+            let appended = Instant::now();
             let global = written.written.first().map_or(0, |m| m.global_position);
             wait_handled(handled, global).await?;
-            anyhow::Ok(sent.elapsed())
+            anyhow::Ok((appended.elapsed(), sent.elapsed()))
         });
         next += interval;
         tokio::time::sleep_until(next.into()).await;
     }
-    let mut latencies = Vec::new();
+    let (mut from_append, mut from_send) = (Vec::new(), Vec::new());
     while let Some(result) = tasks.join_next().await {
-        latencies.push(result??);
+        let (appended, sent) = result??;
+        from_append.push(appended);
+        from_send.push(sent);
     }
-    latencies.sort();
     running.shutdown().await;
-    Ok((percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
+    Ok((Spread::of(from_append), Spread::of(from_send)))
+}
+
+/// Row 2c: the store alone at the same rate: each command's append, then its outcome's append,
+/// in series, through the host's store (its group commit and flush), with no consumer between.
+/// The floor under the latency rows.
+async fn store_latency(rate: f64, commands: usize) -> anyhow::Result<(Spread, Spread)> {
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn MessageStore> = Arc::new(SledStore::open(dir.path().join("store"))?);
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next = Instant::now();
+    for n in 0..commands {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            let append = |stream: String, id: String| {
+                let store = store.clone();
+                async move {
+                    let stream = StreamName::parse(&stream)?;
+                    store
+                        .commit(Commit::append(stream, None, vec![command(id, 1)]))
+                        .await?;
+                    anyhow::Ok(())
+                }
+            };
+            append(format!("counter:command.e{}", n % 100), format!("l{n}")).await?;
+            let appended = Instant::now();
+            append(format!("counter.e{}", n % 100), format!("o{n}")).await?;
+            anyhow::Ok((appended.elapsed(), sent.elapsed()))
+        });
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let (mut from_append, mut from_send) = (Vec::new(), Vec::new());
+    while let Some(result) = tasks.join_next().await {
+        let (appended, sent) = result??;
+        from_append.push(appended);
+        from_send.push(sent);
+    }
+    Ok((Spread::of(from_append), Spread::of(from_send)))
 }
 
 /// The article's services, loaded (from the runtime's cache when it has them).
@@ -619,19 +719,27 @@ async fn main() -> anyhow::Result<()> {
             ("half load", fresh, rate * 0.5),
             ("half load with --reuse-instances", reuse, reused_rate * 0.5),
         ] {
-            let mut p50s = Vec::new();
-            let mut p99s = Vec::new();
+            let mut latencies = Latencies::default();
             for _ in 0..rounds {
-                let (p50, p99) =
-                    end_to_end_latency(&Backend::Sled, config, load, commands / 2).await?;
-                p50s.push(p50.as_secs_f64() * 1e3);
-                p99s.push(p99.as_secs_f64() * 1e3);
+                latencies
+                    .add(end_to_end_latency(&Backend::Sled, config, load, commands / 2).await?);
             }
-            table.row(
-                &format!("2. latency append → handled, {label} ({load:.0}/s)"),
-                format!("p50 {:.2} ms, p99 {:.2} ms", median(p50s), median(p99s)),
-                String::new(),
+            latencies.row(
+                &mut table,
+                &format!("2. latency command stored → outcome stored, {label} ({load:.0}/s)"),
+                "",
             );
+            if label == "half load" {
+                let mut floor = Latencies::default();
+                for _ in 0..rounds {
+                    floor.add(store_latency(load, commands / 2).await?);
+                }
+                floor.row(
+                    &mut table,
+                    &format!("1. the store alone at {load:.0}/s: the outcome's append after the command's"),
+                    "; the floor under the row above (no consumer, no guest)",
+                );
+            }
         }
     }
     if runs("jetstream") {
@@ -680,26 +788,25 @@ async fn main() -> anyhow::Result<()> {
                     rate / publish * 100.0
                 ),
             );
-                let mut p50s = Vec::new();
-                let mut p99s = Vec::new();
+                let mut latencies = Latencies::default();
                 for _ in 0..rounds {
-                    let (p50, p99) = end_to_end_latency(
-                        &Backend::Nats(url.clone()),
-                        RunnerConfig::default(),
-                        rate * 0.5,
-                        commands / 2,
-                    )
-                    .await?;
-                    p50s.push(p50.as_secs_f64() * 1e3);
-                    p99s.push(p99.as_secs_f64() * 1e3);
+                    latencies.add(
+                        end_to_end_latency(
+                            &Backend::Nats(url.clone()),
+                            RunnerConfig::default(),
+                            rate * 0.5,
+                            commands / 2,
+                        )
+                        .await?,
+                    );
                 }
-                table.row(
+                latencies.row(
+                    &mut table,
                     &format!(
-                        "2. latency append → handled on JetStream, half load ({:.0}/s)",
+                        "2. latency command stored → outcome stored on JetStream, half load ({:.0}/s)",
                         rate * 0.5
                     ),
-                    format!("p50 {:.2} ms, p99 {:.2} ms", median(p50s), median(p99s)),
-                    String::new(),
+                    "",
                 );
             }
         }
