@@ -2,7 +2,10 @@
 
 mod support;
 
-use ferry::wasm::{Limits, LoadError, Runtime};
+use ferry::store::Message;
+use std::time::Duration;
+
+use ferry::wasm::{GuestHost, LIVE_INSTANCES, Limits, LoadError, Runtime};
 
 fn cached_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -97,4 +100,58 @@ fn refuses_components_that_are_not_services() {
         Err(LoadError::Compile(_)) => {}
         other => panic!("a core module is not a component: {other:?}"),
     }
+}
+
+/// A host that offers nothing; the calls below never reach it.
+struct Unreachable;
+
+impl GuestHost for Unreachable {
+    fn read_stream(&mut self, _: &str, _: u64) -> Result<Vec<Message>, String> {
+        Err("no store here".into())
+    }
+    fn view_get(&mut self, _: &str, _: &str) -> Result<Option<String>, String> {
+        Err("no store here".into())
+    }
+    fn new_id(&mut self, name: &str) -> String {
+        name.to_owned()
+    }
+    fn deliver_email(&mut self, _: &str, _: &str) -> Result<(), String> {
+        Err("no mail here".into())
+    }
+}
+
+/// A full pool is back-pressure: the instance past the limit waits until one is dropped, instead
+/// of failing (which would end in parking a message that did nothing wrong).
+#[test]
+fn an_instance_past_the_pool_limit_waits_for_a_free_one() {
+    let runtime = Runtime::new(None).expect("runtime");
+    if !runtime.pools_instances() {
+        eprintln!("no PAGEMAP_SCAN on this kernel: instances are not pooled, nothing to fill");
+        return;
+    }
+    let counter = runtime
+        .load_file(&support::guest("counter"), Limits::default())
+        .expect("counter loads");
+    let mut held: Vec<_> = (0..LIVE_INSTANCES)
+        .map(|_| {
+            counter
+                .instantiate(Box::new(Unreachable))
+                .expect("instance")
+        })
+        .collect();
+    let (done, finished) = std::sync::mpsc::channel();
+    let waiting = counter.clone();
+    std::thread::spawn(move || {
+        let instance = waiting.instantiate(Box::new(Unreachable));
+        let _ = done.send(instance.map(|mut i| i.manifest().map(|m| m.name)));
+    });
+    assert!(
+        finished.recv_timeout(Duration::from_millis(300)).is_err(),
+        "an instance past the limit was created"
+    );
+    held.pop();
+    let name = finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the waiting instance is created once one is dropped");
+    assert_eq!(name, Ok(Ok("counter".to_owned())));
 }

@@ -14,13 +14,16 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime::{
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError,
+    PoolingAllocationConfig, ResourceLimiter, Store, Trap,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::store::Message;
@@ -36,6 +39,15 @@ use bindings::ferry::service::types as wit;
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Upper bound of messages one `read-stream` call returns.
 pub const READ_STREAM_LIMIT: usize = 1000;
+/// Instances alive at once in one process, where instances are pooled: a consumer lane holds at
+/// most one. One more waits until an instance is dropped.
+pub const LIVE_INSTANCES: u32 = 500;
+/// Slots of the pool: twice the live instances, so that a component with up to two memories (and
+/// eight tables, 32 core instances) never finds the pool full before the gate.
+const POOL_SLOTS: u32 = 2 * LIVE_INSTANCES;
+/// Bytes of a pooled memory (and table) kept mapped between instances; only the pages a guest
+/// wrote are reset. Covers a Rust guest's 1 MiB stack and the data and heap just above it.
+const KEEP_RESIDENT: usize = 2 << 20;
 
 /// Limits applied to every instance of a component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,6 +325,8 @@ pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<GuestState>>,
     cache_dir: Option<PathBuf>,
+    /// Admits at most [`LIVE_INSTANCES`] when instances are pooled (see [`instance_pool`]).
+    gate: Option<Arc<InstanceGate>>,
     _ticker: Arc<Ticker>,
 }
 
@@ -329,6 +343,11 @@ impl Runtime {
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        let pool = instance_pool();
+        let gate = pool.is_some().then(|| Arc::new(InstanceGate::default()));
+        if let Some(pool) = pool {
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -358,8 +377,14 @@ impl Runtime {
             engine,
             linker: Arc::new(linker),
             cache_dir,
+            gate,
             _ticker: Arc::new(Ticker { stop }),
         })
+    }
+
+    /// Whether instances come from a pool, with at most [`LIVE_INSTANCES`] alive at once.
+    pub fn pools_instances(&self) -> bool {
+        self.gate.is_some()
     }
 
     /// Loads a component file.
@@ -385,6 +410,7 @@ impl Runtime {
             code: Code::Wasm {
                 engine: self.engine.clone(),
                 pre,
+                gate: self.gate.clone(),
             },
             hash,
             limits,
@@ -488,6 +514,7 @@ enum Code {
     Wasm {
         engine: Engine,
         pre: bindings::ServicePre<GuestState>,
+        gate: Option<Arc<InstanceGate>>,
     },
     Native(Arc<dyn NativeService>),
 }
@@ -543,8 +570,8 @@ impl ServiceComponent {
 
     /// A fresh instance in its own store, for one handled message.
     pub fn instantiate(&self, host: Box<dyn GuestHost>) -> Result<GuestInstance, GuestError> {
-        let (engine, pre) = match &self.code {
-            Code::Wasm { engine, pre } => (engine, pre),
+        let (engine, pre, gate) = match &self.code {
+            Code::Wasm { engine, pre, gate } => (engine, pre, gate),
             Code::Native(service) => {
                 return Ok(GuestInstance {
                     service: self.manifest.name.clone(),
@@ -566,6 +593,8 @@ impl ServiceComponent {
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
         };
+        // Waits, when the pool is at its limit, until an instance is dropped.
+        let pass = gate.as_ref().map(InstanceGate::enter);
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.memory);
         store.set_epoch_deadline(deadline_ticks(self.limits.call_timeout));
@@ -576,6 +605,7 @@ impl ServiceComponent {
                 store,
                 bindings: None,
                 timeout: self.limits.call_timeout,
+                _pass: pass,
             },
         };
         match bindings {
@@ -587,6 +617,63 @@ impl ServiceComponent {
             }
             Err(e) => Err(instance.classify(e)),
         }
+    }
+}
+
+/// The pool fresh instances come from, where the kernel can tell which pages a guest wrote
+/// (`PAGEMAP_SCAN`, Linux 6.7): an instance then gets a memory that stays mapped and has only its
+/// written pages reset, instead of a new mapping to fault in and unmap, which was about half the
+/// cost of a fresh instance. Without it, resetting the kept bytes whole would cost more than a
+/// new mapping, so instances are allocated on demand.
+fn instance_pool() -> Option<PoolingAllocationConfig> {
+    if !PoolingAllocationConfig::is_pagemap_scan_available() {
+        return None;
+    }
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(POOL_SLOTS)
+        .total_memories(POOL_SLOTS)
+        // A component has several core instances and tables (its adapters'); the limits per
+        // module (which a component must fit to load) are wasmtime's, which the JavaScript and
+        // Python toolchains' components fit.
+        .total_core_instances(POOL_SLOTS * 16)
+        .total_tables(POOL_SLOTS * 4)
+        .linear_memory_keep_resident(KEEP_RESIDENT)
+        .table_keep_resident(KEEP_RESIDENT)
+        .pagemap_scan(Enabled::Yes);
+    Some(pool)
+}
+
+/// Counts live pooled instances and makes the one past [`LIVE_INSTANCES`] wait: a full pool is
+/// back-pressure, not a failure that would park the message.
+#[derive(Default)]
+struct InstanceGate {
+    live: Mutex<u32>,
+    freed: Condvar,
+}
+
+impl InstanceGate {
+    fn enter(self: &Arc<Self>) -> GatePass {
+        // The count stays right even if a holder panicked: it is only ever changed whole.
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        while *live >= LIVE_INSTANCES {
+            live = self
+                .freed
+                .wait(live)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *live += 1;
+        GatePass(self.clone())
+    }
+}
+
+/// One live instance's place in the [`InstanceGate`].
+struct GatePass(Arc<InstanceGate>);
+
+impl Drop for GatePass {
+    fn drop(&mut self) {
+        let mut live = self.0.live.lock().unwrap_or_else(PoisonError::into_inner);
+        *live = live.saturating_sub(1);
+        self.0.freed.notify_one();
     }
 }
 
@@ -606,6 +693,8 @@ enum Body {
         store: Store<GuestState>,
         bindings: Option<bindings::Service>,
         timeout: Duration,
+        /// Dropped after the store (fields drop in order), when its pool slots are free again.
+        _pass: Option<GatePass>,
     },
     Native {
         code: Arc<dyn NativeService>,
@@ -632,6 +721,11 @@ impl GuestInstance {
         if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
             return GuestError::Timeout(*timeout);
         }
+        // Not the guest's doing (a component with more memories or tables than the pool allows
+        // per instance, filling it before the gate does): try the message again later.
+        if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+            return GuestError::Transient(format!("no free instance: {error:#}"));
+        }
         GuestError::Trap(format!("{error:#}"))
     }
 
@@ -648,6 +742,7 @@ impl GuestInstance {
             store,
             bindings,
             timeout,
+            ..
         } = &mut self.body
         else {
             return Err(GuestError::Trap("not a Wasm instance".into()));
