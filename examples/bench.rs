@@ -837,7 +837,11 @@ async fn main() -> anyhow::Result<()> {
         table.row(
             "3. Wasm per message, fresh instance (instantiate + handle)",
             format!("{fresh:.1} µs"),
-            String::new(),
+            if runtime.pools_instances() {
+                "pooled: only the pages the last instance wrote are reset".into()
+            } else {
+                "on demand: no PAGEMAP_SCAN on this kernel".into()
+            },
         );
         let instantiate = per_call(&mut || {
             counter.instantiate(Box::new(NullHost))?;
@@ -846,7 +850,7 @@ async fn main() -> anyhow::Result<()> {
         table.row(
             "3. of which instantiating and dropping (no call)",
             format!("{instantiate:.1} µs"),
-            "the rest is the first call, into fresh memory".into(),
+            "the rest is the first call".into(),
         );
         let mut reused_instance = counter.instantiate(Box::new(NullHost))?;
         let reused = per_call(&mut || {
