@@ -369,15 +369,8 @@ async fn end_to_end_throughput(
         writers.spawn(async move {
             let mut last = 0;
             for n in (writer..commands).step_by(32) {
-                let stream = StreamName::parse(&format!("counter:command.e{}", n % 100))?;
-                let written = store
-                    .commit(Commit::append(
-                        stream,
-                        None,
-                        vec![command(format!("c{n}"), 1)],
-                    ))
-                    .await?;
-                last = last.max(written.written.first().map_or(0, |m| m.global_position));
+                let stream = format!("counter:command.e{}", n % 100);
+                last = last.max(append(store.as_ref(), &stream, format!("c{n}")).await?);
             }
             anyhow::Ok(last)
         });
@@ -450,6 +443,41 @@ impl Latencies {
     }
 }
 
+/// Starts `command(n)` for n in 0..commands at `rate` per second, each in a task of its own, and
+/// gathers the (from append, from send) latencies each returns.
+async fn paced<F, Fut>(rate: f64, commands: usize, command: F) -> anyhow::Result<(Spread, Spread)>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(Duration, Duration)>> + Send + 'static,
+{
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next = Instant::now();
+    for n in 0..commands {
+        tasks.spawn(command(n));
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let (mut from_append, mut from_send) = (Vec::new(), Vec::new());
+    while let Some(result) = tasks.join_next().await {
+        let (appended, sent) = result??;
+        from_append.push(appended);
+        from_send.push(sent);
+    }
+    Ok((Spread::of(from_append), Spread::of(from_send)))
+}
+
+async fn append(store: &dyn MessageStore, stream: &str, id: String) -> anyhow::Result<u64> {
+    let written = store
+        .commit(Commit::append(
+            StreamName::parse(stream)?,
+            None,
+            vec![command(id, 1)],
+        ))
+        .await?;
+    Ok(written.written.first().map_or(0, |m| m.global_position))
+}
+
 /// Row 2b: latency from a command's append to its handling being durable, at a steady rate.
 async fn end_to_end_latency(
     backend: &Backend,
@@ -460,38 +488,20 @@ async fn end_to_end_latency(
     let dir = tempfile::tempdir()?;
     let (store, running) = start_counter(dir.path(), backend, config, Handler::Wasm).await?;
     let handled = handled_position(&store).await?;
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut next = Instant::now();
-    for n in 0..commands {
-        let store = store.clone();
-        let handled = handled.clone();
-        tasks.spawn(async move {
+    let latencies = paced(rate, commands, |n| {
+        let (store, handled) = (store.clone(), handled.clone());
+        async move {
             let sent = Instant::now();
-            let stream = StreamName::parse(&format!("counter:command.e{}", n % 100))?;
-            let written = store
-                .commit(Commit::append(
-                    stream,
-                    None,
-                    vec![command(format!("l{n}"), 1)],
-                ))
-                .await?;
+            let stream = format!("counter:command.e{}", n % 100);
+            let global = append(store.as_ref(), &stream, format!("l{n}")).await?;
             let appended = Instant::now();
-            let global = written.written.first().map_or(0, |m| m.global_position);
             wait_handled(handled, global).await?;
             anyhow::Ok((appended.elapsed(), sent.elapsed()))
-        });
-        next += interval;
-        tokio::time::sleep_until(next.into()).await;
-    }
-    let (mut from_append, mut from_send) = (Vec::new(), Vec::new());
-    while let Some(result) = tasks.join_next().await {
-        let (appended, sent) = result??;
-        from_append.push(appended);
-        from_send.push(sent);
-    }
+        }
+    })
+    .await;
     running.shutdown().await;
-    Ok((Spread::of(from_append), Spread::of(from_send)))
+    latencies
 }
 
 /// Row 2c: the store alone at the same rate: each command's append, then its outcome's append,
@@ -500,38 +510,28 @@ async fn end_to_end_latency(
 async fn store_latency(rate: f64, commands: usize) -> anyhow::Result<(Spread, Spread)> {
     let dir = tempfile::tempdir()?;
     let store: Arc<dyn MessageStore> = Arc::new(SledStore::open(dir.path().join("store"))?);
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut next = Instant::now();
-    for n in 0..commands {
+    paced(rate, commands, |n| {
         let store = store.clone();
-        tasks.spawn(async move {
+        async move {
             let sent = Instant::now();
-            let append = |stream: String, id: String| {
-                let store = store.clone();
-                async move {
-                    let stream = StreamName::parse(&stream)?;
-                    store
-                        .commit(Commit::append(stream, None, vec![command(id, 1)]))
-                        .await?;
-                    anyhow::Ok(())
-                }
-            };
-            append(format!("counter:command.e{}", n % 100), format!("l{n}")).await?;
+            let entity = n % 100;
+            append(
+                store.as_ref(),
+                &format!("counter:command.e{entity}"),
+                format!("l{n}"),
+            )
+            .await?;
             let appended = Instant::now();
-            append(format!("counter.e{}", n % 100), format!("o{n}")).await?;
+            append(
+                store.as_ref(),
+                &format!("counter.e{entity}"),
+                format!("o{n}"),
+            )
+            .await?;
             anyhow::Ok((appended.elapsed(), sent.elapsed()))
-        });
-        next += interval;
-        tokio::time::sleep_until(next.into()).await;
-    }
-    let (mut from_append, mut from_send) = (Vec::new(), Vec::new());
-    while let Some(result) = tasks.join_next().await {
-        let (appended, sent) = result??;
-        from_append.push(appended);
-        from_send.push(sent);
-    }
-    Ok((Spread::of(from_append), Spread::of(from_send)))
+        }
+    })
+    .await
 }
 
 /// The article's services, loaded (from the runtime's cache when it has them).
