@@ -146,7 +146,10 @@ fn an_instance_past_the_pool_limit_waits_for_a_free_one() {
         let _ = done.send(instance.map(|mut i| i.manifest().map(|m| m.name)));
     });
     assert!(
-        finished.recv_timeout(Duration::from_millis(300)).is_err(),
+        matches!(
+            finished.recv_timeout(Duration::from_millis(300)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        ),
         "an instance past the limit was created"
     );
     held.pop();

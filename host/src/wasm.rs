@@ -42,11 +42,12 @@ pub const READ_STREAM_LIMIT: usize = 1000;
 /// Instances alive at once in one process, where instances are pooled: a consumer lane holds at
 /// most one. One more waits until an instance is dropped.
 pub const LIVE_INSTANCES: u32 = 500;
-/// Slots of the pool: twice the live instances, so that a component with up to two memories (and
-/// eight tables, 32 core instances) never finds the pool full before the gate.
+/// Component instance slots of the pool, more than the gate lets live: a slot is given back only
+/// as its instance's store is dropped.
 const POOL_SLOTS: u32 = 2 * LIVE_INSTANCES;
-/// Bytes of a pooled memory (and table) kept mapped between instances; only the pages a guest
-/// wrote are reset. Covers a Rust guest's 1 MiB stack and the data and heap just above it.
+/// Bytes of written pages of a pooled memory (or table) reset in place when an instance is
+/// dropped; written pages past them are given back to the kernel. A Rust guest writes the top of
+/// its 1 MiB stack and the data and heap above it: well within.
 const KEEP_RESIDENT: usize = 2 << 20;
 
 /// Limits applied to every instance of a component.
@@ -343,12 +344,24 @@ impl Runtime {
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.epoch_interruption(true);
-        let pool = instance_pool();
-        let gate = pool.is_some().then(|| Arc::new(InstanceGate::default()));
-        if let Some(pool) = pool {
-            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        }
-        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let on_demand = |config: &Config| Engine::new(config).map_err(|e| anyhow::anyhow!("{e:?}"));
+        let (engine, gate) = match instance_pool() {
+            Some(pool) => {
+                let mut pooled = config.clone();
+                pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+                match Engine::new(&pooled) {
+                    Ok(engine) => (engine, Some(Arc::new(InstanceGate::new(LIVE_INSTANCES)))),
+                    // Its address space reserved up front may be refused (a limit on it).
+                    Err(e) => {
+                        tracing::warn!(
+                            "instances are allocated on demand: no instance pool: {e:#}"
+                        );
+                        (on_demand(&config)?, None)
+                    }
+                }
+            }
+            None => (on_demand(&config)?, None),
+        };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         bindings::Service::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
@@ -630,32 +643,44 @@ fn instance_pool() -> Option<PoolingAllocationConfig> {
         return None;
     }
     let mut pool = PoolingAllocationConfig::new();
+    // A component has several core instances and tables (its adapters'). Limits per component
+    // keep the gate's count the one that runs out: a component beyond them is refused at load.
+    // The JavaScript and Python toolchains' components fit these and wasmtime's per-module limits.
+    let (memories, tables, core_instances) = (2, 8, 32);
     pool.total_component_instances(POOL_SLOTS)
-        .total_memories(POOL_SLOTS)
-        // A component has several core instances and tables (its adapters'); the limits per
-        // module (which a component must fit to load) are wasmtime's, which the JavaScript and
-        // Python toolchains' components fit.
-        .total_core_instances(POOL_SLOTS * 16)
-        .total_tables(POOL_SLOTS * 4)
+        .max_memories_per_component(memories)
+        .max_tables_per_component(tables)
+        .max_core_instances_per_component(core_instances)
+        .total_memories(LIVE_INSTANCES * memories)
+        .total_tables(LIVE_INSTANCES * tables)
+        .total_core_instances(LIVE_INSTANCES * core_instances)
         .linear_memory_keep_resident(KEEP_RESIDENT)
         .table_keep_resident(KEEP_RESIDENT)
         .pagemap_scan(Enabled::Yes);
     Some(pool)
 }
 
-/// Counts live pooled instances and makes the one past [`LIVE_INSTANCES`] wait: a full pool is
+/// Counts live pooled instances and makes the one past its limit wait: a full pool is
 /// back-pressure, not a failure that would park the message.
-#[derive(Default)]
 struct InstanceGate {
+    limit: u32,
     live: Mutex<u32>,
     freed: Condvar,
 }
 
 impl InstanceGate {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            live: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
     fn enter(self: &Arc<Self>) -> GatePass {
         // The count stays right even if a holder panicked: it is only ever changed whole.
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        while *live >= LIVE_INSTANCES {
+        while *live >= self.limit {
             live = self
                 .freed
                 .wait(live)
@@ -827,5 +852,34 @@ impl GuestInstance {
         let event = to_wit_message(event);
         self.call_wasm(|h, s| h.call_handle_event(s, &event, state))
             .map(from_wit_outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    #[test]
+    fn the_gate_lets_the_one_past_its_limit_wait_for_a_free_place() {
+        let gate = Arc::new(InstanceGate::new(2));
+        let first = gate.enter();
+        let _second = gate.enter();
+        let (entered, waiting) = mpsc::channel();
+        let third = gate.clone();
+        std::thread::spawn(move || {
+            let _pass = third.enter();
+            let _ = entered.send(());
+        });
+        assert_eq!(
+            waiting.recv_timeout(Duration::from_millis(200)),
+            Err(mpsc::RecvTimeoutError::Timeout),
+            "a third entered a gate of two"
+        );
+        drop(first);
+        waiting
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the third enters once a place is free");
     }
 }
