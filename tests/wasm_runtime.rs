@@ -2,9 +2,9 @@
 
 mod support;
 
-use ferry::store::Message;
 use std::time::Duration;
 
+use ferry::store::Message;
 use ferry::wasm::{GuestHost, LIVE_INSTANCES, Limits, LoadError, Runtime};
 
 fn cached_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -39,12 +39,9 @@ use bindings::ferry::service::types as wit;
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Upper bound of messages one `read-stream` call returns.
 pub const READ_STREAM_LIMIT: usize = 1000;
-/// Instances alive at once in one process, where instances are pooled: a consumer lane holds at
+/// Instances alive at once per [`Runtime`], where instances are pooled: a consumer lane holds at
 /// most one. One more waits until an instance is dropped.
 pub const LIVE_INSTANCES: u32 = 500;
-/// Component instance slots of the pool, more than the gate lets live: a slot is given back only
-/// as its instance's store is dropped.
-const POOL_SLOTS: u32 = 2 * LIVE_INSTANCES;
 /// Bytes of written pages of a pooled memory (or table) reset in place when an instance is
 /// dropped; written pages past them are given back to the kernel. A Rust guest writes the top of
 /// its 1 MiB stack and the data and heap above it: well within.
@@ -647,7 +644,8 @@ fn instance_pool() -> Option<PoolingAllocationConfig> {
     // keep the gate's count the one that runs out: a component beyond them is refused at load.
     // The JavaScript and Python toolchains' components fit these and wasmtime's per-module limits.
     let (memories, tables, core_instances) = (2, 8, 32);
-    pool.total_component_instances(POOL_SLOTS)
+    // The gate's pass is released after the store, so a slot is free before the count drops.
+    pool.total_component_instances(LIVE_INSTANCES)
         .max_memories_per_component(memories)
         .max_tables_per_component(tables)
         .max_core_instances_per_component(core_instances)
@@ -746,8 +744,8 @@ impl GuestInstance {
         if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
             return GuestError::Timeout(*timeout);
         }
-        // Not the guest's doing (a component with more memories or tables than the pool allows
-        // per instance, filling it before the gate does): try the message again later.
+        // Not the guest's doing, and not expected (the pool is sized so the gate runs out first):
+        // should wasmtime refuse an instance anyway, try the message again later.
         if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
             return GuestError::Transient(format!("no free instance: {error:#}"));
         }
