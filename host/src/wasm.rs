@@ -341,6 +341,10 @@ impl Runtime {
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        // `perf` can name guest functions when wasmtime writes a perf map of the code it compiled.
+        if std::env::var_os("FERRY_PERF_MAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let on_demand = |config: &Config| Engine::new(config).map_err(|e| anyhow::anyhow!("{e:?}"));
         let (engine, gate) = match instance_pool() {
             Some(pool) => {
