@@ -259,12 +259,18 @@ fn to_wit_message(message: &Message) -> wit::Message {
         id: message.id.clone(),
         stream_name: message.stream.as_str().to_owned(),
         message_type: message.message_type.clone(),
-        data: message.data.to_string(),
-        metadata: serde_json::Value::Object(message.metadata.clone()).to_string(),
+        // Written straight to a string: the map is not cloned into a `Value` first.
+        data: json_text(&message.data),
+        metadata: json_text(&message.metadata),
         position: message.position,
         global_position: message.global_position,
         time_ms: message.time_ms,
     }
+}
+
+fn json_text(value: &impl serde::Serialize) -> String {
+    // Serializing a `Value` or a map of them cannot fail (keys are strings).
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 fn from_wit_failure(failure: wit::Failure) -> GuestError {
