@@ -89,7 +89,8 @@ impl Message {
 
     /// The data as a typed struct; a mismatch is a permanent failure naming the type.
     pub fn data<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_value(self.data.clone())
+        // Read from the parsed value in place: no copy of it first.
+        T::deserialize(&self.data)
             .map_err(|e| permanent(format!("{} data: {e}", self.message_type)))
     }
 
