@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 struct Counter;
 
 // Message data and state are read into typed structs rather than `serde_json::Value`: fields the
-// counter does not read are skipped, not allocated, which halves the guest's own time per call.
+// counter does not read are skipped, not allocated (the guest's share of a reused call fell from
+// about half to about a third in a profile).
 
 /// The projected state.
 #[derive(Deserialize, Serialize)]
