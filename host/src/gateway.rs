@@ -89,7 +89,7 @@ impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
         let status = if let Some(store) = error.downcast_ref::<StoreError>() {
             match store {
-                StoreError::Conflict { .. } => StatusCode::CONFLICT,
+                StoreError::Conflict { .. } | StoreError::Duplicate { .. } => StatusCode::CONFLICT,
                 StoreError::NotFound(_) => StatusCode::NOT_FOUND,
                 StoreError::Name(_) | StoreError::InvalidMessage { .. } => StatusCode::BAD_REQUEST,
                 StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

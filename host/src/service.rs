@@ -670,6 +670,7 @@ impl Consumer {
                     Ok(committed) => self.page_stored(page, &committed),
                     Err(
                         StoreError::Conflict { .. }
+                        | StoreError::Duplicate { .. }
                         | StoreError::Name(_)
                         | StoreError::InvalidMessage { .. }
                         | StoreError::TooLarge { .. },
@@ -795,6 +796,10 @@ impl Consumer {
             }
         }
         commit.appends = group_appends(outgoing, |stream| decision.expected.get(stream).copied());
+        // A message whose id is stored (the outcome of a replayed message) would be dropped, and
+        // later messages of the page must not have seen it: the store refuses such a page,
+        // which then goes one by one.
+        commit.refuse_duplicates = true;
         Ok(NextPage::Decided(Box::new(DecidedPage {
             messages,
             last,
@@ -984,8 +989,7 @@ impl Consumer {
             }),
             views: checked.views,
             settle: Some(settle),
-            park: Vec::new(),
-            defer: Vec::new(),
+            ..Commit::default()
         })
     }
 }
@@ -1420,8 +1424,6 @@ fn decide_lane<'a>(
     // View rows this lane writes (the overlay also holds the carried ones).
     let mut own_views: HashSet<(String, String)> = HashSet::new();
     let mut states: HashMap<StreamName, Folded> = HashMap::new();
-    // Ids of the messages the lane adds, checked against the store together at the end.
-    let mut added_ids: Vec<String> = Vec::new();
     let mut reusable: Option<crate::wasm::GuestInstance> = None;
     let mut decision = BatchDecision {
         items: Vec::with_capacity(messages.len()),
@@ -1568,7 +1570,6 @@ fn decide_lane<'a>(
             if already_pending {
                 continue;
             }
-            added_ids.push(new.id.clone());
             let (base, added) = match pending.pending.get_mut(stream) {
                 Some(entry) => entry,
                 None => {
@@ -1606,17 +1607,6 @@ fn decide_lane<'a>(
         }
         drop(pending);
         decision.items.push(BatchItem::Decided(checked));
-    }
-    // A message whose id is stored (the outcome of a replayed message) will be dropped by the
-    // store, and later messages of the lane must not have seen it: such a page goes one by one.
-    // Checked once for the lane, since it is rare and each check is a round trip on JetStream.
-    let stored = runtime
-        .block_on(futures_util::future::try_join_all(
-            added_ids.iter().map(|id| store.contains(id)),
-        ))
-        .map_err(BatchDecline::Store)?;
-    if stored.contains(&true) {
-        return Err(BatchDecline::OneByOne);
     }
     let Ok(overlay) = overlay.lock() else {
         return Err(BatchDecline::OneByOne);

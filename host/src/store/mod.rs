@@ -178,6 +178,10 @@ pub struct Commit {
     pub park: Vec<ParkedMessage>,
     /// Messages the consumer set aside until they are due.
     pub defer: Vec<DeferredMessage>,
+    /// Fail the whole commit with [`StoreError::Duplicate`] when a message's id is already
+    /// stored (or twice in the commit), instead of skipping that message: a consumer's page was
+    /// decided as if each message it adds were new, so it lands as decided or not at all.
+    pub refuse_duplicates: bool,
 }
 
 impl Commit {
@@ -234,6 +238,8 @@ pub enum StoreError {
         expected: u64,
         actual: u64,
     },
+    #[error("a message with id {id:?} is already stored")]
+    Duplicate { id: String },
     #[error("invalid message {id:?}: {reason}")]
     InvalidMessage { id: String, reason: String },
     #[error("{0} not found")]
@@ -255,7 +261,8 @@ pub enum StoreError {
 pub trait MessageStore: Send + Sync + 'static {
     /// Applies a commit atomically; returns after it is durable. A conflict on any expected
     /// version fails the whole commit with [`StoreError::Conflict`]; messages whose id is already
-    /// stored are skipped (and reported), the rest of the commit still applies.
+    /// stored are skipped (and reported), the rest of the commit still applies (unless it
+    /// refuses duplicates).
     async fn commit(&self, commit: Commit) -> Result<Committed, StoreError>;
 
     /// Messages of a stream from a 0-based position, at most `limit`.
@@ -295,10 +302,6 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// The message with this id.
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError>;
-
-    /// Whether a message with this id is stored: what a commit checks to drop a duplicate,
-    /// without reading the message.
-    async fn contains(&self, id: &str) -> Result<bool, StoreError>;
 
     /// The global position of the last message written (0 when empty).
     async fn head(&self) -> Result<u64, StoreError>;

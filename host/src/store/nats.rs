@@ -653,6 +653,11 @@ impl NatsStore {
             for message in &append.messages {
                 let claim = self.claim_subject(&message.id);
                 if staged.claimed(&claim) || !seen.insert(message.id.as_str()) {
+                    if commit.refuse_duplicates {
+                        return Err(StoreError::Duplicate {
+                            id: message.id.clone(),
+                        });
+                    }
                     planned.duplicates.push(message.id.clone());
                 } else {
                     fresh.push((message, claim));
@@ -1419,11 +1424,6 @@ impl MessageStore for NatsStore {
         };
         let message = self.decode_message(&entry)?;
         Ok((message.id == id).then_some(message))
-    }
-
-    async fn contains(&self, id: &str) -> Result<bool, StoreError> {
-        // The claim is what a commit checks for duplicates; its message is in the same batch.
-        Ok(self.last(&self.claim_subject(id)).await?.is_some())
     }
 
     async fn head(&self) -> Result<u64, StoreError> {

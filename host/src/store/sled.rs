@@ -612,6 +612,11 @@ impl Writer {
                 if staging.get(&id_key(&message.id))?.is_some()
                     || fresh.iter().any(|m| m.id == message.id)
                 {
+                    if commit.refuse_duplicates {
+                        return Err(StoreError::Duplicate {
+                            id: message.id.clone(),
+                        });
+                    }
                     committed.duplicates.push(message.id.clone());
                 } else {
                     fresh.push(message);
@@ -904,10 +909,6 @@ impl MessageStore for SledStore {
             Some(at) => Ok(Some(self.message_at(&at)?)),
             None => Ok(None),
         }
-    }
-
-    async fn contains(&self, id: &str) -> Result<bool, StoreError> {
-        self.tree().contains_key(id_key(id)).map_err(backend)
     }
 
     async fn head(&self) -> Result<u64, StoreError> {
