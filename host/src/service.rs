@@ -37,6 +37,8 @@ const CONFLICT_RETRIES: u32 = 10;
 const READ_BATCH: usize = 256;
 /// Entity reads a lane sends at once before deciding.
 const PREFETCH_IN_FLIGHT: usize = 32;
+/// The fewest messages of a page worth a decide lane of their own.
+const MESSAGES_PER_LANE: usize = 16;
 /// Namespace of the deterministic ids Ferry derives (a fixed, random UUID).
 const ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a0f_9a7e_52c4_4f0e_9c1e_2b7d_f1a3_c5e9);
 
@@ -754,7 +756,10 @@ impl Consumer {
             mail: self.mail.clone(),
             reuse_instances: self.config.reuse_instances,
         };
-        let decision = match decide_batch(decider, messages.clone(), carry, self.lanes).await {
+        // A lane costs a thread hand-off and reads of its own: a small page (a consumer keeping
+        // up with a steady load) is decided faster on fewer lanes.
+        let lanes = self.lanes.min(messages.len() / MESSAGES_PER_LANE).max(1);
+        let decision = match decide_batch(decider, messages.clone(), carry, lanes).await {
             Ok(decision) => decision,
             Err(BatchDecline::OneByOne) => return Ok(NextPage::OneByOne(messages)),
             Err(BatchDecline::Store(e)) => return Err(e.into()),
