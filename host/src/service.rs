@@ -38,7 +38,7 @@ const READ_BATCH: usize = 256;
 /// Entity reads a lane sends at once before deciding.
 const PREFETCH_IN_FLIGHT: usize = 32;
 /// The fewest messages of a page worth a decide lane of their own.
-const MESSAGES_PER_LANE: usize = 16;
+const MESSAGES_PER_LANE: usize = 8;
 /// Namespace of the deterministic ids Ferry derives (a fixed, random UUID).
 const ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a0f_9a7e_52c4_4f0e_9c1e_2b7d_f1a3_c5e9);
 
