@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
-use ferry::store::{Category, Commit, ConsumerId, MessageStore, NewMessage, SledStore, StreamName};
-use ferry::wasm::{Limits, Runtime};
+use ferry::store::{Commit, NewMessage, StreamName};
 use serde_json::json;
 
 fn new_message(id: String, message_type: &str, by: i64) -> NewMessage {
@@ -26,22 +24,7 @@ fn new_message(id: String, message_type: &str, by: i64) -> NewMessage {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decides_on_what_is_stored_when_others_write_to_its_entities() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store: Arc<dyn MessageStore> =
-        Arc::new(SledStore::open(dir.path().join("store")).expect("store"));
-    let runtime = Runtime::new(None).expect("runtime");
-    let path = support::guest("counter_commands");
-    let component = runtime.load_file(&path, Limits::default()).expect("load");
-    let running = Running::start(
-        store.clone(),
-        &[LoadedService { path, component }],
-        RunnerConfig::default(),
-        &Capabilities::default(),
-    )
-    .expect("start");
-    let consumer = ConsumerId::new(
-        Category::parse("counter:command").expect("category"),
-        "microservice:counter",
-    );
+    let (store, running, consumer) = support::start_counter_commands(dir.path());
     let entity = |n: usize| StreamName::parse(&format!("counter.e{}", n % 4)).expect("stream");
 
     // Someone else: events of 1000 appended straight to the entities while the commands are

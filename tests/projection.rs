@@ -5,32 +5,15 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry::service::{self, Capabilities, LoadedService, RunnerConfig, Running};
-use ferry::store::{Category, Commit, ConsumerId, MessageStore, NewMessage, SledStore, StreamName};
-use ferry::wasm::{Limits, Runtime};
+use ferry::service;
+use ferry::store::{Commit, NewMessage, StreamName};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projects_each_event_a_bounded_number_of_times_across_batches() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store: Arc<dyn MessageStore> =
-        Arc::new(SledStore::open(dir.path().join("store")).expect("store"));
-    let runtime = Runtime::new(None).expect("runtime");
-    let path = support::guest("counter_commands");
-    let component = runtime.load_file(&path, Limits::default()).expect("load");
-    let running = Running::start(
-        store.clone(),
-        &[LoadedService { path, component }],
-        RunnerConfig::default(),
-        &Capabilities::default(),
-    )
-    .expect("start");
-    let consumer = ConsumerId::new(
-        Category::parse("counter:command").expect("category"),
-        "microservice:counter",
-    );
+    let (store, running, consumer) = support::start_counter_commands(dir.path());
     let stream = StreamName::parse("counter:command.one").expect("stream");
 
     // 20 waves of 10 commands on one entity: at least 20 batches, each projecting the entity.

@@ -40,6 +40,38 @@ pub fn guest(name: &str) -> PathBuf {
     path
 }
 
+/// The `counter-commands` guest running in this process (default settings) on a new sled store
+/// in `dir`: the store, the running host, and the consumer of the counter's commands.
+pub fn start_counter_commands(
+    dir: &Path,
+) -> (
+    Arc<dyn ferry::store::MessageStore>,
+    ferry::service::Running,
+    ferry::store::ConsumerId,
+) {
+    use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
+    use ferry::store::{Category, ConsumerId, SledStore};
+    use ferry::wasm::{Limits, Runtime};
+
+    let store: Arc<dyn ferry::store::MessageStore> =
+        Arc::new(SledStore::open(dir.join("store")).expect("store"));
+    let runtime = Runtime::new(None).expect("runtime");
+    let path = guest("counter_commands");
+    let component = runtime.load_file(&path, Limits::default()).expect("load");
+    let running = Running::start(
+        store.clone(),
+        &[LoadedService { path, component }],
+        RunnerConfig::default(),
+        &Capabilities::default(),
+    )
+    .expect("start");
+    let consumer = ConsumerId::new(
+        Category::parse("counter:command").expect("category"),
+        "microservice:counter",
+    );
+    (store, running, consumer)
+}
+
 /// A component written in another language (`email_js`, `user_aggregator_py`), built once per
 /// test binary by `scripts/build-polyglot` (componentize-js from npm, componentize-py from PyPI).
 pub fn polyglot(name: &str) -> PathBuf {
