@@ -556,6 +556,38 @@ async fn store_latency(rate: f64, commands: usize) -> anyhow::Result<(Spread, Sp
     .await
 }
 
+/// How long this machine takes its cores away: a thread spinning on each core reads the clock in
+/// a loop, and a gap between two readings is time it did not run. On a VM, gaps far longer than
+/// the kernel's time slice are the hypervisor running something else (this kind of guest reports
+/// no steal time), and a latency measured through those cores is never shorter than a pause that
+/// falls in it. Returns the pauses over 1 ms and over 5 ms, and the longest.
+fn core_pauses(duration: Duration) -> (usize, usize, Duration) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let spinners: Vec<_> = (0..cores)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let (mut last, mut over_1, mut over_5, mut longest) = (start, 0, 0, Duration::ZERO);
+                while last - start < duration {
+                    let now = Instant::now();
+                    let gap = now - last;
+                    over_1 += usize::from(gap > Duration::from_millis(1));
+                    over_5 += usize::from(gap > Duration::from_millis(5));
+                    longest = longest.max(gap);
+                    last = now;
+                }
+                (over_1, over_5, longest)
+            })
+        })
+        .collect();
+    spinners
+        .into_iter()
+        .filter_map(|spinner| spinner.join().ok())
+        .fold((0, 0, Duration::ZERO), |(a, b, c), (x, y, z)| {
+            (a + x, b + y, c.max(z))
+        })
+}
+
 /// The article's services, loaded (from the runtime's cache when it has them).
 fn article_services(runtime: &Runtime) -> anyhow::Result<Vec<LoadedService>> {
     ["user", "email", "subscription", "user_aggregator"]
@@ -733,6 +765,18 @@ async fn main() -> anyhow::Result<()> {
                 native_rate / raw * 100.0,
                 rate / native_rate * 100.0,
                 reused_rate / native_rate * 100.0
+            ),
+        );
+        // The machine, just before its latency rows.
+        let spin = Duration::from_secs(if quick { 0 } else { 5 }) + Duration::from_millis(200);
+        let (over_1, over_5, longest) = core_pauses(spin);
+        table.row(
+            "0. the machine: longest pause of a core",
+            format!("{:.2} ms", longest.as_secs_f64() * 1e3),
+            format!(
+                "a thread spinning on the clock on each core for {:.1} s: {over_1} pauses over 1 ms, \
+                 {over_5} over 5 ms; no latency below is shorter than a pause that falls in it",
+                spin.as_secs_f64()
             ),
         );
         // Half load is half of the maximum of the same configuration.
