@@ -556,35 +556,64 @@ async fn store_latency(rate: f64, commands: usize) -> anyhow::Result<(Spread, Sp
     .await
 }
 
-/// How long this machine takes its cores away: a thread spinning on each core reads the clock in
-/// a loop, and a gap between two readings is time it did not run. On a VM, gaps far longer than
-/// the kernel's time slice are the hypervisor running something else (this kind of guest reports
-/// no steal time), and a latency measured through those cores is never shorter than a pause that
-/// falls in it. Returns the pauses over 1 ms and over 5 ms, and the longest.
-fn core_pauses(duration: Duration) -> (usize, usize, Duration) {
+/// Pauses of this machine's cores, seen by a thread spinning on the clock on each core: a gap
+/// between two readings is time the thread did not run.
+#[derive(Default)]
+struct Pauses {
+    over_1_ms: usize,
+    over_5_ms: usize,
+    /// Of those over 1 ms, the ones in which the guest's scheduler never switched the thread out
+    /// (its involuntary context switches did not move): the core itself stopped, as when the
+    /// hypervisor runs something else. This kind of guest reports no steal time.
+    under_the_guest: usize,
+    longest: Duration,
+}
+
+/// The involuntary context switches of the calling thread so far.
+fn switched_out() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("nonvoluntary_ctxt_switches:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Spins a thread on each core for `duration` and gathers their pauses. A latency measured
+/// through these cores is never shorter than a pause that falls in it.
+fn core_pauses(duration: Duration) -> Pauses {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let spinners: Vec<_> = (0..cores)
         .map(|_| {
             std::thread::spawn(move || {
+                let mut pauses = Pauses::default();
                 let start = Instant::now();
-                let (mut last, mut over_1, mut over_5, mut longest) = (start, 0, 0, Duration::ZERO);
+                let (mut last, mut switches) = (start, switched_out());
                 while last - start < duration {
                     let now = Instant::now();
+                    let now_switches = switched_out();
                     let gap = now - last;
-                    over_1 += usize::from(gap > Duration::from_millis(1));
-                    over_5 += usize::from(gap > Duration::from_millis(5));
-                    longest = longest.max(gap);
-                    last = now;
+                    if gap > Duration::from_millis(1) {
+                        pauses.over_1_ms += 1;
+                        pauses.under_the_guest += usize::from(now_switches == switches);
+                    }
+                    pauses.over_5_ms += usize::from(gap > Duration::from_millis(5));
+                    pauses.longest = pauses.longest.max(gap);
+                    (last, switches) = (Instant::now(), now_switches);
                 }
-                (over_1, over_5, longest)
+                pauses
             })
         })
         .collect();
     spinners
         .into_iter()
         .filter_map(|spinner| spinner.join().ok())
-        .fold((0, 0, Duration::ZERO), |(a, b, c), (x, y, z)| {
-            (a + x, b + y, c.max(z))
+        .fold(Pauses::default(), |all, one| Pauses {
+            over_1_ms: all.over_1_ms + one.over_1_ms,
+            over_5_ms: all.over_5_ms + one.over_5_ms,
+            under_the_guest: all.under_the_guest + one.under_the_guest,
+            longest: all.longest.max(one.longest),
         })
 }
 
@@ -769,14 +798,18 @@ async fn main() -> anyhow::Result<()> {
         );
         // The machine, just before its latency rows.
         let spin = Duration::from_secs(if quick { 0 } else { 5 }) + Duration::from_millis(200);
-        let (over_1, over_5, longest) = core_pauses(spin);
+        let pauses = core_pauses(spin);
         table.row(
             "0. the machine: longest pause of a core",
-            format!("{:.2} ms", longest.as_secs_f64() * 1e3),
+            format!("{:.2} ms", pauses.longest.as_secs_f64() * 1e3),
             format!(
-                "a thread spinning on the clock on each core for {:.1} s: {over_1} pauses over 1 ms, \
-                 {over_5} over 5 ms; no latency below is shorter than a pause that falls in it",
-                spin.as_secs_f64()
+                "one window of {:.1} s, a thread spinning on the clock on each core: {} pauses \
+                 over 1 ms ({} over 5 ms), {} of them with the thread never switched out by the \
+                 guest; a latency below is never shorter than a pause that falls in it",
+                spin.as_secs_f64(),
+                pauses.over_1_ms,
+                pauses.over_5_ms,
+                pauses.under_the_guest
             ),
         );
         // Half load is half of the maximum of the same configuration.

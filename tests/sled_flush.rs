@@ -1,6 +1,8 @@
 //! What a durable commit costs in threads: sled writes each flushed buffer on a thread of its IO
 //! pool, and Ferry builds sled with that pool waking one idle thread per buffer
 //! (vendor/sled/PATCHED.md). Alone in its test binary, because the pool is one per process.
+//! Linux only: it reads the threads' context switches from `/proc`.
+#![cfg(target_os = "linux")]
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +33,20 @@ fn io_thread_sleeps() -> HashMap<String, u64> {
     sleeps
 }
 
+/// The sleeps once they have stopped changing for a few milliseconds (at most half a second).
+async fn settled_io_thread_sleeps() -> HashMap<String, u64> {
+    let mut last = io_thread_sleeps();
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let now = io_thread_sleeps();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
 #[tokio::test]
 async fn a_flush_wakes_one_io_thread_not_the_whole_pool() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -51,23 +67,26 @@ async fn a_flush_wakes_one_io_thread_not_the_whole_pool() {
     };
     // The pool starts its idle threads with the first buffer written.
     store.commit(append(0)).await.expect("first commit");
+    let mut before = settled_io_thread_sleeps().await;
+    assert_eq!(before.len(), 7, "sled's idle IO threads: {before:?}");
     let commits = 100;
     let mut woken = 0;
     for n in 1..=commits {
-        let before = io_thread_sleeps();
         // One at a time: every commit is a group of its own, so a flush of its own.
         store.commit(append(n)).await.expect("commit");
-        let after = io_thread_sleeps();
+        // The thread that wrote the buffer may still be on its way back to sleep.
+        let after = settled_io_thread_sleeps().await;
         woken += after
             .iter()
             .filter(|(thread, sleeps)| before.get(*thread).is_none_or(|b| b < *sleeps))
             .count();
+        before = after;
     }
     let per_flush = woken as f64 / commits as f64;
     // A flush hands the pool two or three buffers, each written by the one idle thread it wakes.
     // With the published `notify_all`, all seven idle threads woke for every buffer.
     assert!(
-        per_flush < 5.0,
+        (1.0..5.0).contains(&per_flush),
         "{per_flush:.1} of sled's IO threads woke per flush"
     );
 }

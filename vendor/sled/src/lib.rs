@@ -158,7 +158,7 @@
 #![allow(clippy::mem_replace_with_default)] // Not using std::mem::take() due to MSRV of 1.37 (intro'd in 1.40)
 #![allow(clippy::match_like_matches_macro)] // Not using std::matches! due to MSRV of 1.37 (intro'd in 1.42)
 // Ferry: built as a path dependency, where cargo does not cap lints as it does for crates.io
-// sources, and newer compilers reject this 2021 code under the first list above (a `deny` in the
+// sources, and newer compilers reject this code of 2021 under the first list above (a `deny` in the
 // release, a `warn` here); the lints are silenced as they are for the published crate.
 #![allow(warnings)]
 
