@@ -1,4 +1,5 @@
-//! The benchmark program: one run, one table. Each row is the median over several rounds.
+//! The benchmark program: one run, one table. Each row is the median over several rounds, except
+//! row 0 (the machine's pauses), which is one window.
 //!
 //! ```sh
 //! (cd guests && cargo build --release --target wasm32-wasip2)
@@ -8,7 +9,8 @@
 //!
 //! Rows: the raw store's durable append rate (row 1), end-to-end durable command throughput and
 //! latency through the `counter` guest (with the ratio to row 1), the Wasm cost per message, cold
-//! start, and resident memory. Rows 1 and 2 run on sled and, when `nats-server` is found (as in
+//! start, and resident memory; row 0, just before the latency rows, the longest pause of the
+//! machine's cores. Rows 1 and 2 run on sled and, when `nats-server` is found (as in
 //! the tests: `FERRY_NATS_SERVER`, `.tools/venv`, `PATH`), on a JetStream it starts with
 //! `sync_interval: always`, so both stores are durable on disk before they acknowledge.
 
