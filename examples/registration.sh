@@ -9,12 +9,13 @@ user=${1:-ann-$$}
 echo "# is the username free? (the users view, as the page would ask)"
 "$ferry" view users-by-username ann 2>/dev/null || echo "ann is free"
 
-echo "# RegisterUser: a command, not a request; the answer comes as events"
-"$ferry" send "user:command.$user" RegisterUser \
+echo "# RegisterUser: a command, not a request; the answer comes as events. The password is"
+echo "# sealed: stored encrypted, its key destroyed once the command is handled"
+"$ferry" send "user:command.$user" RegisterUser --sealed password \
   '{"username":"ann","email":"ann@example.com","password":"correct horse battery staple","firstName":"Ann","lastName":"Lee"}'
 sleep 1
 echo "# the same username again, for another user id: rejected by the handler"
-"$ferry" send "user:command.$user-twin" RegisterUser \
+"$ferry" send "user:command.$user-twin" RegisterUser --sealed password \
   '{"username":"ann","email":"twin@example.com","password":"x","firstName":"Ann","lastName":"Twin"}'
 "$ferry" send "user:command.$user" ChangeName '{"firstName":"Annie","lastName":"Lee"}'
 sleep 1

@@ -118,6 +118,7 @@ fn send_requests_write_exactly_what_they_accept() {
                     metadata,
                     id: None,
                     expected_version: None,
+                    sealed: Vec::new(),
                 };
                 match execute(&context, request).await {
                     Ok(answer) => {

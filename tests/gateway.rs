@@ -195,11 +195,11 @@ async fn refuses_bad_input_with_a_json_error_and_writes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn needs_the_bearer_token_for_writes_when_one_is_set() {
+async fn needs_the_operator_token_for_reads_and_writes_when_one_is_set() {
     let fixture = Fixture::new(false);
     let config = GatewayConfig {
-        token: Some("s3cret".into()),
-        page: None,
+        access: gateway::Access::operator("s3cret"),
+        ..GatewayConfig::default()
     };
     for uri in ["/streams/counter:command.a", "/webhooks/email-opened"] {
         let (status, body) = fixture.call(config.clone(), post(uri, INCREMENT)).await;
@@ -224,8 +224,12 @@ async fn needs_the_bearer_token_for_writes_when_one_is_set() {
     );
     let (status, _) = fixture.call(config.clone(), right).await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let (status, _) = fixture.call(config, get("/consumers")).await;
-    assert_eq!(status, StatusCode::OK, "reads need no token");
+    for uri in ["/consumers", "/streams/counter:command.a", "/metrics"] {
+        let (status, _) = fixture.call(config.clone(), get(uri)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri} needs the token");
+    }
+    let (status, _) = fixture.call(config, get("/health")).await;
+    assert_eq!(status, StatusCode::OK, "health needs no token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,10 @@ use serde_json::Value;
 
 use crate::control::{self, Context, Request};
 use crate::gateway::{self, GatewayConfig};
+
+mod http;
+
+pub use self::http::HttpArgs;
 use crate::mail::Maildir;
 use crate::reload::{self, Reloader};
 use crate::service::{self, Capabilities, LoadedService, RunnerConfig, Running, ServiceTable};
@@ -78,16 +82,8 @@ pub enum Command {
         /// same components run as one process or as one process per service.
         #[arg(long, value_delimiter = ',', value_name = "SERVICE,...")]
         only: Vec<String>,
-        /// Serve the HTTP gateway (commands, reads, WebSocket notifications) on this address,
-        /// such as 127.0.0.1:8080.
-        #[arg(long, value_name = "ADDR")]
-        http: Option<String>,
-        /// Bearer token the gateway's write endpoints require.
-        #[arg(long, env = "FERRY_HTTP_TOKEN", requires = "http")]
-        http_token: Option<String>,
-        /// An HTML file the gateway serves at `/` (such as examples/web/index.html).
-        #[arg(long, value_name = "FILE", requires = "http")]
-        page: Option<PathBuf>,
+        #[command(flatten)]
+        http: HttpArgs,
         /// Longest time one call into a guest may run, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         guest_timeout_ms: u64,
@@ -135,6 +131,10 @@ pub enum Command {
         /// Refuse unless the stream holds exactly this many messages.
         #[arg(long)]
         expected_version: Option<u64>,
+        /// Store these top-level data fields sealed: encrypted under a key of the command's own
+        /// that is destroyed once the command is handled (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',', value_name = "FIELD")]
+        sealed: Vec<String>,
     },
     /// Read a stream (`user.42`, from a position) or a category (`user`, past a global position).
     Read {
@@ -181,6 +181,19 @@ pub enum Command {
     Rebuild { table: String },
     /// Load a component and print its manifest, or why it cannot run.
     Inspect { component: PathBuf },
+    /// Issue a signed end-user token (HS256) for tests and demos; real deployments take tokens
+    /// from their identity provider.
+    Token {
+        /// The token's subject: the user it stands for (`{sub}` in the policy).
+        #[arg(long)]
+        sub: String,
+        /// The shared secret, the same file as `ferry run --http-jwt-secret-file`.
+        #[arg(long, value_name = "FILE")]
+        secret_file: PathBuf,
+        /// How long the token is valid: 90s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = gateway::parse_ttl)]
+        ttl: Duration,
+    },
 }
 
 /// Runs the command line.
@@ -189,8 +202,6 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             only,
             http,
-            http_token,
-            page,
             guest_timeout_ms,
             guest_memory_mib,
             max_deliveries,
@@ -216,30 +227,25 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 maildir: Some(Arc::new(Maildir::new(maildir(&cli.data)))),
                 mail_grants,
             };
-            let page = page
-                .map(|path| {
-                    std::fs::read_to_string(&path)
-                        .with_context(|| format!("cannot read the page {}", path.display()))
-                })
-                .transpose()?;
             let settings = HostSettings {
                 store: cli.store,
                 only,
-                http: http.map(|address| {
-                    (
-                        address,
-                        GatewayConfig {
-                            token: http_token,
-                            page,
-                        },
-                    )
-                }),
+                http: http.gateway().await?,
                 limits,
                 service_limits,
                 config,
                 capabilities,
             };
             run(&cli.data, &cli.services, &settings).await
+        }
+        Command::Token {
+            sub,
+            secret_file,
+            ttl,
+        } => {
+            let secret = gateway::read_secret(&secret_file)?;
+            println!("{}", gateway::issue_token(&secret, &sub, ttl)?);
+            Ok(())
         }
         Command::Rebuild { table } => {
             rebuild(&cli.data, &cli.services, &cli.store, table, cli.json).await
@@ -280,6 +286,7 @@ fn request_of(command: Command) -> Option<Request> {
             metadata,
             id,
             expected_version,
+            sealed,
         } => Request::Send {
             stream,
             message_type,
@@ -287,6 +294,7 @@ fn request_of(command: Command) -> Option<Request> {
             metadata,
             id,
             expected_version,
+            sealed,
         },
         Command::Read {
             target,
@@ -321,7 +329,10 @@ fn request_of(command: Command) -> Option<Request> {
         },
         Command::Project { stream } => Request::Project { stream },
         Command::Services => Request::Services,
-        Command::Run { .. } | Command::Inspect { .. } | Command::Rebuild { .. } => return None,
+        Command::Run { .. }
+        | Command::Inspect { .. }
+        | Command::Rebuild { .. }
+        | Command::Token { .. } => return None,
     })
 }
 
