@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::store::{Commit, ConsumerId, MessageStore, NatsStore, StoreError};
+use ferry::store::{Commit, ConsumerId, MessageStore, NatsStore, SealKey, StoreError};
 use serde_json::json;
 use support::nats::NatsServer;
 
@@ -40,6 +40,65 @@ async fn keeps_namespaces_of_one_server_apart() {
     assert_eq!(a.head().await.expect("head"), written[0].global_position);
     assert_eq!(b.head().await.expect("head"), 0);
     assert!(b.message("u1").await.expect("lookup").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shredded_key_is_purged_from_the_stream_not_hidden_behind_a_newer_entry() {
+    let server = NatsServer::start();
+    let store = NatsStore::connect(&server.url()).await.expect("connect");
+    let key = vec![0xA5u8; 32];
+    store
+        .commit(Commit {
+            seal_keys: vec![SealKey {
+                message_id: "reg-1".into(),
+                key: key.clone(),
+            }],
+            ..Commit::append(
+                conformance::stream("user:command.1"),
+                None,
+                vec![conformance::msg(
+                    "reg-1",
+                    "RegisterUser",
+                    json!({"password": {"sealed": true}}),
+                )],
+            )
+        })
+        .await
+        .expect("append");
+    let client = async_nats::connect(server.url()).await.expect("client");
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("ferry")
+        .await
+        .expect("stream");
+    let stored = stream
+        .direct_get_last_for_subject("ferry.key.reg-1")
+        .await
+        .expect("the key's entry");
+    assert_eq!(stored.payload.as_ref(), key.as_slice());
+
+    store
+        .commit(Commit {
+            shred: vec!["reg-1".into()],
+            ..Commit::default()
+        })
+        .await
+        .expect("shred");
+    // Not a newer entry in front of the key: the key's own message is gone from the stream.
+    let old = stream.direct_get(stored.sequence).await;
+    assert!(
+        matches!(
+            old.as_ref().map_err(|e| e.kind()),
+            Err(async_nats::jetstream::stream::DirectGetErrorKind::NotFound)
+        ),
+        "the key's message is still stored: {:?}",
+        old.map(|m| m.payload)
+    );
+    let last = stream
+        .direct_get_last_for_subject("ferry.key.reg-1")
+        .await
+        .expect("the emptied entry");
+    assert!(last.payload.is_empty());
+    assert_eq!(store.seal_key("reg-1").await.expect("key"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,6 +182,29 @@ pub struct Commit {
     /// stored (or twice in the commit), instead of skipping that message: a consumer's page was
     /// decided as if each message it adds were new, so it lands as decided or not at all.
     pub refuse_duplicates: bool,
+    /// Keys of sealed fields (see `seal`), each stored only if its message is written by this
+    /// commit: a duplicate skipped keeps the key of the message stored first.
+    pub seal_keys: Vec<SealKey>,
+    /// Message ids whose keys this commit removes: the commit that settles a sealed command
+    /// destroys its key with everything else it writes, or not at all.
+    pub shred: Vec<String>,
+}
+
+/// The key of one message's sealed fields, kept until the message is settled.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealKey {
+    pub message_id: String,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for SealKey {
+    // A key in a log line or a panic message would outlive its shredding.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealKey")
+            .field("message_id", &self.message_id)
+            .field("key", &format_args!("<{} bytes>", self.key.len()))
+            .finish()
+    }
 }
 
 impl Commit {
@@ -303,6 +326,10 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The message with this id.
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError>;
 
+    /// The key of the sealed fields of the message with this id; `None` once a commit shredded
+    /// it (or when the message has none).
+    async fn seal_key(&self, message_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
     /// The global position of the last message written (0 when empty).
     async fn head(&self) -> Result<u64, StoreError>;
 
@@ -363,6 +390,15 @@ pub(crate) fn validate_commit(commit: &Commit) -> Result<(), StoreError> {
             return Err(StoreError::InvalidMessage {
                 id: message.id.clone(),
                 reason: "id and type must not be empty".into(),
+            });
+        }
+    }
+    for key in &commit.seal_keys {
+        // An empty key would read back as no key at all.
+        if key.key.is_empty() {
+            return Err(StoreError::InvalidMessage {
+                id: key.message_id.clone(),
+                reason: "the key of its sealed fields is empty".into(),
             });
         }
     }

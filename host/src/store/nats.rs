@@ -12,6 +12,7 @@
 //! | `NS.v.<table>.<key>` | a view row with its `lastUpdateSeq` (rolled up) |
 //! | `NS.park.<category>.<consumer>.<global>` | a parked message, empty once replayed (rolled up) |
 //! | `NS.defer.<category>.<consumer>.<global>` | a deferred message, empty once handled (rolled up) |
+//! | `NS.key.<message id>` | the key of a message's sealed fields; empty once shredded (rolled up, so the server removes the key itself, not just hides it) |
 //!
 //! Checks ride on the batch: an expected stream version, a consumer's position and a claimed id
 //! are `Nats-Expected-Last-Subject-Sequence` headers, so a commit that raced another process is
@@ -287,6 +288,10 @@ impl NatsStore {
 
     fn claim_subject(&self, id: &str) -> String {
         self.subject(&format!("id.{}", token(id)))
+    }
+
+    fn seal_key_subject(&self, message_id: &str) -> String {
+        self.subject(&format!("key.{}", token(message_id)))
     }
 
     /// The subject a settle changes: the consumer's position, or one deferred entry.
@@ -819,6 +824,26 @@ impl NatsStore {
             let subject =
                 self.deferred_subject(&deferred.consumer, deferred.message.global_position);
             planned.put(subject, to_json(deferred)?, None);
+        }
+        // A key goes in only with its message, in the same batch: the key of a duplicate
+        // skipped above would replace the key of the message stored first.
+        for seal in &commit.seal_keys {
+            let written = planned
+                .ops
+                .iter()
+                .any(|op| matches!(op, Op::Message { stored, .. } if stored.id == seal.message_id));
+            if written {
+                planned.put(
+                    self.seal_key_subject(&seal.message_id),
+                    seal.key.clone(),
+                    None,
+                );
+            }
+        }
+        // Shredding is an empty message rolled up onto the key's subject: the server purges the
+        // key's message in the same atomic batch (a delete marker beside it would keep it).
+        for message_id in &commit.shred {
+            planned.put(self.seal_key_subject(message_id), Vec::new(), None);
         }
         // The server refuses a message past its max_payload; found here, it fails this commit
         // alone instead of the batch it would share.
@@ -1424,6 +1449,14 @@ impl MessageStore for NatsStore {
         };
         let message = self.decode_message(&entry)?;
         Ok((message.id == id).then_some(message))
+    }
+
+    async fn seal_key(&self, message_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .last(&self.seal_key_subject(message_id))
+            .await?
+            .filter(|entry| !entry.payload.is_empty())
+            .map(|entry| entry.payload.to_vec()))
     }
 
     async fn head(&self) -> Result<u64, StoreError> {

@@ -18,6 +18,8 @@
 //! - `c` category `\0` name → consumer position
 //! - `v` table `\0` key → view row JSON (a deleted row stays as a tombstone with its `lastUpdateSeq`)
 //! - `p`, `d` category `\0` name `\0` global → parked, deferred record JSON
+//! - `k` message id → the key of the message's sealed fields (32 bytes), written in the batch
+//!   that writes the message, removed in the batch that settles it (see `seal`)
 //!
 //! A folder of the first layout (`ferry-sled/1`, one tree per kind of record) is copied into
 //! this one when it is opened; see [`migrate_v1`].
@@ -51,6 +53,7 @@ const CONSUMER: u8 = b'c';
 const VIEW: u8 = b'v';
 const PARKED: u8 = b'p';
 const DEFERRED: u8 = b'd';
+const SEAL_KEY: u8 = b'k';
 /// Upper bound of category entries one `read_category` call scans when a filter drops messages.
 const MAX_SCAN: usize = 10_000;
 /// sled's page cache unless told otherwise.
@@ -180,6 +183,10 @@ fn stream_prefix(stream: &str) -> Vec<u8> {
 
 fn id_key(id: &str) -> Vec<u8> {
     key(ID, &[id.as_bytes()])
+}
+
+fn seal_key_key(message_id: &str) -> Vec<u8> {
+    key(SEAL_KEY, &[message_id.as_bytes()])
 }
 
 fn consumer_key(consumer: &ConsumerId) -> Vec<u8> {
@@ -662,6 +669,16 @@ impl Writer {
             versions.push((stream.to_owned(), version));
             touched.insert(category.to_owned());
         }
+        // A key goes in only with its message: the key of a duplicate skipped here would
+        // replace the key of the message stored first, which then could not be opened.
+        for seal in &commit.seal_keys {
+            if committed.written.iter().any(|m| m.id == seal.message_id) {
+                staging.insert(seal_key_key(&seal.message_id), seal.key.clone());
+            }
+        }
+        for message_id in &commit.shred {
+            staging.remove(seal_key_key(message_id))?;
+        }
 
         // Rows this commit wrote: a later change to the same row in the commit replaces it, even
         // with the same `seq` (one outcome may upsert a row twice, or delete and upsert it).
@@ -909,6 +926,14 @@ impl MessageStore for SledStore {
             Some(at) => Ok(Some(self.message_at(&at)?)),
             None => Ok(None),
         }
+    }
+
+    async fn seal_key(&self, message_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .tree()
+            .get(seal_key_key(message_id))
+            .map_err(backend)?
+            .map(|key| key.to_vec()))
     }
 
     async fn head(&self) -> Result<u64, StoreError> {
