@@ -15,9 +15,10 @@ use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::seal;
 use crate::service::{self, ServiceTable};
 use crate::store::{
-    Category, Commit, MessageStore, NameError, NewMessage, StoreError, StreamName,
+    Category, Commit, Message, MessageStore, NameError, NewMessage, StoreError, StreamName,
     validate_table_name,
 };
 use crate::wasm::ServiceComponent;
@@ -37,6 +38,10 @@ pub enum Request {
         metadata: Option<String>,
         id: Option<String>,
         expected_version: Option<u64>,
+        /// Top-level data fields to store sealed (encrypted under a key of the message's own,
+        /// destroyed when the command is handled); the handler sees them in clear.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        sealed: Vec<String>,
     },
     /// Read a stream (`user.42`) from a position, or a category (`user`) past a global position.
     Read {
@@ -104,17 +109,40 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             metadata,
             id,
             expected_version,
+            sealed,
         } => {
             let stream = StreamName::parse(&stream)?;
             if message_type.trim().is_empty() {
                 return Err(refuse("the message type is empty"));
             }
-            let data = parse_object(&data, "data")?;
+            let mut data = parse_object(&data, "data")?;
+            // Only the host makes a sealed field: one sent in would be taken for sealed by every
+            // read and by the consumer, which has no key for it.
+            if let Some(field) = seal::sealed_looking_fields(&data).first() {
+                return Err(refuse(format!(
+                    "the field {field:?} is an object with \"sealed\": true, which only the host writes; name it in `sealed` to seal it"
+                )));
+            }
+            if !sealed.is_empty() && !stream.is_command() {
+                // Only a command is settled by one handler, whose commit destroys the key; an
+                // event is read by any number of consumers for ever.
+                return Err(refuse(format!(
+                    "only commands may carry sealed fields, and {stream} is not a command stream"
+                )));
+            }
             let metadata = match metadata {
                 Some(text) => parse_object(&text, "metadata")?,
                 None => Map::new(),
             };
             let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let seal_keys = if sealed.is_empty() {
+                Vec::new()
+            } else {
+                vec![
+                    seal::seal_fields(&id, &mut data, &sealed)
+                        .map_err(|e| refuse(e.to_string()))?,
+                ]
+            };
             let new = NewMessage {
                 id: id.clone(),
                 message_type,
@@ -123,11 +151,14 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
                 not_before_ms: None,
             };
             let committed = store
-                .commit(Commit::append(stream, expected_version, vec![new]))
+                .commit(Commit {
+                    seal_keys,
+                    ..Commit::append(stream, expected_version, vec![new])
+                })
                 .await?;
-            match committed.written.first() {
-                Some(message) => Ok(json!({ "written": message })),
-                None => Ok(json!({ "duplicate": store.message(&id).await? })),
+            match committed.written.into_iter().next() {
+                Some(message) => Ok(json!({ "written": shown(message) })),
+                None => Ok(json!({ "duplicate": store.message(&id).await?.map(shown) })),
             }
         }
         Request::Read {
@@ -145,6 +176,7 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
                     .await?
                     .messages
             };
+            let messages: Vec<Message> = messages.into_iter().map(shown).collect();
             Ok(json!({ "messages": messages }))
         }
         Request::Consumers { category } => {
@@ -175,7 +207,13 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
                 }
             }
         }
-        Request::Parked => Ok(json!({ "parked": store.parked(None).await? })),
+        Request::Parked => {
+            let mut parked = store.parked(None).await?;
+            for record in &mut parked {
+                seal::redact(&mut record.message);
+            }
+            Ok(json!({ "parked": parked }))
+        }
         Request::Replay {
             id,
             consumer,
@@ -258,6 +296,13 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             Ok(json!({ "stream": stream, "version": version, "state": state }))
         }
     }
+}
+
+/// A message as every answer shows it: sealed fields as `{"sealed": true}`, without their box.
+/// The gateway's own reads call [`seal::redact`] likewise.
+pub fn shown(mut message: Message) -> Message {
+    seal::redact(&mut message);
+    message
 }
 
 /// The loaded service that declares a view table.
