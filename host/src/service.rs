@@ -7,6 +7,8 @@
 //! Transient failures are retried with backoff in place (keeping the entity's order); permanent
 //! failures, traps, timeouts, invalid outcomes and messages past the maximum number of deliveries
 //! are parked and the consumer moves on. Messages whose not-before time lies ahead are deferred.
+//! A sealed command (see `seal`) is handled one by one: its handler sees the fields in clear, the
+//! commit that settles it shreds their key, and a parked one keeps its key for a replay.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::mail::Maildir;
+use crate::seal;
 use crate::store::{
     Category, Commit, Committed, ConsumerId, DeferredMessage, Message, MessageStore, NewMessage,
     ParkedMessage, Settle, StoreError, StreamAppend, StreamName, ViewWrite, now_ms,
@@ -748,6 +751,11 @@ impl Consumer {
         // Shared, not copied: the lanes read it, the one-by-one path needs it only when the
         // page is declined.
         let messages: Arc<[Message]> = page.messages.into();
+        // Sealed commands are rare and go one by one, where their keys are read and shredded:
+        // one mechanism, and a page without any costs one look at each field's kind.
+        if self.id.category.is_command() && messages.iter().any(seal::is_sealed) {
+            return Ok(NextPage::OneByOne(messages));
+        }
         let started = std::time::Instant::now();
         let decider = Decider {
             component: self.component.clone(),
@@ -885,50 +893,75 @@ impl Consumer {
             return Ok(());
         }
 
+        // A sealed command: the handler gets its fields in clear, everything stored (park and
+        // defer records, the outcome's ids) keeps `message` as it is stored, sealed. Its key is
+        // read once; it stays until the commit that settles the command, which shreds it.
+        let sealed = message.stream.is_command() && seal::is_sealed(&message);
+        let mut clear = None;
+        let mut unopenable = None;
+        if sealed {
+            let key = self.store.seal_key(&message.id).await?;
+            match seal::unseal(&message, key.as_deref()) {
+                Ok(opened) => clear = Some(opened),
+                // Not for the handler to decide on a placeholder: parked, with the reason.
+                Err(e) => unopenable = Some(e.to_string()),
+            }
+        }
         let mut deliveries = 0;
         let mut conflicts = 0;
         let started = std::time::Instant::now();
         loop {
             deliveries += 1;
+            if let Some(reason) = unopenable.take() {
+                self.park(message, settle, reason, deliveries, started)
+                    .await?;
+                return Ok(());
+            }
             let decided = decide(
                 self.component.clone(),
                 self.projections.clone(),
                 self.store.clone(),
                 self.mail.clone(),
-                message.clone(),
+                clear.clone().unwrap_or_else(|| message.clone()),
             )
             .await;
             let failure = match decided {
                 Ok(decision) => match self.outcome_commit(&message, decision, settle.clone()) {
-                    Ok(commit) => match self.store.commit(commit).await {
-                        Ok(committed) => {
-                            tracing::debug!(
-                                consumer = %self.id, id = %message.id,
-                                written = committed.written.len(),
-                                duplicates = committed.duplicates.len(),
-                                "handled"
-                            );
-                            record(self.service(), 1, 0, started.elapsed());
-                            return Ok(());
+                    Ok(mut commit) => {
+                        if sealed {
+                            commit.shred.push(message.id.clone());
                         }
-                        Err(StoreError::Conflict { .. }) if conflicts < CONFLICT_RETRIES => {
-                            // Someone wrote to the entity meanwhile: decide again on fresh state.
-                            conflicts += 1;
-                            deliveries -= 1;
-                            continue;
+                        match self.store.commit(commit).await {
+                            Ok(committed) => {
+                                tracing::debug!(
+                                    consumer = %self.id, id = %message.id,
+                                    written = committed.written.len(),
+                                    duplicates = committed.duplicates.len(),
+                                    "handled"
+                                );
+                                record(self.service(), 1, 0, started.elapsed());
+                                return Ok(());
+                            }
+                            Err(StoreError::Conflict { .. }) if conflicts < CONFLICT_RETRIES => {
+                                // Someone wrote to the entity meanwhile: decide again on fresh
+                                // state.
+                                conflicts += 1;
+                                deliveries -= 1;
+                                continue;
+                            }
+                            Err(e @ StoreError::Conflict { .. }) => {
+                                format!("the entity kept changing while handling: {e}")
+                            }
+                            Err(
+                                e @ (StoreError::Name(_)
+                                | StoreError::InvalidMessage { .. }
+                                | StoreError::TooLarge { .. }),
+                            ) => {
+                                format!("invalid outcome: {e}")
+                            }
+                            Err(e) => return Err(e.into()),
                         }
-                        Err(e @ StoreError::Conflict { .. }) => {
-                            format!("the entity kept changing while handling: {e}")
-                        }
-                        Err(
-                            e @ (StoreError::Name(_)
-                            | StoreError::InvalidMessage { .. }
-                            | StoreError::TooLarge { .. }),
-                        ) => {
-                            format!("invalid outcome: {e}")
-                        }
-                        Err(e) => return Err(e.into()),
-                    },
+                    }
                     Err(reason) => format!("invalid outcome: {reason}"),
                 },
                 Err(Decline::Store(e)) => return Err(e.into()),
@@ -948,23 +981,38 @@ impl Consumer {
                 }
                 Err(Decline::Guest(e)) => e.to_string(),
             };
-            tracing::warn!(consumer = %self.id, id = %message.id, "parked: {failure}");
-            record(self.service(), 0, 1, started.elapsed());
-            self.store
-                .commit(Commit {
-                    settle: Some(settle),
-                    park: vec![ParkedMessage {
-                        consumer: self.id.clone(),
-                        message,
-                        reason: failure,
-                        attempts: deliveries,
-                        parked_at_ms: now_ms(),
-                    }],
-                    ..Commit::default()
-                })
+            self.park(message, settle, failure, deliveries, started)
                 .await?;
             return Ok(());
         }
+    }
+
+    /// Parks a message with the reason, settling it. A sealed command keeps its key (and its
+    /// fields sealed in the record), so that a replay can still open them.
+    async fn park(
+        &self,
+        message: Message,
+        settle: Settle,
+        failure: String,
+        deliveries: u32,
+        started: std::time::Instant,
+    ) -> Result<(), Interrupted> {
+        tracing::warn!(consumer = %self.id, id = %message.id, "parked: {failure}");
+        record(self.service(), 0, 1, started.elapsed());
+        self.store
+            .commit(Commit {
+                settle: Some(settle),
+                park: vec![ParkedMessage {
+                    consumer: self.id.clone(),
+                    message,
+                    reason: failure,
+                    attempts: deliveries,
+                    parked_at_ms: now_ms(),
+                }],
+                ..Commit::default()
+            })
+            .await?;
+        Ok(())
     }
 
     fn retry_delay(&self, deliveries: u32) -> Duration {

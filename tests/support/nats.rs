@@ -53,6 +53,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The server's folder: its configuration, log and JetStream storage.
+    pub fn folder(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     fn launch(&mut self) -> Result<(), String> {
         let config = self.dir.path().join("server.conf");
         let store = self.dir.path().join("jetstream");
