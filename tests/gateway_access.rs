@@ -139,6 +139,18 @@ impl Fixture {
         }
     }
 
+    /// A request under the example policy's configuration.
+    async fn ask(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<&Value>,
+        credential: Credential,
+    ) -> (StatusCode, String) {
+        self.call(config(), request(method, uri, body, credential))
+            .await
+    }
+
     async fn call(&self, config: GatewayConfig, request: Request<Body>) -> (StatusCode, String) {
         let response = gateway::router(self.context.clone(), config)
             .oneshot(request)
@@ -307,14 +319,11 @@ async fn every_endpoint_answers_only_the_credential_that_allows_it() {
             let what = format!("{} {} with {credential:?}", endpoint.method, endpoint.uri);
             let head = fixture.store.head().await.expect("head");
             let (status, body) = fixture
-                .call(
-                    config(),
-                    request(
-                        endpoint.method,
-                        endpoint.uri,
-                        endpoint.body.as_ref(),
-                        credential,
-                    ),
+                .ask(
+                    endpoint.method,
+                    endpoint.uri,
+                    endpoint.body.as_ref(),
+                    credential,
                 )
                 .await;
             let expected = match credential {
@@ -349,14 +358,11 @@ async fn anonymous_clients_may_register_and_ask_whether_a_username_is_taken_only
     let register = json!({"type": "RegisterUser", "data": {"username": "cy", "email": "c@x",
         "password": "pw", "firstName": "C", "lastName": "Y"}, "sealed": ["password"]});
     let (status, body) = fixture
-        .call(
-            config(),
-            request(
-                "POST",
-                "/streams/user:command.cy",
-                Some(&register),
-                Credential::None,
-            ),
+        .ask(
+            "POST",
+            "/streams/user:command.cy",
+            Some(&register),
+            Credential::None,
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
@@ -366,23 +372,18 @@ async fn anonymous_clients_may_register_and_ask_whether_a_username_is_taken_only
         ("/streams/user:command.ann", &change),
         ("/streams/email:command.x", &register),
     ] {
-        let (status, _) = fixture
-            .call(config(), request("POST", uri, Some(body), Credential::None))
-            .await;
+        let (status, _) = fixture.ask("POST", uri, Some(body), Credential::None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri}");
     }
     // End users set no routing metadata.
     let spoofed = json!({"type": "ChangeName", "data": {"firstName": "x", "lastName": "y"},
         "metadata": {"originEntity": "subscription.1"}});
     let (status, _) = fixture
-        .call(
-            config(),
-            request(
-                "POST",
-                "/streams/user:command.ann",
-                Some(&spoofed),
-                Credential::Ann,
-            ),
+        .ask(
+            "POST",
+            "/streams/user:command.ann",
+            Some(&spoofed),
+            Credential::Ann,
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
@@ -390,9 +391,7 @@ async fn anonymous_clients_may_register_and_ask_whether_a_username_is_taken_only
     for (key, taken) in [("ann", true), ("nobody", false)] {
         for credential in [Credential::None, Credential::AnotherUser, Credential::Ann] {
             let uri = format!("/views/users-by-username/{key}/exists");
-            let (status, body) = fixture
-                .call(config(), request("GET", &uri, None, credential))
-                .await;
+            let (status, body) = fixture.ask("GET", &uri, None, credential).await;
             assert_eq!(status, StatusCode::OK, "{uri}");
             assert_eq!(
                 serde_json::from_str::<Value>(&body).expect("JSON"),
@@ -403,14 +402,11 @@ async fn anonymous_clients_may_register_and_ask_whether_a_username_is_taken_only
     }
     for credential in [Credential::Wrong, Credential::Expired] {
         let (status, _) = fixture
-            .call(
-                config(),
-                request(
-                    "GET",
-                    "/views/users-by-username/ann/exists",
-                    None,
-                    credential,
-                ),
+            .ask(
+                "GET",
+                "/views/users-by-username/ann/exists",
+                None,
+                credential,
             )
             .await;
         assert_eq!(
@@ -421,9 +417,7 @@ async fn anonymous_clients_may_register_and_ask_whether_a_username_is_taken_only
     }
     // Health and the page need nothing.
     for credential in [Credential::None, Credential::Wrong] {
-        let (status, _) = fixture
-            .call(config(), request("GET", "/health", None, credential))
-            .await;
+        let (status, _) = fixture.ask("GET", "/health", None, credential).await;
         assert_eq!(status, StatusCode::OK);
     }
 }
@@ -434,21 +428,16 @@ async fn reads_show_sealed_fields_as_sealed_only() {
     let register = json!({"type": "RegisterUser", "data": {"username": "cy", "email": "c@x",
         "password": "hunter2-sealed", "firstName": "C", "lastName": "Y"}, "sealed": ["password"]});
     let (status, body) = fixture
-        .call(
-            config(),
-            request(
-                "POST",
-                "/streams/user:command.cy",
-                Some(&register),
-                Credential::Operator,
-            ),
+        .ask(
+            "POST",
+            "/streams/user:command.cy",
+            Some(&register),
+            Credential::Operator,
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     for uri in ["/streams/user:command.cy", "/categories/user:command"] {
-        let (status, body) = fixture
-            .call(config(), request("GET", uri, None, Credential::Operator))
-            .await;
+        let (status, body) = fixture.ask("GET", uri, None, Credential::Operator).await;
         assert_eq!(status, StatusCode::OK);
         assert!(!body.contains("hunter2-sealed"), "{uri}: {body}");
         let answer: Value = serde_json::from_str(&body).expect("JSON");

@@ -268,6 +268,22 @@ impl Access {
 
     /// Whether `caller` may do `right`.
     pub fn check(&self, caller: &Caller, right: Right<'_>) -> Result<(), Denied> {
+        self.judge(caller, |policy, subject| policy.allows(subject, right))
+    }
+
+    /// Whether `caller` might be allowed this send: checked before the body is read, so that a
+    /// caller without any right there learns nothing from the body's errors.
+    pub fn check_before_body(&self, caller: &Caller, send: BeforeBody<'_>) -> Result<(), Denied> {
+        self.judge(caller, |policy, subject| policy.may_send(subject, send))
+    }
+
+    /// The operator and an open gateway may do everything; a user whose token expired since it
+    /// was verified (a long WebSocket) nothing; others what `allowed` says of the policy.
+    fn judge(
+        &self,
+        caller: &Caller,
+        allowed: impl FnOnce(&Policy, Option<&str>) -> bool,
+    ) -> Result<(), Denied> {
         if !self.is_configured() || *caller == Caller::Operator {
             return Ok(());
         }
@@ -279,24 +295,7 @@ impl Access {
         let allowed = self
             .policy
             .as_ref()
-            .is_some_and(|p| p.allows(caller.subject(), right));
-        match (allowed, caller) {
-            (true, _) => Ok(()),
-            (false, Caller::Anonymous) => Err(Denied::Unauthenticated),
-            (false, _) => Err(Denied::Forbidden),
-        }
-    }
-
-    /// Whether `caller` might be allowed this send: checked before the body is read, so that a
-    /// caller without any right there learns nothing from the body's errors.
-    pub fn check_before_body(&self, caller: &Caller, send: BeforeBody<'_>) -> Result<(), Denied> {
-        if !self.is_configured() || *caller == Caller::Operator {
-            return Ok(());
-        }
-        let allowed = self
-            .policy
-            .as_ref()
-            .is_some_and(|p| p.may_send(caller.subject(), send));
+            .is_some_and(|policy| allowed(policy, caller.subject()));
         match (allowed, caller) {
             (true, _) => Ok(()),
             (false, Caller::Anonymous) => Err(Denied::Unauthenticated),
