@@ -306,6 +306,9 @@ impl Access {
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
     use super::*;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -332,6 +335,58 @@ mod tests {
             access.check(&Caller::Anonymous, Right::Read("user.1")),
             Err(Denied::Unauthenticated)
         );
+    }
+
+    /// A key pair made for this test only (`openssl genpkey -algorithm ed25519`).
+    const ED25519_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIP3z6wJLWzmqyDQBZNwVSmiYWWydUOpexkBiIr04g31C
+-----END PRIVATE KEY-----
+";
+    const ED25519_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAzdkfxvOqvF0X0OAWIcqRLxNUNvbjGdqtSvMjEZ5n3t0=
+-----END PUBLIC KEY-----
+";
+    /// The public key of another pair.
+    const OTHER_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEApMJPQS/BGSCzM2+viDPtmmAnEDNoZZllatEA7NXkLqA=
+-----END PUBLIC KEY-----
+";
+
+    fn signed(algorithm: Algorithm, key: &EncodingKey) -> String {
+        let claims = Claims {
+            sub: "ann".into(),
+            exp: now_s() + 60,
+            iat: None,
+        };
+        jsonwebtoken::encode(&Header::new(algorithm), &claims, key).expect("signed")
+    }
+
+    #[test]
+    fn an_eddsa_token_verifies_with_its_public_key_only() {
+        let private = EncodingKey::from_ed_pem(ED25519_PRIVATE.as_bytes()).expect("private key");
+        let token = signed(Algorithm::EdDSA, &private);
+        let verifier = TokenVerifier::public_key(ED25519_PUBLIC.as_bytes()).expect("verifier");
+        assert!(matches!(verifier.verify(&token), Ok(Caller::User { .. })));
+        let other = TokenVerifier::public_key(OTHER_PUBLIC.as_bytes()).expect("verifier");
+        assert_eq!(other.verify(&token), Err(Denied::Unauthenticated));
+    }
+
+    #[test]
+    fn a_token_of_another_algorithm_is_refused_even_when_keyed_with_the_public_key() {
+        // The classic confusion: HS256 with the public key's text as the shared secret.
+        let confused = signed(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(ED25519_PUBLIC.as_bytes()).expect("key"),
+        );
+        let verifier = TokenVerifier::public_key(ED25519_PUBLIC.as_bytes()).expect("verifier");
+        assert_eq!(verifier.verify(&confused), Err(Denied::Unauthenticated));
+        // And an unsigned token (`alg: none`, no signature).
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"ann","exp":{}}}"#, now_s() + 60));
+        let unsigned = format!("{header}.{claims}.");
+        assert_eq!(verifier.verify(&unsigned), Err(Denied::Unauthenticated));
+        let shared = TokenVerifier::hs256(SECRET).expect("verifier");
+        assert_eq!(shared.verify(&unsigned), Err(Denied::Unauthenticated));
     }
 
     #[test]
