@@ -1,0 +1,610 @@
+//! The consumer loop: one task per (service, category). It handles due deferred messages, reads
+//! its category past its position in pages, decides each page as one commit (see `decide`) while
+//! the previous page's commit is in flight (pipelining), and falls back to handling messages one
+//! by one (`handle`): retries with backoff, conflicts decided again, park, defer, and settling the
+//! consumer's position. Sealed commands always go one by one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::decide::{
+    BatchDecline, BatchItem, Decider, Decision, Decline, Overlay, decide, decide_batch,
+};
+use super::outcome::{check_outcome, group_appends};
+use super::projection::ProjectionCache;
+use super::{RunnerConfig, record};
+use crate::mail::Maildir;
+use crate::seal;
+use crate::store::{
+    Commit, Committed, ConsumerId, DeferredMessage, Message, MessageStore, ParkedMessage, Settle,
+    StoreError, StreamName, now_ms,
+};
+use crate::wasm::{GuestError, ServiceComponent};
+
+/// How often an outcome is recomputed on fresh state after an expected-version conflict.
+const CONFLICT_RETRIES: u32 = 10;
+/// The fewest messages of a page worth a decide lane of their own.
+const MESSAGES_PER_LANE: usize = 8;
+
+/// Where a handled message came from, which decides how it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Category,
+    Deferred,
+}
+
+pub(super) struct Consumer {
+    pub(super) id: ConsumerId,
+    /// The stored position as this consumer last read or wrote it.
+    pub(super) position: u64,
+    pub(super) origin_prefix: Option<String>,
+    pub(super) mail: Option<Arc<Maildir>>,
+    pub(super) component: Arc<ServiceComponent>,
+    pub(super) projections: Arc<ProjectionCache>,
+    pub(super) store: Arc<dyn MessageStore>,
+    pub(super) config: RunnerConfig,
+    /// Threads a page's entities are decided on; drops to 1 when this service's handlers are
+    /// seen to read or write across entities.
+    pub(super) lanes: usize,
+    pub(super) shutdown: watch::Receiver<bool>,
+}
+
+/// How long a consumer keeps reading pages before it looks at its deferred messages again.
+const KEEP_READING_FOR: Duration = Duration::from_millis(250);
+
+/// A page read after the consumer's position (or after the page in flight).
+enum NextPage {
+    /// Nothing to handle up to `scanned_to` (everything there was filtered out, or nothing).
+    Idle {
+        scanned_to: u64,
+    },
+    /// Declined as a batch: handle it one message at a time.
+    OneByOne(Arc<[Message]>),
+    Decided(Box<DecidedPage>),
+}
+
+/// A page decided as one commit, until the store answers.
+struct DecidedPage {
+    messages: Arc<[Message]>,
+    /// The global position of its last message: where the consumer moves.
+    last: u64,
+    /// Taken when it is sent.
+    commit: Option<Commit>,
+    parked: u64,
+    /// What it writes, for the next page to be decided on top of.
+    writes: Arc<Overlay>,
+    lanes_met: bool,
+    started: std::time::Instant,
+}
+
+/// Why handling stopped without settling the message; it is delivered again later.
+enum Interrupted {
+    Shutdown,
+    /// The stored position changed under the consumer (a view rebuild): read it again.
+    Moved,
+    Store(StoreError),
+}
+
+impl From<StoreError> for Interrupted {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::ConsumerMoved { .. } => Self::Moved,
+            e => Self::Store(e),
+        }
+    }
+}
+
+impl Consumer {
+    fn service(&self) -> &str {
+        self.component.manifest().name.as_str()
+    }
+
+    pub(super) async fn run(mut self) {
+        tracing::debug!(consumer = %self.id, "consumer started");
+        loop {
+            match self.poll().await {
+                Ok(()) => {}
+                Err(Interrupted::Shutdown) => break,
+                Err(Interrupted::Moved) => {
+                    tracing::info!(consumer = %self.id, "position moved by someone else; reading again");
+                }
+                Err(Interrupted::Store(e)) => {
+                    tracing::error!(consumer = %self.id, "store error, retrying in 1s: {e}");
+                    if self.sleep(Duration::from_secs(1)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            if *self.shutdown.borrow() {
+                break;
+            }
+        }
+        tracing::debug!(consumer = %self.id, "consumer stopped");
+    }
+
+    /// Handles what is due, then waits for more.
+    async fn poll(&mut self) -> Result<(), Interrupted> {
+        // Taken before reading anything, so a write, replay or rebuild that lands while this
+        // poll reads is not missed when it goes to sleep below.
+        let mut changes = self.store.watch(&self.id).await?;
+        let mut next_due = None;
+        for deferred in self.store.deferred(&self.id).await? {
+            if deferred.due_ms > now_ms() {
+                next_due = Some(deferred.due_ms);
+                break;
+            }
+            self.handle(deferred.message, Source::Deferred).await?;
+        }
+
+        self.position = self.store.consumer_position(&self.id).await?;
+        if !self.handle_category().await? {
+            return Ok(());
+        }
+        let wait_for_due = async {
+            match next_due {
+                Some(due) => {
+                    tokio::time::sleep(Duration::from_millis(due.saturating_sub(now_ms()))).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = changes.changed() => Ok(()),
+            () = wait_for_due => Ok(()),
+            _ = self.shutdown.changed() => Err(Interrupted::Shutdown),
+        }
+    }
+
+    /// Handles the category's pages from the stored position; true when it ran out of messages,
+    /// false when it stopped to let deferred messages in.
+    ///
+    /// Pages are pipelined: while a page's commit is in flight, the next page is read and decided
+    /// on top of what the page in flight writes (its messages and view rows carried into the next
+    /// page's overlay), so deciding overlaps the store's flush or round trip. The next page is
+    /// kept only if the page in flight was committed; its commit advances the position from where
+    /// that page ended, so it can never land without it. A service with the mail capability is
+    /// not pipelined: nothing is delivered on the strength of a commit that might fail.
+    async fn handle_category(&mut self) -> Result<bool, Interrupted> {
+        let began = std::time::Instant::now();
+        let overlap = self.mail.is_none();
+        let mut in_flight: Option<Box<DecidedPage>> = None;
+        loop {
+            let reading = began.elapsed() < KEEP_READING_FOR && !*self.shutdown.borrow();
+            if !reading && in_flight.is_none() {
+                return Ok(false);
+            }
+            let sending = in_flight.as_mut().and_then(|page| page.commit.take());
+            let store = self.store.clone();
+            let committing = async move {
+                match sending {
+                    Some(commit) => Some(store.commit(commit).await),
+                    None => None,
+                }
+            };
+            let (from, carry) = match &in_flight {
+                Some(page) if overlap => (page.last, Some(page.writes.clone())),
+                Some(page) => (page.last, None),
+                None => (self.position, None),
+            };
+            let next = async {
+                match reading {
+                    true => Some(self.next_page(from, carry).await),
+                    false => None,
+                }
+            };
+            let (committed, next) = if overlap {
+                tokio::join!(committing, next)
+            } else {
+                let committed = committing.await;
+                match committed {
+                    Some(Err(_)) => {
+                        drop(next);
+                        (committed, None)
+                    }
+                    _ => (committed, next.await),
+                }
+            };
+            if let (Some(result), Some(page)) = (committed, in_flight.take()) {
+                match result {
+                    Ok(committed) if overlap && !stored_as_carried(&page.writes, &committed) => {
+                        // Something else wrote to a stream first, or an event was a duplicate:
+                        // the next page was decided on writes that are not what is stored.
+                        self.page_stored(page, &committed);
+                        continue;
+                    }
+                    Ok(committed) => self.page_stored(page, &committed),
+                    Err(
+                        StoreError::Conflict { .. }
+                        | StoreError::Duplicate { .. }
+                        | StoreError::Name(_)
+                        | StoreError::InvalidMessage { .. }
+                        | StoreError::TooLarge { .. },
+                    ) => {
+                        // The page goes one by one; the next page, decided on top of it, is
+                        // dropped and read again.
+                        self.one_by_one(&page.messages).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            match next.transpose()? {
+                None => {}
+                Some(NextPage::Idle { scanned_to }) => {
+                    if scanned_to > self.position {
+                        // Everything scanned was filtered out: remember that, so a restart
+                        // does not rescan.
+                        self.settle_only(Settle::Advance {
+                            consumer: self.id.clone(),
+                            from: self.position,
+                            to: scanned_to,
+                        })
+                        .await?;
+                        self.position = scanned_to;
+                    }
+                    return Ok(true);
+                }
+                Some(NextPage::OneByOne(messages)) => self.one_by_one(&messages).await?,
+                Some(NextPage::Decided(page)) => {
+                    if page.lanes_met {
+                        tracing::debug!(consumer = %self.id, "handlers read or wrote across entities: deciding pages on one thread");
+                        self.lanes = 1;
+                    }
+                    in_flight = Some(page);
+                }
+            }
+        }
+    }
+
+    /// Handles messages one at a time, each with its own commit.
+    async fn one_by_one(&mut self, messages: &[Message]) -> Result<(), Interrupted> {
+        for message in messages {
+            let global = message.global_position;
+            self.handle(message.clone(), Source::Category).await?;
+            self.position = global;
+        }
+        Ok(())
+    }
+
+    /// Reads the page after `from` and decides it as one commit: every outcome, parked and
+    /// deferred message, and the consumer's new position. `carry` is what the page in flight
+    /// writes, seen by this page as if it were stored.
+    async fn next_page(
+        &self,
+        from: u64,
+        carry: Option<Arc<Overlay>>,
+    ) -> Result<NextPage, Interrupted> {
+        let page = self
+            .store
+            .read_category(
+                &self.id.category,
+                from,
+                self.origin_prefix.as_deref(),
+                self.store.batch_size(),
+            )
+            .await?;
+        let Some(last) = page.messages.last().map(|m| m.global_position) else {
+            return Ok(NextPage::Idle {
+                scanned_to: page.scanned_to,
+            });
+        };
+        // Shared, not copied: the lanes read it, the one-by-one path needs it only when the
+        // page is declined.
+        let messages: Arc<[Message]> = page.messages.into();
+        // Sealed commands are rare and go one by one, where their keys are read and shredded:
+        // one mechanism, and a page without any costs one look at each field's kind.
+        if self.id.category.is_command() && messages.iter().any(seal::is_sealed) {
+            return Ok(NextPage::OneByOne(messages));
+        }
+        let started = std::time::Instant::now();
+        let decider = Decider {
+            component: self.component.clone(),
+            projections: self.projections.clone(),
+            store: self.store.clone(),
+            mail: self.mail.clone(),
+            reuse_instances: self.config.reuse_instances,
+        };
+        // A lane costs a thread hand-off and reads of its own: a small page (a consumer keeping
+        // up with a steady load) is decided faster on fewer lanes.
+        let lanes = self.lanes.min(messages.len() / MESSAGES_PER_LANE).max(1);
+        let decision = match decide_batch(decider, messages.clone(), carry, lanes).await {
+            Ok(decision) => decision,
+            Err(BatchDecline::OneByOne) => return Ok(NextPage::OneByOne(messages)),
+            Err(BatchDecline::Store(e)) => return Err(e.into()),
+        };
+        let mut commit = Commit {
+            settle: Some(Settle::Advance {
+                consumer: self.id.clone(),
+                from,
+                to: last,
+            }),
+            ..Commit::default()
+        };
+        let mut outgoing = Vec::new();
+        let mut parked = 0;
+        for item in decision.items {
+            match item {
+                BatchItem::Decided(checked) => {
+                    outgoing.extend(checked.messages);
+                    commit.views.extend(checked.views);
+                }
+                BatchItem::Park { message, reason } => {
+                    tracing::warn!(consumer = %self.id, id = %message.id, "parked: {reason}");
+                    parked += 1;
+                    commit.park.push(ParkedMessage {
+                        consumer: self.id.clone(),
+                        message,
+                        reason,
+                        attempts: 1,
+                        parked_at_ms: now_ms(),
+                    });
+                }
+                BatchItem::Defer { message, due_ms } => {
+                    commit.defer.push(DeferredMessage {
+                        consumer: self.id.clone(),
+                        message,
+                        due_ms,
+                    });
+                }
+            }
+        }
+        commit.appends = group_appends(outgoing, |stream| decision.expected.get(stream).copied());
+        // A message whose id is stored (the outcome of a replayed message) would be dropped, and
+        // later messages of the page must not have seen it: the store refuses such a page,
+        // which then goes one by one.
+        commit.refuse_duplicates = true;
+        Ok(NextPage::Decided(Box::new(DecidedPage {
+            messages,
+            last,
+            commit: Some(commit),
+            parked,
+            writes: Arc::new(decision.writes),
+            lanes_met: decision.lanes_met,
+            started,
+        })))
+    }
+
+    /// What follows a page's commit: the position, metrics, and the states worth caching.
+    fn page_stored(&mut self, page: Box<DecidedPage>, committed: &Committed) {
+        let count = page.messages.len() as u64;
+        tracing::debug!(
+            consumer = %self.id, count, written = committed.written.len(),
+            duplicates = committed.duplicates.len(), "handled a batch"
+        );
+        record(
+            self.component.manifest().name.as_str(),
+            count - page.parked,
+            page.parked,
+            page.started.elapsed(),
+        );
+        self.position = page.last;
+    }
+
+    async fn sleep(&mut self, duration: Duration) -> Result<(), Interrupted> {
+        tokio::select! {
+            () = tokio::time::sleep(duration) => Ok(()),
+            _ = self.shutdown.changed() => Err(Interrupted::Shutdown),
+        }
+    }
+
+    fn settle(&self, message: &Message, source: Source) -> Settle {
+        match source {
+            Source::Category => Settle::Advance {
+                consumer: self.id.clone(),
+                from: self.position,
+                to: message.global_position,
+            },
+            Source::Deferred => Settle::ClearDeferred {
+                consumer: self.id.clone(),
+                global_position: message.global_position,
+            },
+        }
+    }
+
+    async fn settle_only(&self, settle: Settle) -> Result<(), Interrupted> {
+        self.store
+            .commit(Commit {
+                settle: Some(settle),
+                ..Commit::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Handles one message to the end: its outcome committed, or it deferred or parked.
+    async fn handle(&mut self, message: Message, source: Source) -> Result<(), Interrupted> {
+        let settle = self.settle(&message, source);
+        if source == Source::Category
+            && let Some(due_ms) = message.not_before_ms
+            && due_ms > now_ms()
+        {
+            tracing::debug!(consumer = %self.id, id = %message.id, due_ms, "deferred");
+            self.store
+                .commit(Commit {
+                    settle: Some(settle),
+                    defer: vec![DeferredMessage {
+                        consumer: self.id.clone(),
+                        message,
+                        due_ms,
+                    }],
+                    ..Commit::default()
+                })
+                .await?;
+            return Ok(());
+        }
+
+        // A sealed command: the handler gets its fields in clear, everything stored (park and
+        // defer records, the outcome's ids) keeps `message` as it is stored, sealed. Its key is
+        // read once; it stays until the commit that settles the command, which shreds it.
+        let sealed = message.stream.is_command() && seal::is_sealed(&message);
+        let mut clear = None;
+        let mut unopenable = None;
+        if sealed {
+            let key = self.store.seal_key(&message.id).await?;
+            match seal::unseal(&message, key.as_deref()) {
+                Ok(opened) => clear = Some(opened),
+                // Not for the handler to decide on a placeholder: parked, with the reason.
+                Err(e) => unopenable = Some(e.to_string()),
+            }
+        }
+        let mut deliveries = 0;
+        let mut conflicts = 0;
+        let started = std::time::Instant::now();
+        loop {
+            deliveries += 1;
+            if let Some(reason) = unopenable.take() {
+                self.park(message, settle, reason, deliveries, started)
+                    .await?;
+                return Ok(());
+            }
+            let decided = decide(
+                self.component.clone(),
+                self.projections.clone(),
+                self.store.clone(),
+                self.mail.clone(),
+                clear.clone().unwrap_or_else(|| message.clone()),
+            )
+            .await;
+            let failure = match decided {
+                Ok(decision) => match self.outcome_commit(&message, decision, settle.clone()) {
+                    Ok(mut commit) => {
+                        if sealed {
+                            commit.shred.push(message.id.clone());
+                        }
+                        match self.store.commit(commit).await {
+                            Ok(committed) => {
+                                tracing::debug!(
+                                    consumer = %self.id, id = %message.id,
+                                    written = committed.written.len(),
+                                    duplicates = committed.duplicates.len(),
+                                    "handled"
+                                );
+                                record(self.service(), 1, 0, started.elapsed());
+                                return Ok(());
+                            }
+                            Err(StoreError::Conflict { .. }) if conflicts < CONFLICT_RETRIES => {
+                                // Someone wrote to the entity meanwhile: decide again on fresh
+                                // state.
+                                conflicts += 1;
+                                deliveries -= 1;
+                                continue;
+                            }
+                            Err(e @ StoreError::Conflict { .. }) => {
+                                format!("the entity kept changing while handling: {e}")
+                            }
+                            Err(
+                                e @ (StoreError::Name(_)
+                                | StoreError::InvalidMessage { .. }
+                                | StoreError::TooLarge { .. }),
+                            ) => {
+                                format!("invalid outcome: {e}")
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    Err(reason) => format!("invalid outcome: {reason}"),
+                },
+                Err(Decline::Store(e)) => return Err(e.into()),
+                Err(Decline::Guest(GuestError::Transient(reason)))
+                    if deliveries < self.config.max_deliveries =>
+                {
+                    let delay = self.retry_delay(deliveries);
+                    tracing::warn!(
+                        consumer = %self.id, id = %message.id, deliveries,
+                        "transient failure, retrying in {delay:?}: {reason}"
+                    );
+                    self.sleep(delay).await?;
+                    continue;
+                }
+                Err(Decline::Guest(e @ GuestError::Transient(_))) => {
+                    format!("{e} (gave up after {deliveries} deliveries)")
+                }
+                Err(Decline::Guest(e)) => e.to_string(),
+            };
+            self.park(message, settle, failure, deliveries, started)
+                .await?;
+            return Ok(());
+        }
+    }
+
+    /// Parks a message with the reason, settling it. A sealed command keeps its key (and its
+    /// fields sealed in the record), so that a replay can still open them.
+    async fn park(
+        &self,
+        message: Message,
+        settle: Settle,
+        failure: String,
+        deliveries: u32,
+        started: std::time::Instant,
+    ) -> Result<(), Interrupted> {
+        tracing::warn!(consumer = %self.id, id = %message.id, "parked: {failure}");
+        record(self.service(), 0, 1, started.elapsed());
+        self.store
+            .commit(Commit {
+                settle: Some(settle),
+                park: vec![ParkedMessage {
+                    consumer: self.id.clone(),
+                    message,
+                    reason: failure,
+                    attempts: deliveries,
+                    parked_at_ms: now_ms(),
+                }],
+                ..Commit::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn retry_delay(&self, deliveries: u32) -> Duration {
+        let factor = 2u32.saturating_pow(deliveries.saturating_sub(1).min(16));
+        self.config
+            .retry_base
+            .saturating_mul(factor)
+            .min(self.config.retry_max)
+    }
+
+    /// Checks a guest's outcome and turns it into the commit that settles the message.
+    fn outcome_commit(
+        &self,
+        handled: &Message,
+        decision: Decision,
+        settle: Settle,
+    ) -> Result<Commit, String> {
+        let Decision {
+            outcome,
+            entity,
+            version,
+        } = decision;
+        let checked = check_outcome(self.component.manifest(), handled, outcome)?;
+        Ok(Commit {
+            appends: group_appends(checked.messages, |stream| {
+                (entity.as_ref() == Some(stream)).then_some(version)
+            }),
+            views: checked.views,
+            settle: Some(settle),
+            ..Commit::default()
+        })
+    }
+}
+
+/// True when a page's commit stored its writes where the next page, decided on top of them,
+/// expected them: each stream's messages at the carried base, none dropped as a duplicate.
+pub(super) fn stored_as_carried(writes: &Overlay, committed: &Committed) -> bool {
+    if !committed.duplicates.is_empty() {
+        return false;
+    }
+    // One pass over what was written: each stream's first position and count.
+    let mut stored: HashMap<&StreamName, (u64, usize)> = HashMap::new();
+    for message in &committed.written {
+        stored
+            .entry(&message.stream)
+            .or_insert((message.position, 0))
+            .1 += 1;
+    }
+    writes.pending.iter().all(|(stream, (base, carried))| {
+        stored.get(stream).copied().unwrap_or((*base, 0)) == (*base, carried.len())
+    })
+}

@@ -1,0 +1,82 @@
+//! `StoreHost`: what the guest's imported `host` and `mail` calls reach while it handles a
+//! message: `read-stream` and `view-get` (through the page's overlay, counted as host reads),
+//! `new-id` (derived from the handled message) and `deliver-email` (when granted).
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::runtime::Handle;
+
+use super::decide::{SharedOverlay, read_merged};
+use super::outcome::derived_id;
+use crate::mail::Maildir;
+use crate::store::{Message, MessageStore, StreamName, validate_table_name};
+use crate::wasm::GuestHost;
+
+/// The guest's view of the store while it handles one message.
+pub(super) struct StoreHost {
+    pub(super) runtime: Handle,
+    pub(super) store: Arc<dyn MessageStore>,
+    pub(super) service: String,
+    pub(super) handled_id: String,
+    pub(super) mail: Option<Arc<Maildir>>,
+    /// What earlier messages of the same batch decided, not yet committed.
+    pub(super) overlay: Option<SharedOverlay>,
+}
+
+impl StoreHost {
+    fn count_read(&self) {
+        if let Some(overlay) = &self.overlay
+            && let Ok(mut overlay) = overlay.lock()
+        {
+            overlay.host_reads += 1;
+        }
+    }
+}
+
+impl GuestHost for StoreHost {
+    fn read_stream(&mut self, stream: &str, from_position: u64) -> Result<Vec<Message>, String> {
+        self.count_read();
+        let stream = StreamName::parse(stream).map_err(|e| e.to_string())?;
+        read_merged(
+            &self.runtime,
+            Some(self.store.as_ref()),
+            self.overlay.as_ref(),
+            &stream,
+            from_position,
+            crate::wasm::READ_STREAM_LIMIT,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn view_get(&mut self, table: &str, key: &str) -> Result<Option<String>, String> {
+        self.count_read();
+        validate_table_name(table).map_err(|e| e.to_string())?;
+        if let Some(overlay) = &self.overlay
+            && let Ok(overlay) = overlay.lock()
+            && let Some(row) = overlay.views.get(&(table.to_owned(), key.to_owned()))
+        {
+            return Ok(row.as_ref().map(Value::to_string));
+        }
+        self.runtime
+            .block_on(self.store.view_get(table, key))
+            .map(|row| row.map(|row| row.value.to_string()))
+            .map_err(|e| e.to_string())
+    }
+
+    fn new_id(&mut self, name: &str) -> String {
+        derived_id(&[&self.service, &self.handled_id, "new-id", name])
+    }
+
+    fn deliver_email(&mut self, email_id: &str, message: &str) -> Result<(), String> {
+        let Some(maildir) = &self.mail else {
+            return Err(format!(
+                "service {} is not granted the mail capability",
+                self.service
+            ));
+        };
+        maildir
+            .deliver(email_id, message)
+            .map_err(|e| e.to_string())
+    }
+}
