@@ -42,11 +42,65 @@ async fn keeps_namespaces_of_one_server_apart() {
     assert!(b.message("u1").await.expect("lookup").is_none());
 }
 
+/// 32 bytes that nothing else the tests store contains.
+fn known_key(seed: u8) -> Vec<u8> {
+    (0..32u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(seed) ^ 0x5A)
+        .collect()
+}
+
+/// Whether any file under `folder` (the server's storage, read as it is on disk) holds `needle`.
+fn files_hold(folder: &std::path::Path, needle: &[u8]) -> bool {
+    let mut dirs = vec![folder.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read the folder") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Waits until the stream no longer holds the message at `seq` (the erase runs once the commit
+/// that shredded it is stored).
+async fn until_gone(stream: &async_nats::jetstream::stream::Stream, seq: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match stream.direct_get(seq).await {
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                return;
+            }
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the key's message is still stored: {:?}",
+                    other.map(|m| m.payload)
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn raw_stream(server: &NatsServer) -> async_nats::jetstream::stream::Stream {
+    let client = async_nats::connect(server.url()).await.expect("client");
+    async_nats::jetstream::new(client)
+        .get_stream("ferry")
+        .await
+        .expect("stream")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shredded_key_is_purged_from_the_stream_not_hidden_behind_a_newer_entry() {
+async fn a_shredded_keys_bytes_are_erased_from_the_servers_files() {
     let server = NatsServer::start();
     let store = NatsStore::connect(&server.url()).await.expect("connect");
-    let key = vec![0xA5u8; 32];
+    let key = known_key(1);
     store
         .commit(Commit {
             seal_keys: vec![SealKey {
@@ -65,16 +119,17 @@ async fn a_shredded_key_is_purged_from_the_stream_not_hidden_behind_a_newer_entr
         })
         .await
         .expect("append");
-    let client = async_nats::connect(server.url()).await.expect("client");
-    let stream = async_nats::jetstream::new(client)
-        .get_stream("ferry")
-        .await
-        .expect("stream");
+    let stream = raw_stream(&server).await;
     let stored = stream
         .direct_get_last_for_subject("ferry.key.reg-1")
         .await
         .expect("the key's entry");
     assert_eq!(stored.payload.as_ref(), key.as_slice());
+    // The search sees what the server stores (it syncs every write: `sync_interval: always`).
+    assert!(
+        files_hold(server.folder(), &key),
+        "the stored key is in the server's files"
+    );
 
     store
         .commit(Commit {
@@ -83,22 +138,60 @@ async fn a_shredded_key_is_purged_from_the_stream_not_hidden_behind_a_newer_entr
         })
         .await
         .expect("shred");
-    // Not a newer entry in front of the key: the key's own message is gone from the stream.
-    let old = stream.direct_get(stored.sequence).await;
-    assert!(
-        matches!(
-            old.as_ref().map_err(|e| e.kind()),
-            Err(async_nats::jetstream::stream::DirectGetErrorKind::NotFound)
-        ),
-        "the key's message is still stored: {:?}",
-        old.map(|m| m.payload)
-    );
+    // From the commit on, the key is shredded for every reader.
+    assert_eq!(store.seal_key("reg-1").await.expect("key"), None);
     let last = stream
         .direct_get_last_for_subject("ferry.key.reg-1")
         .await
         .expect("the emptied entry");
     assert!(last.payload.is_empty());
-    assert_eq!(store.seal_key("reg-1").await.expect("key"), None);
+    // The marker names the key's message, for the sweep should the erase below not happen.
+    let named = stored.sequence.to_string();
+    assert_eq!(
+        last.headers.get("Ferry-Erases").map(|v| v.as_str()),
+        Some(named.as_str())
+    );
+    // Not only hidden behind a newer entry: the key's own message goes, and its bytes with it.
+    until_gone(&stream, stored.sequence).await;
+    assert!(
+        !files_hold(server.folder(), &key),
+        "the shredded key's bytes are still in the server's files"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shredded_key_left_unerased_is_erased_by_the_next_process_that_connects() {
+    let server = NatsServer::start();
+    let first = NatsStore::connect(&server.url()).await.expect("connect");
+    let stream = raw_stream(&server).await;
+    // What a process leaves when it stops between a commit that shreds a key and the erase: the
+    // key's message, and after it the commit's empty marker naming it.
+    let context = async_nats::jetstream::new(async_nats::connect(server.url()).await.expect("c"));
+    let key = known_key(2);
+    let seq = context
+        .publish("ferry.key.reg-2", key.clone().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("key stored")
+        .sequence;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Ferry-Erases", seq.to_string().as_str());
+    context
+        .publish_with_headers("ferry.key.reg-2", headers, bytes::Bytes::new())
+        .await
+        .expect("publish")
+        .await
+        .expect("marker stored");
+    assert_eq!(first.seal_key("reg-2").await.expect("key"), None);
+    assert!(files_hold(server.folder(), &key), "the key is left on disk");
+
+    let _next = NatsStore::connect(&server.url()).await.expect("connect");
+    until_gone(&stream, seq).await;
+    assert!(
+        !files_hold(server.folder(), &key),
+        "the key's bytes are still in the server's files"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,12 +12,27 @@
 //! | `NS.v.<table>.<key>` | a view row with its `lastUpdateSeq` (rolled up) |
 //! | `NS.park.<category>.<consumer>.<global>` | a parked message, empty once replayed (rolled up) |
 //! | `NS.defer.<category>.<consumer>.<global>` | a deferred message, empty once handled (rolled up) |
-//! | `NS.key.<message id>` | the key of a message's sealed fields; empty once shredded (rolled up, so the server removes the key itself, not just hides it) |
+//! | `NS.key.<message id>` | the key of a message's sealed fields, written with its message; shredded by an empty marker (not rolled up, with `Ferry-Erases: <key's sequence>`) in the batch that settles the message, then the key's message is erased by sequence (below) |
+//! | `NS.meta.erased` | the sweep mark: every shredding marker up to this sequence has had its key erased (rolled up) |
 //!
 //! Checks ride on the batch: an expected stream version, a consumer's position and a claimed id
 //! are `Nats-Expected-Last-Subject-Sequence` headers, so a commit that raced another process is
 //! refused whole by the server, and is then checked again from scratch. Reads use direct gets;
 //! waiting uses one durable JetStream consumer per Ferry consumer.
+//!
+//! Shredding a key: the settle batch adds the empty marker, so `seal_key` answers `None` from
+//! that commit on (the last entry is empty). A rollup or a purge would hide the key too, but
+//! nats-server's file store leaves a removed message's bytes in its block file until it compacts
+//! the block, which it does only once most of the block is deleted (measured: still there after
+//! 68 MB of later writes). So once the batch is acknowledged, the key's message is deleted by its
+//! sequence with the server's secure erase (`$JS.API.STREAM.MSG.DELETE` with `no_erase` false),
+//! which overwrites its bytes in the block; an erase cannot ride in an atomic batch. The key's
+//! sequence comes from the committer's reads (the key subjects of a group's shreds are fetched
+//! with its other direct gets), so a commit without shreds costs nothing more. A failed erase
+//! does not fail the commit; the key is left to the sweep, which each process runs when it
+//! connects and every 15 minutes: it pages through `NS.key.*` past the sweep mark and erases
+//! each key a marker names that is still stored (a process that stopped between a commit and its
+//! erase). One sweep reads what was sealed since the last, not the whole history.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -60,6 +75,13 @@ const LOOKUPS_IN_FLIGHT: usize = 64;
 const HEADROOM: usize = 512;
 /// A wake-up consumer nobody pulled from for this long (its process is gone) is removed.
 const WATCHER_INACTIVE: Duration = Duration::from_secs(300);
+/// The header of a shredding marker that names the sequence of the key message it shreds.
+const ERASES: &str = "Ferry-Erases";
+/// Shredded keys waiting for this process's eraser; past this, they are left to the sweep.
+const ERASE_QUEUE: usize = 4096;
+/// How often a process sweeps for shredded keys whose erase never happened (it also sweeps once
+/// when it connects).
+const SWEEP_EVERY: Duration = Duration::from_secs(15 * 60);
 
 /// A message as stored in its subject's payload; the stream and global position come from the
 /// subject and the sequence.
@@ -109,6 +131,8 @@ struct Entry {
     seq: u64,
     subject: String,
     payload: bytes::Bytes,
+    /// A shredding marker's `Ferry-Erases` header: the sequence of the key it shreds.
+    erases: Option<u64>,
 }
 
 /// One message to publish in an atomic batch.
@@ -119,6 +143,9 @@ struct Outgoing {
     expect: Option<u64>,
     /// `Nats-Rollup: sub`: the subject keeps only this message.
     rollup: bool,
+    /// `Ferry-Erases`: a shredding marker names the sequence of the key message it shreds, so
+    /// that the sweep finds a key whose erase never happened.
+    erases: Option<u64>,
 }
 
 /// Why a batch was not stored.
@@ -147,6 +174,8 @@ struct Inner {
     batches: tokio::sync::Semaphore,
     /// Commits for the group committer.
     queue: mpsc::Sender<Queued>,
+    /// Sequences of shredded keys' messages, for the eraser once their batch is stored.
+    erase: mpsc::Sender<u64>,
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
@@ -210,6 +239,7 @@ impl NatsStore {
             )));
         }
         let (queue, queued) = mpsc::channel(QUEUE);
+        let (erase, to_erase) = mpsc::channel(ERASE_QUEUE);
         let store = Self {
             inner: Arc::new(Inner {
                 client,
@@ -220,12 +250,17 @@ impl NatsStore {
                 instance: uuid::Uuid::new_v4().simple().to_string(),
                 batches: tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT),
                 queue,
+                erase,
                 tasks: Default::default(),
             }),
         };
         let committer = tokio::spawn(commit_queued(Arc::downgrade(&store.inner), queued));
+        let eraser = tokio::spawn(erase_shredded(Arc::downgrade(&store.inner), to_erase));
+        let sweeper = tokio::spawn(sweep_now_and_then(Arc::downgrade(&store.inner)));
         if let Ok(mut tasks) = store.inner.tasks.lock() {
             tasks.push(committer.abort_handle());
+            tasks.push(eraser.abort_handle());
+            tasks.push(sweeper.abort_handle());
         }
         store.check_format().await?;
         Ok(store)
@@ -249,6 +284,7 @@ impl NatsStore {
                     payload: FORMAT.as_bytes().to_vec(),
                     expect: Some(0),
                     rollup: false,
+                    erases: None,
                 };
                 match self.publish(vec![claim]).await {
                     Ok(_) | Err(BatchRefused::Raced) => Ok(()),
@@ -498,6 +534,9 @@ impl NatsStore {
             if outgoing.rollup {
                 headers.insert("Nats-Rollup", "sub");
             }
+            if let Some(seq) = outgoing.erases {
+                headers.insert(ERASES, seq.to_string().as_str());
+            }
             let last = index + 1 == count;
             if last {
                 headers.insert("Nats-Batch-Commit", "1");
@@ -579,6 +618,8 @@ impl NatsStore {
                     subjects.push(self.view_subject(&write.table, &write.key));
                 }
             }
+            // The sequence of each key shredded, to erase it by once the batch is stored.
+            subjects.extend(commit.shred.iter().map(|id| self.seal_key_subject(id)));
         }
         let mut staged = Staged {
             fetched: self.lasts(subjects).await?,
@@ -616,8 +657,23 @@ impl NatsStore {
         if staged.plan.outgoing.is_empty() {
             return Ok(Some(outcomes));
         }
+        let erases: Vec<u64> = staged
+            .plan
+            .outgoing
+            .iter()
+            .filter_map(|outgoing| outgoing.erases)
+            .collect();
         let first = match self.publish(staged.plan.outgoing).await {
-            Ok(first) => first,
+            Ok(first) => {
+                // The commit stands whether or not the erase does: a key not erased now (full
+                // queue, failed request, process gone) is left to the sweep.
+                for seq in erases {
+                    if self.inner.erase.try_send(seq).is_err() {
+                        tracing::warn!(seq, "shredded key left for the sweep to erase");
+                    }
+                }
+                first
+            }
             Err(BatchRefused::Raced) => return Ok(None),
             Err(BatchRefused::Other(e)) => {
                 // The commits in the batch fail with it; those refused by their checks keep
@@ -840,10 +896,25 @@ impl NatsStore {
                 );
             }
         }
-        // Shredding is an empty message rolled up onto the key's subject: the server purges the
-        // key's message in the same atomic batch (a delete marker beside it would keep it).
+        // Shredding is an empty message on the key's subject, in the same atomic batch, so
+        // `seal_key` answers `None` from the commit on. It is not a rollup: the server's rollup
+        // (like its purge) drops the key from the index but leaves its bytes in the block file.
+        // The key's message is erased by sequence once the batch is stored (see `erase`), which
+        // overwrites it in the file. A key already shredded, or never stored, needs no marker.
         for message_id in &commit.shred {
-            planned.put(self.seal_key_subject(message_id), Vec::new(), None);
+            let subject = self.seal_key_subject(message_id);
+            if staged
+                .current(&subject)
+                .is_some_and(|entry| !entry.payload.is_empty())
+            {
+                let stored = staged
+                    .fetched
+                    .get(&subject)
+                    .and_then(Option::as_ref)
+                    .filter(|entry| !entry.payload.is_empty())
+                    .map(|entry| entry.seq);
+                planned.shred(subject, stored);
+            }
         }
         // The server refuses a message past its max_payload; found here, it fails this commit
         // alone instead of the batch it would share.
@@ -894,6 +965,107 @@ impl NatsStore {
             "commit",
             format!("other writers kept changing the same subjects ({RACE_RETRIES} tries)"),
         ))
+    }
+
+    /// Deletes one message with the server's secure erase (`no_erase` false): the server
+    /// overwrites its bytes in the block file, where a rollup, a purge or a plain delete leaves
+    /// them until the block is compacted. `Ok(false)`: it was gone already.
+    async fn erase(&self, seq: u64) -> Result<bool, StoreError> {
+        #[derive(Deserialize)]
+        struct Answer {
+            #[serde(default)]
+            success: bool,
+            #[serde(default)]
+            error: Option<ApiError>,
+        }
+        let api = format!("$JS.API.STREAM.MSG.DELETE.{}", self.inner.ns);
+        let request = json!({ "seq": seq, "no_erase": false });
+        let reply = self
+            .inner
+            .client
+            .request(api, request.to_string().into())
+            .await
+            .map_err(|e| backend("erase", e))?;
+        let answer: Answer =
+            serde_json::from_slice(&reply.payload).map_err(|e| backend("erase", e))?;
+        match answer.error {
+            None if answer.success => Ok(true),
+            None => Err(backend("erase", format!("message {seq} was not erased"))),
+            // 10037: no message found; 10043: sequence not found; 10057 wraps the first.
+            Some(error)
+                if matches!(error.err_code, 10037 | 10043)
+                    || error.description.contains("not found")
+                    || error.description.contains("no message found") =>
+            {
+                Ok(false)
+            }
+            Some(error) => Err(backend("erase", error.description)),
+        }
+    }
+
+    /// Erases every key message that a shredding marker names and that is still stored: what a
+    /// process left when it stopped between a commit and its erase, or when an erase failed.
+    /// It reads the key subjects' messages past the sweep mark (`NS.meta.erased`: every marker
+    /// up to it has had its key erased), a page of 256 per request, so one sweep costs what was
+    /// sealed since the last, not the whole history; keys are erased only where one is still
+    /// there. Returns how many it erased.
+    async fn sweep_shredded(&self) -> Result<usize, StoreError> {
+        #[derive(Serialize, Deserialize)]
+        struct Mark {
+            seq: u64,
+        }
+        let mark_subject = self.subject("meta.erased");
+        let mark = match self.last(&mark_subject).await? {
+            Some(entry) => decode::<Mark>("sweep mark", &entry)?.seq,
+            None => 0,
+        };
+        let filter = self.subject("key.*");
+        // Keys past the mark that were stored when the sweep read them.
+        let mut present = HashSet::new();
+        let mut erased = 0;
+        let mut done = mark;
+        let mut failed = false;
+        let mut from = mark + 1;
+        loop {
+            let (entries, pending) = self.page(&filter, from, PAGE).await?;
+            let Some(last) = entries.last() else { break };
+            from = last.seq + 1;
+            for entry in entries {
+                if !entry.payload.is_empty() {
+                    present.insert(entry.seq);
+                } else if let Some(key) = entry.erases
+                    && (key <= mark || present.remove(&key))
+                {
+                    match self.erase(key).await {
+                        Ok(true) => erased += 1,
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(seq = key, "shredded key not erased: {e}");
+                            failed = true;
+                        }
+                    }
+                }
+                if !failed {
+                    done = entry.seq;
+                }
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        if done > mark {
+            let outgoing = Outgoing {
+                subject: mark_subject,
+                payload: to_json(&Mark { seq: done })?,
+                expect: None,
+                rollup: true,
+                erases: None,
+            };
+            if let Err(BatchRefused::Other(e)) = self.publish(vec![outgoing]).await {
+                return Err(e);
+            }
+        }
+        Ok(erased)
     }
 
     /// The durable JetStream consumer that wakes a Ferry consumer: it delivers (headers only)
@@ -990,6 +1162,46 @@ async fn commit_queued(store: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<
     }
 }
 
+/// Erases the messages of keys shredded by this process's commits, once their batch is stored.
+async fn erase_shredded(store: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<u64>) {
+    while let Some(first) = queue.recv().await {
+        let mut seqs = vec![first];
+        while seqs.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(seq) => seqs.push(seq),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = store.upgrade() else { return };
+        let store = NatsStore { inner };
+        futures_util::stream::iter(seqs)
+            .for_each_concurrent(LOOKUPS_IN_FLIGHT, |seq| {
+                let store = &store;
+                async move {
+                    if let Err(e) = store.erase(seq).await {
+                        tracing::warn!(seq, "shredded key left for the sweep to erase: {e}");
+                    }
+                }
+            })
+            .await;
+    }
+}
+
+/// Sweeps for shredded keys still stored when the store connects, and every [`SWEEP_EVERY`].
+async fn sweep_now_and_then(store: std::sync::Weak<Inner>) {
+    loop {
+        {
+            let Some(inner) = store.upgrade() else { return };
+            match (NatsStore { inner }).sweep_shredded().await {
+                Ok(0) => {}
+                Ok(erased) => tracing::info!(erased, "erased shredded keys left by earlier runs"),
+                Err(e) => tracing::warn!("sweeping shredded keys: {e}"),
+            }
+        }
+        tokio::time::sleep(SWEEP_EVERY).await;
+    }
+}
+
 /// What a batch will publish.
 #[derive(Default)]
 struct Plan {
@@ -1025,6 +1237,7 @@ impl Staged {
                 seq: stored.map_or(0, |e| e.seq),
                 subject: subject.to_owned(),
                 payload: payload.clone().into(),
+                erases: None,
             }),
             None => stored.cloned(),
         }
@@ -1055,8 +1268,11 @@ impl Staged {
                     subject,
                     payload,
                     expect,
+                    rollup,
+                    erases,
                 } => {
-                    self.plan.put(&subject, payload.clone(), expect);
+                    self.plan
+                        .set(&subject, payload.clone(), expect, rollup, erases);
                     self.values.insert(subject, payload);
                 }
             }
@@ -1112,6 +1328,20 @@ impl PlannedCommit {
             subject,
             payload,
             expect,
+            rollup: true,
+            erases: None,
+        });
+    }
+
+    /// An empty message on a key's subject, not rolled up: `seal_key` answers `None` from the
+    /// batch on, and the key's own message (`erases`, when stored) is erased once the batch is.
+    fn shred(&mut self, subject: String, erases: Option<u64>) {
+        self.ops.push(Op::Put {
+            subject,
+            payload: Vec::new(),
+            expect: None,
+            rollup: false,
+            erases,
         });
     }
 }
@@ -1129,6 +1359,10 @@ enum Op {
         subject: String,
         payload: Vec<u8>,
         expect: Option<u64>,
+        /// Rolled up (a key-value subject), or added beside the subject's earlier messages (a
+        /// shredding marker, whose key is erased by sequence once the batch is stored).
+        rollup: bool,
+        erases: Option<u64>,
     },
 }
 
@@ -1139,6 +1373,7 @@ impl Plan {
             payload: Vec::new(),
             expect: Some(0),
             rollup: false,
+            erases: None,
         });
     }
 
@@ -1148,17 +1383,33 @@ impl Plan {
             payload,
             expect,
             rollup: false,
+            erases: None,
         });
         self.outgoing.len() - 1
     }
 
     /// Sets a key-value subject (rolled up to this one message).
     fn put(&mut self, subject: &str, payload: Vec<u8>, expect: Option<u64>) {
+        self.set(subject, payload, expect, true, None);
+    }
+
+    /// Sets a key-value subject (rolled up, or, for a shredding marker, beside the key it hides
+    /// until the key is erased); a later change in the batch replaces the earlier one (a key
+    /// shredded in the batch that wrote it is never stored).
+    fn set(
+        &mut self,
+        subject: &str,
+        payload: Vec<u8>,
+        expect: Option<u64>,
+        rollup: bool,
+        erases: Option<u64>,
+    ) {
         match self.keyed.get(subject) {
             Some(&index) => {
                 let earlier = &mut self.outgoing[index];
                 earlier.payload = payload;
                 earlier.expect = earlier.expect.or(expect);
+                earlier.erases = earlier.erases.or(erases);
             }
             None => {
                 self.keyed.insert(subject.to_owned(), self.outgoing.len());
@@ -1166,7 +1417,8 @@ impl Plan {
                     subject: subject.to_owned(),
                     payload,
                     expect,
-                    rollup: true,
+                    rollup,
+                    erases,
                 });
             }
         }
@@ -1211,6 +1463,7 @@ fn entry_of(reply: async_nats::Message) -> Result<Entry, StoreError> {
         seq,
         subject,
         payload: reply.payload,
+        erases: header_u64(headers, ERASES),
     })
 }
 
