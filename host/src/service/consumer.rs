@@ -367,7 +367,7 @@ impl Consumer {
         })))
     }
 
-    /// What follows a page's commit: the position, metrics, and the states worth caching.
+    /// What follows a page's commit: the position and the metrics.
     fn page_stored(&mut self, page: Box<DecidedPage>, committed: &Committed) {
         let count = page.messages.len() as u64;
         tracing::debug!(

@@ -389,7 +389,7 @@ fn decide_lane<'a>(
                         .unwrap_or(0);
                     // The page in flight will have written the carried ones: this page expects
                     // the version after them.
-                    let own_added = added - carried_of(stream) as u64;
+                    let own_added = added.saturating_sub(carried_of(stream) as u64);
                     decision
                         .expected
                         .entry(stream.clone())
