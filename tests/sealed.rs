@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ferry::store::{MessageStore, NatsStore, SledStore};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use support::nats::NatsServer;
 use support::{Host, Setup, types, wait_until};
 
@@ -119,18 +119,7 @@ fn files_holding(folders: &[PathBuf], needle: &[u8]) -> (u64, Vec<PathBuf>) {
 }
 
 fn holds(haystack: &[u8], needle: &[u8]) -> bool {
-    let Some((&first, rest)) = needle.split_first() else {
-        return true;
-    };
-    let mut at = 0;
-    while let Some(offset) = haystack[at..].iter().position(|&b| b == first) {
-        let start = at + offset + 1;
-        if haystack[start..].starts_with(rest) {
-            return true;
-        }
-        at = start;
-    }
-    false
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Asserts that no file holds `secret`, and (so that the search is known to see stored data)
@@ -148,26 +137,6 @@ fn assert_nowhere(folders: &[PathBuf], secret: &str, stored: &str) {
     );
 }
 
-fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    let mut block = [0u8; 64];
-    if key.len() > 64 {
-        block[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let inner: Vec<u8> = block.iter().map(|b| b ^ 0x36).collect();
-    let outer: Vec<u8> = block.iter().map(|b| b ^ 0x5c).collect();
-    let inner_hash = Sha256::new()
-        .chain_update(&inner)
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(&outer)
-        .chain_update(inner_hash)
-        .finalize()
-        .into()
-}
-
 /// Whether a `pbkdf2-sha256$ROUNDS$SALT$HEX` hash (the user service's) is of `password`: proof
 /// that the handler was given the password in clear, not its sealed form.
 fn hash_is_of(hash: &str, password: &str) -> bool {
@@ -178,15 +147,9 @@ fn hash_is_of(hash: &str, password: &str) -> bool {
     let Ok(rounds) = rounds.parse::<u32>() else {
         return false;
     };
-    let mut u = hmac_sha256(
-        password.as_bytes(),
-        &[salt.as_bytes(), &1u32.to_be_bytes()].concat(),
-    );
-    let mut key = u;
-    for _ in 1..rounds {
-        u = hmac_sha256(password.as_bytes(), &u);
-        key.iter_mut().zip(u).for_each(|(k, b)| *k ^= b);
-    }
+    // PBKDF2-HMAC-SHA256 from RustCrypto: an oracle independent of the guest's own code.
+    let mut key = [0u8; 32];
+    pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), salt.as_bytes(), rounds, &mut key);
     let computed: String = key.iter().map(|b| format!("{b:02x}")).collect();
     computed == hex
 }

@@ -1,75 +1,96 @@
 //! `/metrics`: Prometheus text of what this process handled and of every consumer's lag.
 
+use std::collections::BTreeMap;
+use std::fmt::Display;
+
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, Gateway};
 use crate::service;
 
+/// Appends one metric family: its type line, then one sample per (labels, value).
+fn family<L: Display, V: Display>(
+    text: &mut String,
+    name: &str,
+    kind: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
+) {
+    text.push_str(&format!("# TYPE {name} {kind}\n"));
+    for (labels, value) in samples {
+        text.push_str(&format!("{name}{{{labels}}} {value}\n"));
+    }
+}
+
 /// Prometheus text: per service, messages handled, parked, handling time and events projected in
-/// this process;
-/// per consumer, position and lag, and parked messages waiting.
+/// this process; per consumer, position and lag, and parked messages waiting.
 pub(super) async fn text(gateway: &Gateway) -> Result<Response, ApiError> {
+    let all: BTreeMap<String, service::ServiceMetrics> = service::metrics().into_iter().collect();
+    let per_service = |value: fn(&service::ServiceMetrics) -> String| {
+        all.iter()
+            .map(move |(name, metrics)| (format!("service=\"{name}\""), value(metrics)))
+    };
     let mut text = String::new();
-    text.push_str("# TYPE ferry_messages_handled_total counter\n");
-    let all = service::metrics();
-    let mut names: Vec<&String> = all.keys().collect();
-    names.sort();
-    for name in &names {
-        text.push_str(&format!(
-            "ferry_messages_handled_total{{service=\"{name}\"}} {}\n",
-            all[*name].handled
-        ));
-    }
-    text.push_str("# TYPE ferry_messages_failed_total counter\n");
-    for name in &names {
-        text.push_str(&format!(
-            "ferry_messages_failed_total{{service=\"{name}\"}} {}\n",
-            all[*name].parked
-        ));
-    }
-    text.push_str("# TYPE ferry_handling_seconds_total counter\n");
-    for name in &names {
-        text.push_str(&format!(
-            "ferry_handling_seconds_total{{service=\"{name}\"}} {:.6}\n",
-            all[*name].handling_seconds
-        ));
-    }
-    text.push_str("# TYPE ferry_projected_events_total counter\n");
-    for name in &names {
-        text.push_str(&format!(
-            "ferry_projected_events_total{{service=\"{name}\"}} {}\n",
-            all[*name].projected_events
-        ));
-    }
+    family(
+        &mut text,
+        "ferry_messages_handled_total",
+        "counter",
+        per_service(|m| m.handled.to_string()),
+    );
+    family(
+        &mut text,
+        "ferry_messages_failed_total",
+        "counter",
+        per_service(|m| m.parked.to_string()),
+    );
+    family(
+        &mut text,
+        "ferry_handling_seconds_total",
+        "counter",
+        per_service(|m| format!("{:.6}", m.handling_seconds)),
+    );
+    family(
+        &mut text,
+        "ferry_projected_events_total",
+        "counter",
+        per_service(|m| m.projected_events.to_string()),
+    );
+
     let store = &gateway.context.store;
     let consumers = store.consumers(None).await.map_err(anyhow::Error::new)?;
-    text.push_str("# TYPE ferry_consumer_lag gauge\n");
-    for info in &consumers {
-        text.push_str(&format!(
-            "ferry_consumer_lag{{consumer=\"{}\",category=\"{}\"}} {}\n",
-            info.consumer.name, info.consumer.category, info.lag
-        ));
+    let per_consumer = |value: fn(&crate::store::ConsumerInfo) -> u64| {
+        consumers.iter().map(move |info| {
+            let labels = format!(
+                "consumer=\"{}\",category=\"{}\"",
+                info.consumer.name, info.consumer.category
+            );
+            (labels, value(info))
+        })
+    };
+    family(
+        &mut text,
+        "ferry_consumer_lag",
+        "gauge",
+        per_consumer(|i| i.lag),
+    );
+    family(
+        &mut text,
+        "ferry_consumer_position",
+        "gauge",
+        per_consumer(|i| i.position),
+    );
+
+    let mut parked: BTreeMap<String, u64> = BTreeMap::new();
+    for message in store.parked(None).await.map_err(anyhow::Error::new)? {
+        *parked.entry(message.consumer.to_string()).or_default() += 1;
     }
-    text.push_str("# TYPE ferry_consumer_position gauge\n");
-    for info in &consumers {
-        text.push_str(&format!(
-            "ferry_consumer_position{{consumer=\"{}\",category=\"{}\"}} {}\n",
-            info.consumer.name, info.consumer.category, info.position
-        ));
-    }
-    let parked = store.parked(None).await.map_err(anyhow::Error::new)?;
-    text.push_str("# TYPE ferry_parked_messages gauge\n");
-    let mut per_consumer: std::collections::BTreeMap<String, u64> = Default::default();
-    for message in &parked {
-        *per_consumer
-            .entry(message.consumer.to_string())
-            .or_default() += 1;
-    }
-    for (consumer, count) in per_consumer {
-        text.push_str(&format!(
-            "ferry_parked_messages{{consumer=\"{consumer}\"}} {count}\n"
-        ));
-    }
+    family(
+        &mut text,
+        "ferry_parked_messages",
+        "gauge",
+        parked
+            .into_iter()
+            .map(|(consumer, count)| (format!("consumer=\"{consumer}\""), count)),
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
