@@ -357,7 +357,7 @@ async fn handled_position(store: &Arc<dyn MessageStore>) -> anyhow::Result<watch
     tokio::spawn(async move {
         loop {
             changes.borrow_and_update();
-            let Ok(now) = store.consumer_position(&consumer).await else {
+            let Ok(now) = store.settled(&consumer).await else {
                 return;
             };
             position.send_replace(now);
@@ -690,7 +690,7 @@ async fn memory_rows(table: &mut Table, registrations: usize) -> anyhow::Result<
     // Registered when the aggregator's users view has the last one.
     let aggregator = ConsumerId::new(Category::parse("user")?, "microservice:user-aggregator");
     let deadline = Instant::now() + Duration::from_secs(300);
-    while store.consumer_position(&aggregator).await? < last && Instant::now() < deadline {
+    while store.settled(&aggregator).await? < last && Instant::now() < deadline {
         peak = peak.max(resident_mib());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -114,7 +114,15 @@ async fn main() -> anyhow::Result<()> {
                 let Ok(mut changes) = store.watch(&observer).await else {
                     return;
                 };
-                let page = match store.read_category(&category, after, None, 1000).await {
+                let page = match store
+                    .read_category(
+                        &category,
+                        after,
+                        &ferry::store::CategoryFilter::default(),
+                        1000,
+                    )
+                    .await
+                {
                     Ok(page) => page,
                     Err(_) => return,
                 };

@@ -66,7 +66,7 @@ async fn decides_on_what_is_stored_when_others_write_to_its_entities() {
         last = written.written.last().expect("written").global_position;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while store.consumer_position(&consumer).await.expect("position") < last {
+    while store.settled(&consumer).await.expect("settled") < last {
         assert!(
             Instant::now() < deadline,
             "the commands are handled in time"

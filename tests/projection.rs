@@ -34,7 +34,7 @@ async fn projects_each_event_a_bounded_number_of_times_across_batches() {
             .expect("commands written");
         let last = written.written.last().expect("written").global_position;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while store.consumer_position(&consumer).await.expect("position") < last {
+        while store.settled(&consumer).await.expect("settled") < last {
             assert!(Instant::now() < deadline, "wave {wave} handled in time");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -172,7 +172,12 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
                     .await?
             } else {
                 store
-                    .read_category(&Category::parse(&target)?, from, None, limit)
+                    .read_category(
+                        &Category::parse(&target)?,
+                        from,
+                        &crate::store::CategoryFilter::default(),
+                        limit,
+                    )
                     .await?
                     .messages
             };

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::store::{
-    Category, Commit, ConsumerId, MessageStore, NewMessage, ParkedMessage, SealKey, Settle,
-    StoreError, StreamAppend, StreamName, ViewWrite,
+    Category, CategoryFilter, Commit, ConsumerId, GroupSpec, MessageStore, NewMessage,
+    ParkedMessage, PartitionFrom, PartitionKey, PartitionPosition, SealKey, Settle, StoreError,
+    StreamAppend, StreamName, ViewWrite,
 };
 use serde_json::{Map, Value, json};
 
@@ -45,6 +46,33 @@ pub async fn append(store: &Store, name: &str, messages: Vec<NewMessage>) {
         .commit(Commit::append(stream(name), None, messages))
         .await
         .expect("append");
+}
+
+/// Creates a consumer's group (every partition at 0) and returns its partition count.
+pub async fn join(store: &Store, consumer: &ConsumerId) -> u32 {
+    store
+        .join_group(consumer, GroupSpec::new(PartitionKey::Entity))
+        .await
+        .expect("join group")
+        .spec
+        .partitions
+}
+
+/// The settle that moves every partition of a joined group from `from` (epoch 0) to `to`.
+pub fn advance(consumer: &ConsumerId, from: u64, to: u64) -> Settle {
+    Settle::Advance {
+        consumer: consumer.clone(),
+        partitions: (0..ferry::store::DEFAULT_PARTITIONS)
+            .map(|partition| PartitionFrom {
+                partition,
+                from: PartitionPosition {
+                    position: from,
+                    epoch: 0,
+                },
+            })
+            .collect(),
+        to,
+    }
 }
 
 pub async fn appends_and_reads_a_stream_with_positions(store: Store) {
@@ -396,7 +424,7 @@ pub async fn reads_a_category_from_a_position_with_an_origin_filter(store: Store
     .await;
 
     let all = store
-        .read_category(&category("email"), 0, None, 100)
+        .read_category(&category("email"), 0, &CategoryFilter::default(), 100)
         .await
         .expect("read");
     let ids: Vec<_> = all.messages.iter().map(|m| m.id.as_str()).collect();
@@ -407,7 +435,12 @@ pub async fn reads_a_category_from_a_position_with_an_origin_filter(store: Store
     );
 
     let filtered = store
-        .read_category(&category("email"), 0, Some("subscription."), 100)
+        .read_category(
+            &category("email"),
+            0,
+            &CategoryFilter::origin("subscription."),
+            100,
+        )
         .await
         .expect("read");
     let ids: Vec<_> = filtered.messages.iter().map(|m| m.id.as_str()).collect();
@@ -418,21 +451,26 @@ pub async fn reads_a_category_from_a_position_with_an_origin_filter(store: Store
         .read_category(
             &category("email"),
             all.messages[0].global_position,
-            None,
+            &CategoryFilter::default(),
             100,
         )
         .await
         .expect("read");
     assert_eq!(after_first.messages.len(), 2);
     let limited = store
-        .read_category(&category("email"), 0, None, 1)
+        .read_category(&category("email"), 0, &CategoryFilter::default(), 1)
         .await
         .expect("read");
     assert_eq!(limited.messages.len(), 1);
     assert_eq!(limited.scanned_to, all.messages[0].global_position);
 
     let commands = store
-        .read_category(&category("email:command"), 0, None, 100)
+        .read_category(
+            &category("email:command"),
+            0,
+            &CategoryFilter::default(),
+            100,
+        )
         .await
         .expect("read");
     assert_eq!(commands.messages.len(), 1);
@@ -449,7 +487,8 @@ pub async fn keeps_consumer_positions_per_category(store: Store) {
     )
     .await;
     let consumer = ConsumerId::new(category("email"), "microservice:subscription");
-    assert_eq!(store.consumer_position(&consumer).await.expect("pos"), 0);
+    join(&store, &consumer).await;
+    assert_eq!(store.settled(&consumer).await.expect("settled"), 0);
     let first = store
         .read_stream(&stream("email.1"), 0, 1)
         .await
@@ -457,22 +496,15 @@ pub async fn keeps_consumer_positions_per_category(store: Store) {
         .global_position;
     store
         .commit(Commit {
-            settle: Some(Settle::Advance {
-                consumer: consumer.clone(),
-                from: 0,
-                to: first,
-            }),
+            settle: Some(advance(&consumer, 0, first)),
             ..Commit::default()
         })
         .await
         .expect("advance");
-    assert_eq!(
-        store.consumer_position(&consumer).await.expect("pos"),
-        first
-    );
+    assert_eq!(store.settled(&consumer).await.expect("settled"), first);
     let other = ConsumerId::new(category("user"), "microservice:subscription");
     assert_eq!(
-        store.consumer_position(&other).await.expect("pos"),
+        store.settled(&other).await.expect("settled"),
         0,
         "positions are per category"
     );
@@ -502,6 +534,7 @@ pub async fn commits_an_outcome_with_the_consumer_position(store: Store) {
     )
     .await;
     let consumer = ConsumerId::new(category("email:command"), "microservice:email");
+    join(&store, &consumer).await;
     let command = store
         .read_stream(&stream("email:command.1"), 0, 1)
         .await
@@ -520,18 +553,14 @@ pub async fn commits_an_outcome_with_the_consumer_position(store: Store) {
             expected_version: Some(expected),
             messages: vec![msg("evt", "EmailSent", json!({}))],
         }],
-        settle: Some(Settle::Advance {
-            consumer: consumer.clone(),
-            from: 0,
-            to: command.global_position,
-        }),
+        settle: Some(advance(&consumer, 0, command.global_position)),
         ..Commit::default()
     };
     assert!(store.commit(outcome(0)).await.is_err());
-    assert_eq!(store.consumer_position(&consumer).await.expect("pos"), 0);
+    assert_eq!(store.settled(&consumer).await.expect("settled"), 0);
     store.commit(outcome(1)).await.expect("commit");
     assert_eq!(
-        store.consumer_position(&consumer).await.expect("pos"),
+        store.settled(&consumer).await.expect("settled"),
         command.global_position
     );
     assert!(store.message("evt").await.expect("lookup").is_some());
@@ -656,14 +685,11 @@ pub async fn parks_and_replays_a_message(store: Store) {
     )
     .await;
     let consumer = ConsumerId::new(category("email:command"), "microservice:email");
+    join(&store, &consumer).await;
     let message = store.message("bad").await.expect("lookup").expect("stored");
     store
         .commit(Commit {
-            settle: Some(Settle::Advance {
-                consumer: consumer.clone(),
-                from: 0,
-                to: message.global_position,
-            }),
+            settle: Some(advance(&consumer, 0, message.global_position)),
             park: vec![ParkedMessage {
                 consumer: consumer.clone(),
                 message: message.clone(),
@@ -770,7 +796,7 @@ pub async fn orders_concurrent_appends_globally(store: Store) {
         task.await.expect("join").expect("commit");
     }
     let page = store
-        .read_category(&category("load"), 0, None, 1000)
+        .read_category(&category("load"), 0, &CategoryFilter::default(), 1000)
         .await
         .expect("read");
     assert_eq!(page.messages.len(), 200);
@@ -799,6 +825,7 @@ pub async fn orders_concurrent_appends_globally(store: Store) {
 pub async fn lets_one_of_racing_commits_win(store: Store) {
     append(&store, "race.1", vec![msg("first", "X", json!({}))]).await;
     let consumer = ConsumerId::new(category("race"), "c");
+    join(&store, &consumer).await;
     let mut tasks = Vec::new();
     for i in 0..16 {
         let store = store.clone();
@@ -815,11 +842,7 @@ pub async fn lets_one_of_racing_commits_win(store: Store) {
                 vec![msg("shared", "X", json!({}))],
             ));
             let settle = store.commit(Commit {
-                settle: Some(Settle::Advance {
-                    consumer,
-                    from: 0,
-                    to: i + 1,
-                }),
+                settle: Some(advance(&consumer, 0, i + 1)),
                 ..Commit::default()
             });
             let (versioned, same_id, settle) = tokio::join!(versioned, same_id, settle);
@@ -847,34 +870,28 @@ pub async fn lets_one_of_racing_commits_win(store: Store) {
             .expect("version"),
         2
     );
-    assert_ne!(
-        store.consumer_position(&consumer).await.expect("position"),
-        0
-    );
+    assert_ne!(store.settled(&consumer).await.expect("settled"), 0);
 }
 
 pub async fn refuses_to_advance_a_consumer_that_moved(store: Store) {
     append(&store, "email.1", vec![msg("e1", "EmailSent", json!({}))]).await;
     let consumer = ConsumerId::new(category("email"), "microservice:subscription");
-    let advance = |from, to| Commit {
+    join(&store, &consumer).await;
+    let outcome = |from, to| Commit {
         appends: vec![StreamAppend {
             stream: stream("subscription.1"),
             expected_version: None,
             messages: vec![msg(&format!("out-{from}-{to}"), "Noted", json!({}))],
         }],
-        settle: Some(Settle::Advance {
-            consumer: consumer.clone(),
-            from,
-            to,
-        }),
+        settle: Some(advance(&consumer, from, to)),
         ..Commit::default()
     };
     store
-        .commit(advance(0, 1))
+        .commit(outcome(0, 1))
         .await
         .expect("advance from where it is");
     let error = store
-        .commit(advance(0, 1))
+        .commit(outcome(0, 1))
         .await
         .expect_err("it is not at 0 any more");
     assert!(
@@ -909,6 +926,8 @@ pub async fn rebuilds_views_from_the_start(store: Store) {
     .await;
     let consumer = ConsumerId::new(category("user"), "microservice:user-aggregator");
     let other = ConsumerId::new(category("user"), "microservice:user");
+    join(&store, &consumer).await;
+    join(&store, &other).await;
     for c in [&consumer, &other] {
         store
             .commit(Commit {
@@ -918,11 +937,7 @@ pub async fn rebuilds_views_from_the_start(store: Store) {
                     value: Some(json!({"n": 1})),
                     seq: 1,
                 }],
-                settle: Some(Settle::Advance {
-                    consumer: c.clone(),
-                    from: 0,
-                    to: 1,
-                }),
+                settle: Some(advance(c, 0, 1)),
                 ..Commit::default()
             })
             .await
@@ -948,9 +963,9 @@ pub async fn rebuilds_views_from_the_start(store: Store) {
         store.view_get("users", "1").await.expect("get").is_none(),
         "rows and tombstones go"
     );
-    assert_eq!(store.consumer_position(&consumer).await.expect("pos"), 0);
+    assert_eq!(store.settled(&consumer).await.expect("settled"), 0);
     assert_eq!(
-        store.consumer_position(&other).await.expect("pos"),
+        store.settled(&other).await.expect("settled"),
         1,
         "other consumers stay"
     );
@@ -1071,17 +1086,14 @@ pub async fn shreds_a_key_in_the_commit_that_settles_its_message(store: Store) {
         .expect("lookup")
         .expect("stored");
     let consumer = ConsumerId::new(category("user:command"), "microservice:user");
+    join(&store, &consumer).await;
     let outcome = |from| Commit {
         appends: vec![StreamAppend {
             stream: stream("user.1"),
             expected_version: Some(0),
             messages: vec![msg("registered-1", "UserRegistered", json!({}))],
         }],
-        settle: Some(Settle::Advance {
-            consumer: consumer.clone(),
-            from,
-            to: command.global_position,
-        }),
+        settle: Some(advance(&consumer, from, command.global_position)),
         shred: vec!["reg-1".into()],
         ..Commit::default()
     };
@@ -1110,7 +1122,7 @@ pub async fn shreds_a_key_in_the_commit_that_settles_its_message(store: Store) {
             .is_some()
     );
     assert_eq!(
-        store.consumer_position(&consumer).await.expect("pos"),
+        store.settled(&consumer).await.expect("settled"),
         command.global_position
     );
     // The message itself stays, sealed, in the history.

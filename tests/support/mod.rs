@@ -210,18 +210,24 @@ impl Setup {
     pub fn rewind_consumer(&self, category: &str, name: &str, position: u64) {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         runtime.block_on(async {
-            use ferry::store::{Category, Commit, ConsumerId, MessageStore, Settle, SledStore};
+            use ferry::store::{
+                Category, Commit, ConsumerId, GroupSpec, MessageStore, PartitionKey, Settle,
+                SledStore,
+            };
             let store = SledStore::open(self.data().join("store")).expect("open");
             let consumer = ConsumerId::new(
                 Category::parse(category).expect("category"),
                 name.to_owned(),
             );
-            let from = store.consumer_position(&consumer).await.expect("position");
+            let group = store
+                .join_group(&consumer, GroupSpec::new(PartitionKey::Entity))
+                .await
+                .expect("group");
             store
                 .commit(Commit {
                     settle: Some(Settle::Advance {
                         consumer,
-                        from,
+                        partitions: group.every_partition(),
                         to: position,
                     }),
                     ..Commit::default()

@@ -13,6 +13,7 @@ use crate::control::{self, Context, Request};
 use crate::gateway::{self, GatewayConfig};
 
 mod http;
+mod render;
 
 pub use self::http::HttpArgs;
 use crate::mail::Maildir;
@@ -104,6 +105,11 @@ pub enum Command {
         /// (default: one per core, at most 4; 1 decides every page in order on one thread).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=64))]
         decide_lanes: Option<u8>,
+        /// On JetStream: how long an instance's partitions stay its own after its last heartbeat
+        /// (it renews five times in that time). A killed instance's share moves after about
+        /// this long; a graceful stop hands it over at once.
+        #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..))]
+        lease_ttl_ms: u64,
         /// A limit for one service, overriding the defaults above:
         /// `SERVICE:timeout-ms=N` or `SERVICE:memory-mib=N` (repeatable).
         #[arg(long = "service-limit", value_name = "SERVICE:KEY=N", value_parser = parse_service_limit)]
@@ -145,8 +151,14 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// List consumers with their positions and lag.
+    /// List consumers with their positions and lag, per partition, and who owns each.
     Consumers {
+        /// Only the consumers of this category.
+        category: Option<String>,
+    },
+    /// List the live instances sharing each consumer group (on JetStream), with the partitions
+    /// each holds, how long it has held them and its last heartbeat.
+    Instances {
         /// Only the consumers of this category.
         category: Option<String>,
     },
@@ -208,6 +220,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             retry_base_ms,
             reuse_instances,
             decide_lanes,
+            lease_ttl_ms,
             mail_grants,
             service_limits,
         } => {
@@ -221,6 +234,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 retry_base: Duration::from_millis(retry_base_ms),
                 reuse_instances,
                 decide_lanes: decide_lanes.map_or(defaults.decide_lanes, usize::from),
+                lease_ttl: Duration::from_millis(lease_ttl_ms),
                 ..defaults
             };
             let capabilities = Capabilities {
@@ -264,13 +278,20 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     "category": s.category, "originPrefix": s.origin_prefix })).collect::<Vec<_>>(),
                 "views": manifest.views,
             });
-            print(cli.json, "inspect", &answer);
+            render::print(cli.json, "inspect", &answer);
             Ok(())
         }
         command => {
+            // `instances` is the consumers' answer seen by instance.
+            let by_instance = matches!(command, Command::Instances { .. });
             let request = request_of(command).context("this command is not a store request")?;
             let answer = answer(&cli.data, &cli.services, &cli.store, request.clone()).await?;
-            print(cli.json, kind_of(&request), &answer);
+            let kind = if by_instance {
+                "instances"
+            } else {
+                kind_of(&request)
+            };
+            render::print(cli.json, kind, &answer);
             Ok(())
         }
     }
@@ -305,7 +326,9 @@ fn request_of(command: Command) -> Option<Request> {
             from,
             limit,
         },
-        Command::Consumers { category } => Request::Consumers { category },
+        Command::Consumers { category } | Command::Instances { category } => {
+            Request::Consumers { category }
+        }
         Command::View {
             table,
             key,
@@ -703,93 +726,4 @@ pub fn load_services(
         return Err(error.context(format!("{} cannot run", path.display())));
     }
     Ok(service::admit(loaded).0)
-}
-
-fn print(json: bool, kind: &str, answer: &Value) {
-    if json {
-        println!("{answer}");
-        return;
-    }
-    match kind {
-        "send" => {
-            if let Some(m) = answer.get("written") {
-                println!(
-                    "appended {} {} to {} at position {} (global {})",
-                    m["type"].as_str().unwrap_or("?"),
-                    m["id"].as_str().unwrap_or("?"),
-                    m["stream"].as_str().unwrap_or("?"),
-                    m["position"],
-                    m["global_position"]
-                );
-            } else if let Some(m) = answer.get("duplicate") {
-                println!(
-                    "already stored: {} (position {}, global {}); nothing written",
-                    m["id"].as_str().unwrap_or("?"),
-                    m["position"],
-                    m["global_position"]
-                );
-            }
-        }
-        "read" => {
-            for m in answer["messages"].as_array().into_iter().flatten() {
-                println!(
-                    "{:>8}  {}@{}  {}  {}  {}",
-                    m["global_position"].as_u64().unwrap_or(0),
-                    m["stream"].as_str().unwrap_or("?"),
-                    m["position"],
-                    m["type"].as_str().unwrap_or("?"),
-                    m["data"],
-                    m["metadata"]
-                );
-            }
-        }
-        "consumers" => {
-            println!(
-                "{:<32} {:<24} {:>10} {:>10} {:>8} {:>8}",
-                "CONSUMER", "CATEGORY", "POSITION", "HEAD", "LAG", "DEFERRED"
-            );
-            for c in answer["consumers"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<32} {:<24} {:>10} {:>10} {:>8} {:>8}",
-                    c["consumer"]["name"].as_str().unwrap_or("?"),
-                    c["consumer"]["category"].as_str().unwrap_or("?"),
-                    c["position"].as_u64().unwrap_or(0),
-                    c["category_head"].as_u64().unwrap_or(0),
-                    c["lag"].as_u64().unwrap_or(0),
-                    c["deferred"].as_u64().unwrap_or(0)
-                );
-            }
-        }
-        "parked" => {
-            for p in answer["parked"].as_array().into_iter().flatten() {
-                let m = &p["message"];
-                println!(
-                    "{}  {}@{}  {}  by {} on {}  after {} attempt(s): {}",
-                    m["id"].as_str().unwrap_or("?"),
-                    m["stream"].as_str().unwrap_or("?"),
-                    m["position"],
-                    m["type"].as_str().unwrap_or("?"),
-                    p["consumer"]["name"].as_str().unwrap_or("?"),
-                    p["consumer"]["category"].as_str().unwrap_or("?"),
-                    p["attempts"],
-                    p["reason"].as_str().unwrap_or("?")
-                );
-            }
-        }
-        "view" => {
-            for r in answer["rows"].as_array().into_iter().flatten() {
-                println!(
-                    "{}  {}  (lastUpdateSeq {})",
-                    r["key"].as_str().unwrap_or("?"),
-                    r["row"]["value"],
-                    r["row"]["lastUpdateSeq"]
-                );
-            }
-        }
-        "replay" => println!("replayed {} message(s)", answer["replayed"]),
-        _ => match serde_json::to_string_pretty(answer) {
-            Ok(text) => println!("{text}"),
-            Err(_) => println!("{answer}"),
-        },
-    }
 }

@@ -23,7 +23,8 @@ fn family<L: Display, V: Display>(
 }
 
 /// Prometheus text: per service, messages handled, parked, handling time and events projected in
-/// this process; per consumer, position and lag, and parked messages waiting.
+/// this process; per consumer, position and lag, and parked messages waiting; per instance of
+/// a group on a shared store, its partitions, their lag and its heartbeat's age.
 pub(super) async fn text(gateway: &Gateway) -> Result<Response, ApiError> {
     let all: BTreeMap<String, service::ServiceMetrics> = service::metrics().into_iter().collect();
     let per_service = |value: fn(&service::ServiceMetrics) -> String| {
@@ -78,6 +79,54 @@ pub(super) async fn text(gateway: &Gateway) -> Result<Response, ApiError> {
         "ferry_consumer_position",
         "gauge",
         per_consumer(|i| i.position),
+    );
+    // Per instance of a shared group: the partitions it holds, their lag, and how long since
+    // it renewed (by its clock against this one's).
+    let now = crate::store::now_ms();
+    let per_instance =
+        |value: &dyn Fn(&crate::store::ConsumerInfo, &crate::store::InstanceInfo) -> String| {
+            consumers
+                .iter()
+                .flat_map(|info| info.instances.iter().map(move |instance| (info, instance)))
+                .map(|(info, instance)| {
+                    let labels = format!(
+                        "consumer=\"{}\",category=\"{}\",instance=\"{}\"",
+                        info.consumer.name, info.consumer.category, instance.instance
+                    );
+                    (labels, value(info, instance))
+                })
+                .collect::<Vec<_>>()
+        };
+    family(
+        &mut text,
+        "ferry_instance_partitions",
+        "gauge",
+        per_instance(&|_, instance| instance.partitions.len().to_string()),
+    );
+    family(
+        &mut text,
+        "ferry_instance_lag",
+        "gauge",
+        per_instance(&|info, instance| {
+            let lag: u64 = info
+                .partitions
+                .iter()
+                .filter(|p| instance.partitions.contains(&p.partition))
+                .map(|p| p.lag)
+                .sum();
+            lag.to_string()
+        }),
+    );
+    family(
+        &mut text,
+        "ferry_instance_heartbeat_age_seconds",
+        "gauge",
+        per_instance(&|_, instance| {
+            format!(
+                "{:.3}",
+                now.saturating_sub(instance.heartbeat_ms) as f64 / 1000.0
+            )
+        }),
     );
 
     let mut parked: BTreeMap<String, u64> = BTreeMap::new();

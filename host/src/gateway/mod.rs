@@ -438,7 +438,12 @@ async fn read_category(
     let mut result = gateway
         .context
         .store
-        .read_category(&parsed, page.from, None, page.limit.min(1000))
+        .read_category(
+            &parsed,
+            page.from,
+            &crate::store::CategoryFilter::default(),
+            page.limit.min(1000),
+        )
         .await
         .map_err(anyhow::Error::new)?;
     result.messages.iter_mut().for_each(seal::redact);

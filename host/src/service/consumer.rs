@@ -3,8 +3,12 @@
 //! the previous page's commit is in flight (pipelining), and falls back to handling messages one
 //! by one (`handle`): retries with backoff, conflicts decided again, park, defer, and settling the
 //! consumer's position. Sealed commands always go one by one.
+//!
+//! The consumer reads only the partitions this instance owns (all of them where one process owns
+//! the store; its leases on a shared one, see `group`), each past its own stored position, and a
+//! commit advances the partitions of the messages it settles, each from where it was read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,13 +17,15 @@ use tokio::sync::watch;
 use super::decide::{
     BatchDecline, BatchItem, Decider, Decision, Decline, Overlay, decide, decide_batch,
 };
+use super::group::Owned;
 use super::outcome::{check_outcome, group_appends};
 use super::projection::ProjectionCache;
 use super::{RunnerConfig, record};
 use crate::mail::Maildir;
 use crate::seal;
 use crate::store::{
-    Commit, Committed, ConsumerId, DeferredMessage, Message, MessageStore, ParkedMessage, Settle,
+    CategoryFilter, Commit, Committed, ConsumerId, DeferredMessage, GroupSpec, Message,
+    MessageStore, ParkedMessage, PartitionFilter, PartitionFrom, PartitionPosition, Settle,
     StoreError, StreamName, now_ms,
 };
 use crate::wasm::{GuestError, ServiceComponent};
@@ -28,6 +34,10 @@ use crate::wasm::{GuestError, ServiceComponent};
 const CONFLICT_RETRIES: u32 = 10;
 /// The fewest messages of a page worth a decide lane of their own.
 const MESSAGES_PER_LANE: usize = 8;
+/// How far (in global positions) an owned partition with nothing to handle may fall behind what
+/// was scanned before it is advanced on its own: on a shared store each partition is a record
+/// of its own, and a restart rescans at most this much.
+const IDLE_ADVANCE: u64 = 1024;
 
 /// Where a handled message came from, which decides how it is settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +48,14 @@ enum Source {
 
 pub(super) struct Consumer {
     pub(super) id: ConsumerId,
-    /// The stored position as this consumer last read or wrote it.
+    /// Where reading goes on: every message of an owned partition at or below it is settled.
     pub(super) position: u64,
+    /// The group's split, as stored once joined.
+    pub(super) spec: GroupSpec,
+    /// Each partition's stored position as this consumer last read or wrote it.
+    pub(super) positions: Vec<PartitionPosition>,
+    /// What this instance owns; changed by its assigner on a shared store.
+    pub(super) owned: watch::Receiver<Owned>,
     pub(super) origin_prefix: Option<String>,
     pub(super) mail: Option<Arc<Maildir>>,
     pub(super) component: Arc<ServiceComponent>,
@@ -71,7 +87,10 @@ struct DecidedPage {
     messages: Arc<[Message]>,
     /// The global position of its last message: where the consumer moves.
     last: u64,
-    /// Taken when it is sent.
+    /// The partitions of its messages, which its commit advances.
+    partitions: BTreeSet<u32>,
+    /// Taken when it is sent, and given its settle then: the page before it is stored by then,
+    /// so the partitions' positions are known.
     commit: Option<Commit>,
     parked: u64,
     /// What it writes, for the next page to be decided on top of.
@@ -130,8 +149,16 @@ impl Consumer {
         // Taken before reading anything, so a write, replay or rebuild that lands while this
         // poll reads is not missed when it goes to sleep below.
         let mut changes = self.store.watch(&self.id).await?;
+        let mut owned_changes = self.owned.clone();
+        owned_changes.borrow_and_update();
+        let group = self.store.join_group(&self.id, self.spec).await?;
+        self.spec = group.spec;
+        self.positions = group.positions;
         let mut next_due = None;
         for deferred in self.store.deferred(&self.id).await? {
+            if self.partition_epoch(&deferred.message).is_none() {
+                continue;
+            }
             if deferred.due_ms > now_ms() {
                 next_due = Some(deferred.due_ms);
                 break;
@@ -139,7 +166,21 @@ impl Consumer {
             self.handle(deferred.message, Source::Deferred).await?;
         }
 
-        self.position = self.store.consumer_position(&self.id).await?;
+        let owned: Vec<u32> = (0..self.spec.partitions)
+            .filter(|p| self.owns(*p))
+            .collect();
+        if owned.is_empty() {
+            // Nothing of this group is ours (yet): wait for the assigner.
+            tokio::select! {
+                _ = owned_changes.changed() => return Ok(()),
+                _ = self.shutdown.changed() => return Err(Interrupted::Shutdown),
+            }
+        }
+        self.position = owned
+            .iter()
+            .map(|p| self.positions[*p as usize].position)
+            .min()
+            .unwrap_or(0);
         if !self.handle_category().await? {
             return Ok(());
         }
@@ -153,8 +194,82 @@ impl Consumer {
         };
         tokio::select! {
             _ = changes.changed() => Ok(()),
+            _ = owned_changes.changed() => Ok(()),
             () = wait_for_due => Ok(()),
             _ = self.shutdown.changed() => Err(Interrupted::Shutdown),
+        }
+    }
+
+    /// True when this instance holds `partition` under the epoch its stored position carries:
+    /// a partition another instance took over since is not ours, whatever the assigner thinks.
+    fn owns(&self, partition: u32) -> bool {
+        let stored = self.positions.get(partition as usize).map(|p| p.epoch);
+        let owned = self.owned.borrow().epoch(partition);
+        owned.is_some() && stored == owned
+    }
+
+    /// The epoch of the partition `message` belongs to, when this instance owns it.
+    fn partition_epoch(&self, message: &Message) -> Option<u64> {
+        let partition = self.spec.partition_of(message);
+        self.owns(partition)
+            .then(|| self.positions[partition as usize].epoch)
+    }
+
+    /// What a read keeps: the origin filter, and messages of owned partitions past each one's
+    /// position (left out when every partition is owned and none is past `from`).
+    fn filter(&self, from: u64) -> CategoryFilter {
+        let all_owned = matches!(*self.owned.borrow(), Owned::All);
+        let partitions = if all_owned && self.positions.iter().all(|p| p.position <= from) {
+            None
+        } else {
+            Some(PartitionFilter {
+                spec: self.spec,
+                after: (0..self.spec.partitions)
+                    .map(|p| self.owns(p).then(|| self.positions[p as usize].position))
+                    .collect(),
+            })
+        };
+        CategoryFilter {
+            origin_prefix: self.origin_prefix.clone(),
+            partitions,
+        }
+    }
+
+    /// Where one process owns the store, its group is one record: a commit advances every
+    /// partition at no extra cost, which keeps them level. On a shared store each partition is
+    /// a record of its own, so a commit advances only those it settles messages of.
+    fn advances_all(&self) -> bool {
+        matches!(*self.owned.borrow(), Owned::All)
+    }
+
+    /// The settle that moves `partitions` (every one, where that is free) to `to`.
+    fn advance(&self, partitions: impl IntoIterator<Item = u32>, to: u64) -> Settle {
+        let moved: Vec<u32> = if self.advances_all() {
+            (0..self.spec.partitions).collect()
+        } else {
+            partitions.into_iter().collect()
+        };
+        Settle::Advance {
+            consumer: self.id.clone(),
+            partitions: moved
+                .into_iter()
+                .filter_map(|partition| {
+                    let from = *self.positions.get(partition as usize)?;
+                    Some(PartitionFrom { partition, from })
+                })
+                .collect(),
+            to,
+        }
+    }
+
+    /// Records that a commit moved what `settle` names.
+    fn advanced(&mut self, settle: &Settle) {
+        if let Settle::Advance { partitions, to, .. } = settle {
+            for moved in partitions {
+                if let Some(stored) = self.positions.get_mut(moved.partition as usize) {
+                    stored.position = *to;
+                }
+            }
         }
     }
 
@@ -176,7 +291,11 @@ impl Consumer {
             if !reading && in_flight.is_none() {
                 return Ok(false);
             }
-            let sending = in_flight.as_mut().and_then(|page| page.commit.take());
+            let sending = in_flight.as_mut().and_then(|page| {
+                let mut commit = page.commit.take()?;
+                commit.settle = Some(self.advance(page.partitions.iter().copied(), page.last));
+                Some(commit)
+            });
             let store = self.store.clone();
             let committing = async move {
                 match sending {
@@ -234,17 +353,24 @@ impl Consumer {
             match next.transpose()? {
                 None => {}
                 Some(NextPage::Idle { scanned_to }) => {
-                    if scanned_to > self.position {
-                        // Everything scanned was filtered out: remember that, so a restart
-                        // does not rescan.
-                        self.settle_only(Settle::Advance {
-                            consumer: self.id.clone(),
-                            from: self.position,
-                            to: scanned_to,
+                    // Everything scanned was filtered out (or belongs to others): remember that
+                    // for partitions far enough behind, so a restart does not rescan it.
+                    let behind: Vec<u32> = (0..self.spec.partitions)
+                        .filter(|p| {
+                            self.owns(*p)
+                                && self.positions[*p as usize].position
+                                    < match self.advances_all() {
+                                        true => scanned_to,
+                                        false => scanned_to.saturating_sub(IDLE_ADVANCE),
+                                    }
                         })
-                        .await?;
-                        self.position = scanned_to;
+                        .collect();
+                    if !behind.is_empty() {
+                        let settle = self.advance(behind, scanned_to);
+                        self.settle_only(settle.clone()).await?;
+                        self.advanced(&settle);
                     }
+                    self.position = self.position.max(scanned_to);
                     return Ok(true);
                 }
                 Some(NextPage::OneByOne(messages)) => self.one_by_one(&messages).await?,
@@ -263,8 +389,13 @@ impl Consumer {
     async fn one_by_one(&mut self, messages: &[Message]) -> Result<(), Interrupted> {
         for message in messages {
             let global = message.global_position;
+            let settle = self.settle(message, Source::Category);
             self.handle(message.clone(), Source::Category).await?;
+            self.advanced(&settle);
             self.position = global;
+        }
+        if let Some(last) = messages.last() {
+            self.position = self.position.max(last.global_position);
         }
         Ok(())
     }
@@ -282,7 +413,7 @@ impl Consumer {
             .read_category(
                 &self.id.category,
                 from,
-                self.origin_prefix.as_deref(),
+                &self.filter(from),
                 self.store.batch_size(),
             )
             .await?;
@@ -315,14 +446,8 @@ impl Consumer {
             Err(BatchDecline::OneByOne) => return Ok(NextPage::OneByOne(messages)),
             Err(BatchDecline::Store(e)) => return Err(e.into()),
         };
-        let mut commit = Commit {
-            settle: Some(Settle::Advance {
-                consumer: self.id.clone(),
-                from,
-                to: last,
-            }),
-            ..Commit::default()
-        };
+        let partitions = messages.iter().map(|m| self.spec.partition_of(m)).collect();
+        let mut commit = Commit::default();
         let mut outgoing = Vec::new();
         let mut parked = 0;
         for item in decision.items {
@@ -359,6 +484,7 @@ impl Consumer {
         Ok(NextPage::Decided(Box::new(DecidedPage {
             messages,
             last,
+            partitions,
             commit: Some(commit),
             parked,
             writes: Arc::new(decision.writes),
@@ -369,6 +495,8 @@ impl Consumer {
 
     /// What follows a page's commit: the position and the metrics.
     fn page_stored(&mut self, page: Box<DecidedPage>, committed: &Committed) {
+        let settled = self.advance(page.partitions.iter().copied(), page.last);
+        self.advanced(&settled);
         let count = page.messages.len() as u64;
         tracing::debug!(
             consumer = %self.id, count, written = committed.written.len(),
@@ -392,11 +520,9 @@ impl Consumer {
 
     fn settle(&self, message: &Message, source: Source) -> Settle {
         match source {
-            Source::Category => Settle::Advance {
-                consumer: self.id.clone(),
-                from: self.position,
-                to: message.global_position,
-            },
+            Source::Category => {
+                self.advance([self.spec.partition_of(message)], message.global_position)
+            }
             Source::Deferred => Settle::ClearDeferred {
                 consumer: self.id.clone(),
                 global_position: message.global_position,

@@ -14,10 +14,12 @@
 //! loading and admitting services, their configuration and metrics; `consumer` the consumer loop;
 //! `decide` deciding a message or a page (lanes, overlay); `outcome` checking an outcome;
 //! `projection` folding streams and the projection cache; `host_imports` what the guest's host
-//! calls reach.
+//! calls reach; `group` sharing a consumer's partitions with other instances (membership and
+//! leases on a shared store).
 
 mod consumer;
 mod decide;
+mod group;
 mod host_imports;
 mod outcome;
 mod projection;
@@ -32,9 +34,13 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::mail::Maildir;
-use crate::store::{Category, ConsumerId, MessageStore, now_ms, validate_table_name};
+use crate::store::{
+    Category, ConsumerId, DEFAULT_PARTITIONS, GroupSpec, MessageStore, PartitionKey, now_ms,
+    validate_table_name,
+};
 use crate::wasm::ServiceComponent;
 use consumer::Consumer;
+use group::{Assigner, Owned};
 
 pub use decide::entity_of;
 pub use outcome::derived_id;
@@ -56,6 +62,9 @@ pub struct RunnerConfig {
     /// Threads on which the entities of one page are decided at the same time (in order within
     /// each entity); 1 decides a page in order on one thread.
     pub decide_lanes: usize,
+    /// On a shared store: how long an instance's partitions stay its own after its last
+    /// heartbeat (it heartbeats five times in that time).
+    pub lease_ttl: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -66,6 +75,7 @@ impl Default for RunnerConfig {
             retry_max: Duration::from_secs(10),
             reuse_instances: false,
             decide_lanes: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            lease_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -85,6 +95,18 @@ impl Capabilities {
             .clone()
             .filter(|_| self.mail_grants.iter().any(|granted| granted == service))
     }
+}
+
+/// A name for this process among the instances of a service: the host's name and the process
+/// id, with a random part so that a restarted process is a new member.
+pub fn instance_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &random[..6])
 }
 
 /// The consumer name a service uses on every category it reads, as in the article.
@@ -295,6 +317,8 @@ pub struct Running {
     with_commands: bool,
     services: HashMap<String, ServiceRun>,
     table: ServiceTable,
+    /// This process's name among the instances of its services on a shared store.
+    instance: Arc<str>,
 }
 
 impl std::fmt::Debug for Running {
@@ -352,6 +376,7 @@ impl Running {
             with_commands,
             services: HashMap::new(),
             table: ServiceTable::default(),
+            instance: instance_name().into(),
         }
     }
 
@@ -389,9 +414,32 @@ impl Running {
         let shutdown = watch::channel(false).0;
         let mut tasks = JoinSet::new();
         for (id, origin_prefix) in consumers {
+            let spec = GroupSpec {
+                partitions: DEFAULT_PARTITIONS,
+                key: match origin_prefix {
+                    Some(_) => PartitionKey::OriginEntity,
+                    None => PartitionKey::Entity,
+                },
+            };
+            let shared = self.store.leases().is_some();
+            let (owned, owned_changes) = watch::channel(match shared {
+                true => Owned::Leased(Default::default()),
+                false => Owned::All,
+            });
+            let assigner = Assigner {
+                store: self.store.clone(),
+                consumer: id.clone(),
+                spec,
+                instance: self.instance.clone(),
+                ttl: self.config.lease_ttl,
+                owned,
+            };
             let consumer = Consumer {
                 id,
                 position: 0,
+                spec,
+                positions: Vec::new(),
+                owned: owned_changes,
                 origin_prefix,
                 mail: self.capabilities.mail_for(&manifest.name),
                 component: component.clone(),
@@ -401,7 +449,16 @@ impl Running {
                 lanes: self.config.decide_lanes.max(1),
                 shutdown: shutdown.subscribe(),
             };
-            tasks.spawn(consumer.run());
+            // The assigner releases this instance's leases only once the consumer has stopped,
+            // so nothing is committed under a lease after it is given up.
+            let (stopped, stopped_changes) = watch::channel(false);
+            tasks.spawn(async move {
+                let consumer = async move {
+                    consumer.run().await;
+                    let _ = stopped.send(true);
+                };
+                tokio::join!(consumer, assigner.run(stopped_changes));
+            });
         }
         self.services
             .insert(manifest.name.clone(), ServiceRun { shutdown, tasks });

@@ -7,6 +7,7 @@
 //! position, or it parked or deferred). A backend applies a commit atomically and durably, or not
 //! at all.
 
+mod group;
 mod names;
 mod nats;
 mod sled;
@@ -17,6 +18,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use self::group::{
+    CategoryFilter, DEFAULT_PARTITIONS, Group, GroupSpec, GroupState, Lease, Leases, Member,
+    PartitionFilter, PartitionFrom, PartitionKey, PartitionPosition, partition_of,
+};
 pub use self::names::{
     COMMAND_SUFFIX, Category, NameError, StreamName, validate_service_name, validate_table_name,
 };
@@ -120,7 +125,8 @@ impl std::fmt::Display for ConsumerId {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConsumerInfo {
     pub consumer: ConsumerId,
-    /// Global position of the last message the consumer dealt with (0: none yet).
+    /// The lowest position of its partitions: every message of the category at or below it is
+    /// settled (0: none yet).
     pub position: u64,
     /// Global position of the category's last message.
     pub category_head: u64,
@@ -128,6 +134,37 @@ pub struct ConsumerInfo {
     pub lag: u64,
     /// Messages set aside for later (not yet due, or replayed and not yet handled).
     pub deferred: u64,
+    /// Each partition's position and lag, and who holds it on a shared store.
+    pub partitions: Vec<PartitionInfo>,
+    /// The live instances sharing the group (shared stores only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<InstanceInfo>,
+}
+
+/// An instance of a consumer's group as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub instance: String,
+    /// When it joined and when it last renewed, by its own clock.
+    pub started_ms: u64,
+    pub heartbeat_ms: u64,
+    /// The partitions whose leases it holds.
+    pub partitions: Vec<u32>,
+    /// When it took the lease it has held longest, by its clock (0: it holds none).
+    pub held_since_ms: u64,
+}
+
+/// One partition of a consumer as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    pub position: u64,
+    pub epoch: u64,
+    /// Messages of this partition past its position.
+    pub lag: u64,
+    /// The instance holding its lease (shared stores only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// A message a consumer gave up on, with the reason. Replaying it hands it back to the consumer.
@@ -152,13 +189,13 @@ pub struct DeferredMessage {
 /// What happens to the message a consumer handled, in the same commit as its outcome.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settle {
-    /// The consumer read it from its category: move the consumer's position from `from` (where
-    /// the consumer read it) to `to`. If the stored position is no longer `from` (a rebuild reset
-    /// it, another process moved it), the whole commit fails with
+    /// The consumer read it from its category: move each of `partitions` from where the
+    /// consumer read it to `to` (keeping its epoch). If a stored position is no longer that (a
+    /// rebuild reset it, another instance took the partition over), the whole commit fails with
     /// [`StoreError::ConsumerMoved`].
     Advance {
         consumer: ConsumerId,
-        from: u64,
+        partitions: Vec<PartitionFrom>,
         to: u64,
     },
     /// The consumer took it from its deferred set: remove it from there.
@@ -299,13 +336,13 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The number of messages in a stream.
     async fn stream_version(&self, stream: &StreamName) -> Result<u64, StoreError>;
 
-    /// Messages of a category with a global position past `after`, at most `limit`, keeping only
-    /// those whose `originEntity` starts with `origin_prefix` when one is given.
+    /// Messages of a category with a global position past `after` that `filter` keeps, at most
+    /// `limit`.
     async fn read_category(
         &self,
         category: &Category,
         after: u64,
-        origin_prefix: Option<&str>,
+        filter: &CategoryFilter,
         limit: usize,
     ) -> Result<CategoryPage, StoreError>;
 
@@ -333,8 +370,26 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The global position of the last message written (0 when empty).
     async fn head(&self) -> Result<u64, StoreError>;
 
-    /// A consumer's position (0 when it never advanced).
-    async fn consumer_position(&self, consumer: &ConsumerId) -> Result<u64, StoreError>;
+    /// A consumer's group, created with `spec` when it has none: every partition then starts
+    /// where the consumer's position of a version before groups stood (0 when none). A group
+    /// that exists keeps its own spec, whatever `spec` says.
+    async fn join_group(&self, consumer: &ConsumerId, spec: GroupSpec)
+    -> Result<Group, StoreError>;
+
+    /// A consumer's group as stored; `None` when it was never created.
+    async fn group(&self, consumer: &ConsumerId) -> Result<Option<Group>, StoreError>;
+
+    /// Where a consumer has settled its category up to: the lowest position of its partitions
+    /// (0 before it has a group). Every message at or below it is handled.
+    async fn settled(&self, consumer: &ConsumerId) -> Result<u64, StoreError> {
+        Ok(self.group(consumer).await?.map_or(0, |group| group.low()))
+    }
+
+    /// Membership and leases, on a store that several processes share; `None` when one process
+    /// owns the store and so every partition.
+    fn leases(&self) -> Option<&dyn Leases> {
+        None
+    }
 
     /// The consumers with a stored position, of one category or of all.
     async fn consumers(&self, category: Option<&Category>)
@@ -358,7 +413,7 @@ pub trait MessageStore: Send + Sync + 'static {
     /// A consumer's deferred messages in order of due time.
     async fn deferred(&self, consumer: &ConsumerId) -> Result<Vec<DeferredMessage>, StoreError>;
 
-    /// Empties view tables and sends consumers back to the start of their categories (clearing
+    /// Empties view tables and sends consumers (every partition) back to the start of their categories (clearing
     /// their deferred and parked messages), in one step, so the consumers rebuild the views from
     /// the event history. Returns how many messages the consumers' categories hold: the history
     /// they will replay.

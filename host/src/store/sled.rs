@@ -15,7 +15,10 @@
 //! - `s` stream `\0` position → global (the category comes from the stream's name); a stream's
 //!   version is its last position + 1
 //! - `i` message id → the message's `m` key
-//! - `c` category `\0` name → consumer position
+//! - `c` category `\0` name → the consumer's group: `G`, partitions (u32), partition key (u8:
+//!   0 entity, 1 origin entity), then each partition's position and epoch (u64 each). Written
+//!   whole by every commit that advances the consumer: one process owns a sled store, so no two
+//!   instances contend for it. An 8-byte value is a position of the layout before groups.
 //! - `v` table `\0` key → view row JSON (a deleted row stays as a tombstone with its `lastUpdateSeq`)
 //! - `p`, `d` category `\0` name `\0` global → parked, deferred record JSON
 //! - `k` message id → the key of the message's sealed fields (32 bytes), written in the batch
@@ -37,9 +40,10 @@ use sled::Tree;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    Category, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo, DeferredMessage, Message,
-    MessageStore, NewMessage, ParkedMessage, Settle, StoreError, StreamName, ViewRow, now_ms,
-    validate_commit,
+    Category, CategoryFilter, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo,
+    DeferredMessage, Group, GroupSpec, Message, MessageStore, NewMessage, ParkedMessage,
+    PartitionInfo, PartitionKey, PartitionPosition, Settle, StoreError, StreamName, ViewRow,
+    now_ms, validate_commit,
 };
 
 const FORMAT: &[u8] = b"ferry-sled/2";
@@ -77,12 +81,18 @@ enum WriteRequest {
         chosen: Vec<ParkedMessage>,
         reply: oneshot::Sender<Result<usize, StoreError>>,
     },
+    JoinGroup {
+        consumer: ConsumerId,
+        spec: GroupSpec,
+        reply: oneshot::Sender<Result<Group, StoreError>>,
+    },
 }
 
 /// What the writer did for one request.
 enum Applied {
     Committed(Committed),
     Moved(usize),
+    Joined(Group),
 }
 
 impl WriteRequest {
@@ -91,13 +101,21 @@ impl WriteRequest {
             Self::Commit { reply, .. } | Self::RebuildViews { reply, .. } => {
                 let _ = reply.send(result.map(|applied| match applied {
                     Applied::Committed(committed) => committed,
-                    Applied::Moved(_) => Committed::default(),
+                    Applied::Moved(_) | Applied::Joined(_) => Committed::default(),
                 }));
             }
             Self::Replay { reply, .. } => {
                 let _ = reply.send(result.map(|applied| match applied {
                     Applied::Moved(moved) => moved,
-                    Applied::Committed(_) => 0,
+                    Applied::Committed(_) | Applied::Joined(_) => 0,
+                }));
+            }
+            Self::JoinGroup {
+                reply, consumer, ..
+            } => {
+                let _ = reply.send(result.and_then(|applied| match applied {
+                    Applied::Joined(group) => Ok(group),
+                    _ => Err(StoreError::NotFound(format!("consumer group {consumer}"))),
                 }));
             }
         }
@@ -197,6 +215,55 @@ fn consumer_key(consumer: &ConsumerId) -> Vec<u8> {
             consumer.name.as_bytes(),
         ],
     )
+}
+
+/// A consumer's stored group record; `None` for a position of the layout before groups (8
+/// bytes).
+fn decode_group(bytes: &[u8]) -> Result<Option<Group>, StoreError> {
+    let damaged = || StoreError::Backend("a consumer group record is damaged".into());
+    if bytes.len() == 8 {
+        return Ok(None);
+    }
+    let (&[b'G', p0, p1, p2, p3, key], rest) =
+        bytes.split_first_chunk::<6>().ok_or_else(damaged)?
+    else {
+        return Err(damaged());
+    };
+    let partitions = u32::from_be_bytes([p0, p1, p2, p3]);
+    let key = match key {
+        0 => PartitionKey::Entity,
+        1 => PartitionKey::OriginEntity,
+        _ => return Err(damaged()),
+    };
+    if rest.len() != partitions as usize * 16 {
+        return Err(damaged());
+    }
+    let positions = rest
+        .chunks_exact(16)
+        .map(|pair| PartitionPosition {
+            position: u64_be(&pair[..8]),
+            epoch: u64_be(&pair[8..]),
+        })
+        .collect();
+    Ok(Some(Group {
+        spec: GroupSpec { partitions, key },
+        positions,
+    }))
+}
+
+fn encode_group(group: &Group) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(6 + group.positions.len() * 16);
+    bytes.push(b'G');
+    bytes.extend_from_slice(&group.spec.partitions.to_be_bytes());
+    bytes.push(match group.spec.key {
+        PartitionKey::Entity => 0,
+        PartitionKey::OriginEntity => 1,
+    });
+    for position in &group.positions {
+        bytes.extend_from_slice(&position.position.to_be_bytes());
+        bytes.extend_from_slice(&position.epoch.to_be_bytes());
+    }
+    bytes
 }
 
 /// The prefix of a consumer's parked (`PARKED`) or deferred (`DEFERRED`) records.
@@ -529,6 +596,9 @@ impl Writer {
                             break;
                         }
                     },
+                    WriteRequest::JoinGroup { consumer, spec, .. } => self
+                        .join_group(&mut staged, consumer, *spec)
+                        .map(|g| (Applied::Joined(g), BTreeSet::new())),
                 };
                 if let Ok((_, categories)) = &result {
                     touched.extend(categories.iter().cloned());
@@ -702,17 +772,37 @@ impl Writer {
         }
 
         match &commit.settle {
-            Some(Settle::Advance { consumer, from, to }) => {
+            Some(Settle::Advance {
+                consumer,
+                partitions,
+                to,
+            }) => {
                 let key = consumer_key(consumer);
-                let actual = staging.get(&key)?.map(|v| u64_be(&v)).unwrap_or(0);
-                if actual != *from {
-                    return Err(StoreError::ConsumerMoved {
-                        consumer: consumer.to_string(),
-                        expected: *from,
-                        actual,
-                    });
+                let mut group = match staging.get(&key)? {
+                    Some(bytes) => decode_group(&bytes)?,
+                    None => None,
                 }
-                staging.insert(key, to.to_be_bytes().to_vec());
+                .ok_or_else(|| StoreError::NotFound(format!("consumer group {consumer}")))?;
+                for moved in partitions {
+                    let stored = group
+                        .positions
+                        .get_mut(moved.partition as usize)
+                        .ok_or_else(|| {
+                            StoreError::NotFound(format!(
+                                "partition {} of {consumer}",
+                                moved.partition
+                            ))
+                        })?;
+                    if *stored != moved.from {
+                        return Err(StoreError::ConsumerMoved {
+                            consumer: format!("{consumer} (partition {})", moved.partition),
+                            expected: moved.from.position,
+                            actual: stored.position,
+                        });
+                    }
+                    stored.position = *to;
+                }
+                staging.insert(key, encode_group(&group));
             }
             // Gone means a rebuild cleared it meanwhile: this outcome is stale.
             Some(Settle::ClearDeferred {
@@ -763,7 +853,20 @@ impl Writer {
             }
         }
         for consumer in consumers {
-            batch.insert(consumer_key(consumer), &0u64.to_be_bytes());
+            let key = consumer_key(consumer);
+            let reset = match self.tree.get(&key).map_err(backend)? {
+                Some(bytes) => match decode_group(&bytes)? {
+                    Some(mut group) => {
+                        for partition in &mut group.positions {
+                            partition.position = 0;
+                        }
+                        encode_group(&group)
+                    }
+                    None => 0u64.to_be_bytes().to_vec(),
+                },
+                None => 0u64.to_be_bytes().to_vec(),
+            };
+            batch.insert(key, reset);
             for tag in [DEFERRED, PARKED] {
                 for record in self
                     .tree
@@ -780,6 +883,43 @@ impl Writer {
             .map(|c| c.category.as_str().to_owned())
             .collect();
         Ok((Committed::default(), touched))
+    }
+
+    /// Creates a consumer's group unless it has one: every partition starts at the position of
+    /// the layout before groups, if there is one.
+    fn join_group(
+        &mut self,
+        group: &mut Staged,
+        consumer: &ConsumerId,
+        spec: GroupSpec,
+    ) -> Result<Group, StoreError> {
+        let mut staging = Staging {
+            tree: &self.tree,
+            group,
+            own: Staged::new(),
+        };
+        let key = consumer_key(consumer);
+        let start = match staging.get(&key)? {
+            Some(bytes) => match decode_group(&bytes)? {
+                Some(existing) => return Ok(existing),
+                None => u64_be(&bytes),
+            },
+            None => 0,
+        };
+        let created = Group {
+            spec,
+            positions: vec![
+                PartitionPosition {
+                    position: start,
+                    epoch: 0,
+                };
+                spec.partitions.max(1) as usize
+            ],
+        };
+        staging.insert(key, encode_group(&created));
+        let own = std::mem::take(&mut staging.own);
+        group.extend(own);
+        Ok(created)
     }
 
     /// Moves parked messages to their consumers' deferred sets, due at once. In the writer thread,
@@ -877,7 +1017,7 @@ impl MessageStore for SledStore {
         &self,
         category: &Category,
         after: u64,
-        origin_prefix: Option<&str>,
+        filter: &CategoryFilter,
         limit: usize,
     ) -> Result<CategoryPage, StoreError> {
         // A message written but not yet flushed stays unseen: a consumer must not act on it (send
@@ -898,13 +1038,7 @@ impl MessageStore for SledStore {
             }
             let message: Message = decode("message", &entry.map_err(backend)?)?;
             page.scanned_to = message.global_position;
-            let wanted = match origin_prefix {
-                None => true,
-                Some(prefix) => message
-                    .origin_entity()
-                    .is_some_and(|o| o.starts_with(prefix)),
-            };
-            if wanted {
+            if filter.keeps(&message) {
                 page.messages.push(message);
             }
         }
@@ -945,13 +1079,25 @@ impl MessageStore for SledStore {
             .unwrap_or(0))
     }
 
-    async fn consumer_position(&self, consumer: &ConsumerId) -> Result<u64, StoreError> {
-        Ok(self
-            .tree()
-            .get(consumer_key(consumer))
-            .map_err(backend)?
-            .map(|v| u64_be(&v))
-            .unwrap_or(0))
+    async fn join_group(
+        &self,
+        consumer: &ConsumerId,
+        spec: GroupSpec,
+    ) -> Result<Group, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.write(WriteRequest::JoinGroup {
+            consumer: consumer.clone(),
+            spec,
+            reply,
+        })?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn group(&self, consumer: &ConsumerId) -> Result<Option<Group>, StoreError> {
+        match self.tree().get(consumer_key(consumer)).map_err(backend)? {
+            Some(bytes) => decode_group(&bytes),
+            None => Ok(None),
+        }
     }
 
     async fn consumers(
@@ -970,10 +1116,38 @@ impl MessageStore for SledStore {
                 continue;
             };
             let category = Category::parse(category)?;
-            let position = u64_be(&value);
+            let group = decode_group(&value)?;
+            let position = match &group {
+                Some(group) => group.low(),
+                None => u64_be(&value),
+            };
             let start = message_key(category.as_str(), position.saturating_add(1));
             let end = message_key(category.as_str(), u64::MAX);
-            let lag = self.tree().range(start..=end).keys().count() as u64;
+            let mut partitions: Vec<PartitionInfo> = group
+                .iter()
+                .flat_map(|g| g.positions.iter().enumerate())
+                .map(|(partition, p)| PartitionInfo {
+                    partition: partition as u32,
+                    position: p.position,
+                    epoch: p.epoch,
+                    lag: 0,
+                    owner: None,
+                })
+                .collect();
+            let lag = match &group {
+                // Counting per partition needs each message's entity.
+                Some(group) => {
+                    for entry in self.tree().range(start..=end).values() {
+                        let message: Message = decode("message", &entry.map_err(backend)?)?;
+                        let info = &mut partitions[group.spec.partition_of(&message) as usize];
+                        if message.global_position > info.position {
+                            info.lag += 1;
+                        }
+                    }
+                    partitions.iter().map(|p| p.lag).sum()
+                }
+                None => self.tree().range(start..=end).keys().count() as u64,
+            };
             let consumer = ConsumerId::new(category, name);
             let deferred = self
                 .tree()
@@ -986,6 +1160,8 @@ impl MessageStore for SledStore {
                 position,
                 lag,
                 deferred,
+                partitions,
+                instances: Vec::new(),
             });
         }
         Ok(listed)
@@ -1105,18 +1281,24 @@ mod tests {
         let user = Category::parse("user")?;
         // As if `b` were in the tree with its flush still running.
         store.inner.durable.store(1, Ordering::Release);
-        let page = store.read_category(&user, 0, None, 10).await?;
+        let page = store
+            .read_category(&user, 0, &CategoryFilter::default(), 10)
+            .await?;
         assert_eq!(ids(&page), ["a"]);
         assert_eq!(
             page.scanned_to, 1,
             "nothing unflushed is skipped over either"
         );
-        let page = store.read_category(&user, 1, None, 10).await?;
+        let page = store
+            .read_category(&user, 1, &CategoryFilter::default(), 10)
+            .await?;
         assert!(page.messages.is_empty());
         assert_eq!(page.scanned_to, 1);
         // The next commit's flush covers both.
         store.commit(append("user.3", "c")).await?;
-        let page = store.read_category(&user, 1, None, 10).await?;
+        let page = store
+            .read_category(&user, 1, &CategoryFilter::default(), 10)
+            .await?;
         assert_eq!(ids(&page), ["b", "c"]);
         Ok(())
     }

@@ -8,7 +8,10 @@
 //! |---|---|
 //! | `NS.m.<category>.<id>` | the messages of stream `<category>.<id>`; the stream sequence is the global position |
 //! | `NS.id.<message id>` | an id claim, stored just before its message (so the message is at claim + 1) |
-//! | `NS.pos.<category>.<consumer>` | a consumer's position (rolled up: only the last is kept) |
+//! | `NS.group.<category>.<consumer>` | a consumer group's spec: partitions and partition key |
+//! | `NS.pos.<category>.<consumer>.<partition>` | a partition's position and epoch (rolled up: only the last is kept); `NS.pos.<category>.<consumer>` is a position of the format before groups |
+//! | `NS.lease.<category>.<consumer>.<partition>` | who holds a partition, and its epoch (rolled up) |
+//! | `NS.member.<category>.<consumer>.<instance>` | an instance's heartbeat (rolled up; empty once it left) |
 //! | `NS.v.<table>.<key>` | a view row with its `lastUpdateSeq` (rolled up) |
 //! | `NS.park.<category>.<consumer>.<global>` | a parked message, empty once replayed (rolled up) |
 //! | `NS.defer.<category>.<consumer>.<global>` | a deferred message, empty once handled (rolled up) |
@@ -47,10 +50,13 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    Category, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo, DeferredMessage, Message,
-    MessageStore, ParkedMessage, Settle, StoreError, StreamName, ViewRow, now_ms, validate_commit,
+    Category, CategoryFilter, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo,
+    DeferredMessage, Group, GroupSpec, Leases, Message, MessageStore, ParkedMessage,
+    PartitionPosition, Settle, StoreError, StreamName, ViewRow, now_ms, validate_commit,
     validate_table_name,
 };
+
+mod group;
 
 /// JetStream refuses an atomic batch of more messages than this.
 const MAX_BATCH: usize = 1000;
@@ -310,8 +316,16 @@ impl NatsStore {
         format!("{}.{}", consumer.category.as_str(), token(&consumer.name))
     }
 
+    /// A consumer's position in the format before groups.
     fn position_subject(&self, consumer: &ConsumerId) -> String {
         self.subject(&format!("pos.{}", Self::consumer_part(consumer)))
+    }
+
+    fn partition_subject(&self, consumer: &ConsumerId, partition: u32) -> String {
+        self.subject(&format!(
+            "pos.{}.{partition}",
+            Self::consumer_part(consumer)
+        ))
     }
 
     fn parked_subject(&self, consumer: &ConsumerId, global: u64) -> String {
@@ -330,14 +344,22 @@ impl NatsStore {
         self.subject(&format!("key.{}", token(message_id)))
     }
 
-    /// The subject a settle changes: the consumer's position, or one deferred entry.
-    fn settle_subject(&self, settle: &Settle) -> String {
+    /// The subjects a settle changes: the positions of the partitions it advances, or one
+    /// deferred entry.
+    fn settle_subjects(&self, settle: &Settle) -> Vec<String> {
         match settle {
-            Settle::Advance { consumer, .. } => self.position_subject(consumer),
+            Settle::Advance {
+                consumer,
+                partitions,
+                ..
+            } => partitions
+                .iter()
+                .map(|moved| self.partition_subject(consumer, moved.partition))
+                .collect(),
             Settle::ClearDeferred {
                 consumer,
                 global_position,
-            } => self.deferred_subject(consumer, *global_position),
+            } => vec![self.deferred_subject(consumer, *global_position)],
         }
     }
 
@@ -611,7 +633,7 @@ impl NatsStore {
                 commit
                     .settle
                     .iter()
-                    .map(|settle| self.settle_subject(settle)),
+                    .flat_map(|settle| self.settle_subjects(settle)),
             );
             for write in &commit.views {
                 if validate_table_name(&write.table).is_ok() {
@@ -789,25 +811,34 @@ impl NatsStore {
 
         match &commit.settle {
             None => {}
-            Some(settle @ Settle::Advance { consumer, from, to }) => {
-                let subject = self.settle_subject(settle);
-                let current = staged.current(&subject);
-                let actual = match &current {
-                    Some(entry) => decode_position(entry)?,
-                    None => 0,
-                };
-                if actual != *from {
-                    return Err(StoreError::ConsumerMoved {
-                        consumer: consumer.to_string(),
-                        expected: *from,
-                        actual,
-                    });
+            Some(Settle::Advance {
+                consumer,
+                partitions,
+                to,
+            }) => {
+                // Each partition's record must be as the consumer read it, epoch included: a
+                // take-over rewrote it with a new epoch, so a commit decided under the old lease
+                // fails here, or at the server if the take-over lands after this read.
+                for moved in partitions {
+                    let subject = self.partition_subject(consumer, moved.partition);
+                    let current = staged.current(&subject);
+                    let actual = match &current {
+                        Some(entry) => decode_position(entry)?,
+                        None => PartitionPosition::default(),
+                    };
+                    if actual != moved.from {
+                        return Err(StoreError::ConsumerMoved {
+                            consumer: format!("{consumer} (partition {})", moved.partition),
+                            expected: moved.from.position,
+                            actual: actual.position,
+                        });
+                    }
+                    let next = PartitionPosition {
+                        position: *to,
+                        epoch: actual.epoch,
+                    };
+                    planned.put(subject, to_json(&next)?, Some(current.map_or(0, |e| e.seq)));
                 }
-                planned.put(
-                    subject,
-                    to_json(&json!({ "position": to }))?,
-                    Some(current.map_or(0, |e| e.seq)),
-                );
             }
             Some(
                 settle @ Settle::ClearDeferred {
@@ -815,7 +846,8 @@ impl NatsStore {
                     global_position,
                 },
             ) => {
-                let subject = self.settle_subject(settle);
+                let subject = self.deferred_subject(consumer, *global_position);
+                debug_assert_eq!(self.settle_subjects(settle), vec![subject.clone()]);
                 match staged.current(&subject) {
                     Some(entry) if !entry.payload.is_empty() => {
                         planned.put(subject, Vec::new(), Some(entry.seq));
@@ -1080,7 +1112,7 @@ impl NatsStore {
             inactive_threshold: WATCHER_INACTIVE,
             filter_subjects: vec![
                 self.category_filter(&consumer.category),
-                self.position_subject(consumer),
+                self.subject(&format!("pos.{}.*", Self::consumer_part(consumer))),
                 self.subject(&format!("defer.{}.*", Self::consumer_part(consumer))),
             ],
             deliver_policy: jetstream::consumer::DeliverPolicy::New,
@@ -1467,13 +1499,19 @@ fn entry_of(reply: async_nats::Message) -> Result<Entry, StoreError> {
     })
 }
 
-fn decode_position(entry: &Entry) -> Result<u64, StoreError> {
+/// A partition's position; a position of the format before groups reads with epoch 0.
+fn decode_position(entry: &Entry) -> Result<PartitionPosition, StoreError> {
     #[derive(Deserialize)]
     struct Position {
         position: u64,
+        #[serde(default)]
+        epoch: u64,
     }
     serde_json::from_slice::<Position>(&entry.payload)
-        .map(|p| p.position)
+        .map(|p| PartitionPosition {
+            position: p.position,
+            epoch: p.epoch,
+        })
         .map_err(|e| {
             backend(
                 "read",
@@ -1639,7 +1677,7 @@ impl MessageStore for NatsStore {
         &self,
         category: &Category,
         after: u64,
-        origin_prefix: Option<&str>,
+        keep: &CategoryFilter,
         limit: usize,
     ) -> Result<CategoryPage, StoreError> {
         let filter = self.category_filter(category);
@@ -1649,7 +1687,7 @@ impl MessageStore for NatsStore {
         };
         let mut scanned = 0;
         while page.messages.len() < limit && scanned < MAX_SCAN {
-            let want = if origin_prefix.is_some() {
+            let want = if !keep.keeps_all() {
                 PAGE
             } else {
                 (limit - page.messages.len()).min(PAGE)
@@ -1665,12 +1703,7 @@ impl MessageStore for NatsStore {
                 scanned += 1;
                 let message = self.decode_message(entry)?;
                 page.scanned_to = entry.seq;
-                let wanted = origin_prefix.is_none_or(|prefix| {
-                    message
-                        .origin_entity()
-                        .is_some_and(|o| o.starts_with(prefix))
-                });
-                if wanted {
+                if keep.keeps(&message) {
                     page.messages.push(message);
                 }
             }
@@ -1716,51 +1749,27 @@ impl MessageStore for NatsStore {
         Ok(self.last(&self.subject("m.>")).await?.map_or(0, |e| e.seq))
     }
 
-    async fn consumer_position(&self, consumer: &ConsumerId) -> Result<u64, StoreError> {
-        match self.last(&self.position_subject(consumer)).await? {
-            Some(entry) => decode_position(&entry),
-            None => Ok(0),
-        }
+    async fn join_group(
+        &self,
+        consumer: &ConsumerId,
+        spec: GroupSpec,
+    ) -> Result<Group, StoreError> {
+        self.join_group_now(consumer, spec).await
+    }
+
+    async fn group(&self, consumer: &ConsumerId) -> Result<Option<Group>, StoreError> {
+        self.stored_group(consumer).await
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
     }
 
     async fn consumers(
         &self,
         category: Option<&Category>,
     ) -> Result<Vec<ConsumerInfo>, StoreError> {
-        let filter = match category {
-            Some(category) => self.subject(&format!("pos.{}.*", category.as_str())),
-            None => self.subject("pos.*.*"),
-        };
-        let prefix = format!("{}.pos.", self.inner.ns);
-        let mut listed = Vec::new();
-        for entry in self.all(&filter).await? {
-            let Some((category, name)) = entry
-                .subject
-                .strip_prefix(&prefix)
-                .and_then(|rest| rest.split_once('.'))
-            else {
-                continue;
-            };
-            let category = Category::parse(category)?;
-            let name = untoken(name).ok_or_else(|| {
-                backend("read", format!("bad consumer subject {}", entry.subject))
-            })?;
-            let consumer = ConsumerId::new(category, name);
-            let position = decode_position(&entry)?;
-            let messages = self.category_filter(&consumer.category);
-            let category_head = self.last(&messages).await?.map_or(0, |e| e.seq);
-            let lag = self.count_after(&messages, position).await?;
-            let deferred = self.deferred(&consumer).await?.len() as u64;
-            listed.push(ConsumerInfo {
-                consumer,
-                position,
-                category_head,
-                lag,
-                deferred,
-            });
-        }
-        listed.sort_by(|a, b| a.consumer.cmp(&b.consumer));
-        Ok(listed)
+        self.list_consumers(category).await
     }
 
     async fn view_get(&self, table: &str, key: &str) -> Result<Option<ViewRow>, StoreError> {
@@ -1853,11 +1862,18 @@ impl MessageStore for NatsStore {
         for consumer in consumers {
             purge(self.subject(&format!("defer.{}.>", Self::consumer_part(consumer)))).await?;
             purge(self.subject(&format!("park.{}.>", Self::consumer_part(consumer)))).await?;
-            plan.put(
-                &self.position_subject(consumer),
-                to_json(&json!({ "position": 0 }))?,
-                None,
-            );
+            // Every partition back to the start, keeping its epoch: the lease holder goes on.
+            for (partition, position) in self.partition_positions(consumer).await? {
+                let reset = PartitionPosition {
+                    position: 0,
+                    epoch: position.epoch,
+                };
+                plan.put(
+                    &self.partition_subject(consumer, partition),
+                    to_json(&reset)?,
+                    None,
+                );
+            }
         }
         if !plan.outgoing.is_empty() {
             self.publish(plan.outgoing).await.map_err(|e| match e {

@@ -1,0 +1,251 @@
+//! Sharing a consumer's partitions between instances of a service on a shared store: each
+//! instance announces itself with heartbeats and keeps its share of the partitions' leases,
+//! sticky and without a leader. The consumer reads only what this instance owns (see
+//! `consumer`); the store's fence refuses what it decided under a lease it lost.
+//!
+//! Assignment: from the sorted list of live members, each computes its quota (`P / n`, the first
+//! `P mod n` one more). It keeps the partitions it holds up to its quota, releases the rest, and
+//! takes free ones (no owner, or an owner no longer alive) up to its quota. Only the partitions
+//! that must move do: a joining instance takes about `P / n`, a leaving one's are taken by the
+//! others. Liveness is judged by this process's clock: a member is alive while its heartbeat's
+//! revision changed within the lease time, so two machines' clocks are never compared.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::store::{
+    ConsumerId, GroupSpec, GroupState, Lease, Member, MessageStore, StoreError, now_ms,
+};
+
+/// What a consumer may read and advance right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Owned {
+    /// Every partition: one process owns the store, there are no leases.
+    All,
+    /// These partitions, each with the epoch of the lease this instance holds.
+    Leased(BTreeMap<u32, u64>),
+}
+
+impl Owned {
+    /// The epoch under which this instance holds `partition`, if it does.
+    pub(crate) fn epoch(&self, partition: u32) -> Option<u64> {
+        match self {
+            Self::All => Some(0),
+            Self::Leased(leases) => leases.get(&partition).copied(),
+        }
+    }
+}
+
+/// One instance's part in a consumer group: heartbeats, and the leases it keeps.
+pub(super) struct Assigner {
+    pub(super) store: Arc<dyn MessageStore>,
+    pub(super) consumer: ConsumerId,
+    pub(super) spec: GroupSpec,
+    pub(super) instance: Arc<str>,
+    pub(super) ttl: Duration,
+    pub(super) owned: watch::Sender<Owned>,
+}
+
+/// The last heartbeat revision seen of each member, and when (by this process's clock).
+#[derive(Default)]
+struct Liveness(HashMap<String, (u64, Instant)>);
+
+impl Liveness {
+    /// The members alive now (sorted; `me` always among them), and those judged dead.
+    ///
+    /// A member seen for the first time is judged by the time its last heartbeat carries, the
+    /// one place two clocks meet: a record older than the lease time is a process that died
+    /// without leaving, and its partitions are free at once rather than after waiting out the
+    /// lease again. A clock skewed past the lease time costs a live member its leases (the fence
+    /// keeps that safe) until its next heartbeat, whose new revision marks it alive again.
+    fn judge(&mut self, state: &GroupState, me: &str, ttl: Duration) -> (Vec<String>, Vec<Member>) {
+        let now = Instant::now();
+        for member in &state.members {
+            let first_seen = || {
+                let silent_ms = now_ms().saturating_sub(member.heartbeat_ms);
+                match silent_ms >= ttl.as_millis() as u64 {
+                    true => now.checked_sub(ttl).unwrap_or(now),
+                    false => now,
+                }
+            };
+            let seen = self
+                .0
+                .entry(member.instance.clone())
+                .or_insert_with(|| (member.revision, first_seen()));
+            if seen.0 != member.revision {
+                *seen = (member.revision, now);
+            }
+        }
+        let listed: HashSet<&str> = state.members.iter().map(|m| m.instance.as_str()).collect();
+        self.0
+            .retain(|instance, _| listed.contains(instance.as_str()));
+        let is_alive = |instance: &str| {
+            instance == me
+                || self
+                    .0
+                    .get(instance)
+                    .is_some_and(|(_, at)| now.duration_since(*at) < ttl)
+        };
+        let mut alive: Vec<String> = self.0.keys().filter(|i| is_alive(i)).cloned().collect();
+        if !alive.iter().any(|i| i == me) {
+            alive.push(me.to_owned());
+        }
+        alive.sort();
+        let dead = state
+            .members
+            .iter()
+            .filter(|m| !is_alive(&m.instance))
+            .cloned()
+            .collect();
+        (alive, dead)
+    }
+}
+
+impl Assigner {
+    fn tick(&self) -> Duration {
+        (self.ttl / 20).clamp(Duration::from_millis(50), Duration::from_millis(250))
+    }
+
+    /// Keeps this instance's share until `stopped` says the consumer has finished (its last
+    /// commit is in), then releases every lease and leaves, so the others take over at once.
+    pub(super) async fn run(self, mut stopped: watch::Receiver<bool>) {
+        let Some(leases) = self.store.leases() else {
+            return;
+        };
+        let started_ms = now_ms();
+        let mut liveness = Liveness::default();
+        let mut last_heartbeat: Option<Instant> = None;
+        loop {
+            if *stopped.borrow() {
+                break;
+            }
+            if last_heartbeat.is_none_or(|at| at.elapsed() >= self.ttl / 5) {
+                match leases
+                    .heartbeat(&self.consumer, &self.instance, started_ms)
+                    .await
+                {
+                    Ok(()) => last_heartbeat = Some(Instant::now()),
+                    Err(e) => tracing::warn!(consumer = %self.consumer, "heartbeat failed: {e}"),
+                }
+            }
+            if let Err(e) = self.rebalance(&mut liveness).await {
+                tracing::warn!(consumer = %self.consumer, "rebalancing failed: {e}");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.tick()) => {}
+                _ = stopped.changed() => {}
+            }
+        }
+        // The consumer is done: nothing more is committed under these leases.
+        let held = self.held().await.unwrap_or_default();
+        self.owned.send_replace(Owned::Leased(BTreeMap::new()));
+        for lease in held {
+            if let Err(e) = leases.release(&self.consumer, &lease).await {
+                tracing::debug!(consumer = %self.consumer, partition = lease.partition, "release: {e}");
+            }
+        }
+        if let Err(e) = leases.leave(&self.consumer, &self.instance).await {
+            tracing::warn!(consumer = %self.consumer, "leaving the group failed: {e}");
+        }
+    }
+
+    async fn state(&self) -> Result<GroupState, StoreError> {
+        match self.store.leases() {
+            Some(leases) => leases.group_state(&self.consumer, &self.spec).await,
+            None => Ok(GroupState::default()),
+        }
+    }
+
+    async fn held(&self) -> Result<Vec<Lease>, StoreError> {
+        let me = Some(self.instance.to_string());
+        Ok(self
+            .state()
+            .await?
+            .leases
+            .into_iter()
+            .filter(|lease| lease.owner == me)
+            .collect())
+    }
+
+    /// One round: keep what is ours up to the quota, release the rest, take free partitions.
+    async fn rebalance(&self, liveness: &mut Liveness) -> Result<(), StoreError> {
+        let Some(leases) = self.store.leases() else {
+            return Ok(());
+        };
+        let state = self.state().await?;
+        let (alive, dead) = liveness.judge(&state, &self.instance, self.ttl);
+        for member in &dead {
+            // Its leases are free either way; the record goes so listings show the living.
+            match leases.forget(&self.consumer, member).await {
+                Ok(()) => tracing::info!(
+                    consumer = %self.consumer, instance = %member.instance,
+                    "an instance stopped renewing its membership; its partitions are free"
+                ),
+                Err(StoreError::ConsumerMoved { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let index = alive.iter().position(|i| *i == *self.instance).unwrap_or(0);
+        let partitions = state.leases.len();
+        let quota = partitions / alive.len() + usize::from(index < partitions % alive.len());
+        let me = Some(self.instance.to_string());
+        let mut mine: BTreeMap<u32, Lease> = state
+            .leases
+            .iter()
+            .filter(|lease| lease.owner == me)
+            .map(|lease| (lease.partition, lease.clone()))
+            .collect();
+        // Over quota: stop reading the extras first, then give them up.
+        while mine.len() > quota {
+            let Some((_, lease)) = mine.pop_last() else {
+                break;
+            };
+            self.publish(&mine);
+            if let Err(e) = leases.release(&self.consumer, &lease).await {
+                tracing::debug!(consumer = %self.consumer, partition = lease.partition, "release: {e}");
+            }
+        }
+        if mine.len() < quota {
+            // Start looking where this member's share would begin, so that newcomers do not
+            // all race for the same free partitions.
+            let start = index * partitions / alive.len().max(1);
+            let free = (0..partitions)
+                .map(|offset| &state.leases[(start + offset) % partitions])
+                .filter(|lease| match &lease.owner {
+                    None => true,
+                    Some(owner) => !alive.contains(owner),
+                });
+            for lease in free {
+                if mine.len() >= quota {
+                    break;
+                }
+                match leases.take(&self.consumer, &self.instance, lease).await {
+                    Ok(taken) => {
+                        tracing::debug!(
+                            consumer = %self.consumer, partition = taken.partition,
+                            epoch = taken.epoch, from = ?lease.owner, "took a partition"
+                        );
+                        mine.insert(taken.partition, taken);
+                    }
+                    // Someone else took it first, or its position moved: look again next round.
+                    Err(StoreError::ConsumerMoved { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.publish(&mine);
+        Ok(())
+    }
+
+    fn publish(&self, mine: &BTreeMap<u32, Lease>) {
+        let owned = Owned::Leased(mine.iter().map(|(p, lease)| (*p, lease.epoch)).collect());
+        self.owned.send_if_modified(|current| {
+            let changed = *current != owned;
+            *current = owned;
+            changed
+        });
+    }
+}
