@@ -9,7 +9,7 @@
 //!
 //! Rows: the raw store's durable append rate (row 1), end-to-end durable command throughput and
 //! latency through the `counter` guest (with the ratio to row 1), the Wasm cost per message, cold
-//! start, and resident memory; row 0, just before the latency rows, the longest pause of the
+//! start, resident memory, and one service as 1, 2 and 3 processes on JetStream; row 0, just before the latency rows, the longest pause of the
 //! machine's cores. Rows 1 and 2 run on sled and, when `nats-server` is found (as in
 //! the tests: `FERRY_NATS_SERVER`, `.tools/venv`, `PATH`), on a JetStream it starts with
 //! `sync_interval: always`, so both stores are durable on disk before they acknowledge.
@@ -21,6 +21,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[path = "measure/mod.rs"]
 mod measure;
 // The tests' nats-server launcher; the benchmark only starts a server.
+#[path = "bench/instances.rs"]
+mod instances;
 #[allow(dead_code)]
 #[path = "../tests/support/nats.rs"]
 mod nats_server;
@@ -725,7 +727,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");
-    // `--only sled,wasm`: run only these sections (sled, jetstream, wasm, start, memory).
+    // `--only sled,wasm`: run only these sections (sled, jetstream, wasm, start, memory,
+    // instances).
     let only: Option<Vec<String>> = args
         .iter()
         .position(|a| a == "--only")
@@ -1037,6 +1040,17 @@ async fn main() -> anyhow::Result<()> {
             format!("{:.1} ms", median(host_start)),
             "store open + load + consumers".into(),
         );
+    }
+    if runs("instances") {
+        // 6. One service as several processes on JetStream.
+        match nats_server::NatsServer::try_start() {
+            Err(reason) => table.row(
+                "6. instance rows",
+                "skipped".into(),
+                format!("no nats-server: {reason}"),
+            ),
+            Ok(server) => instances::rows(&mut table, &server.url(), quick, &guest("user")).await?,
+        }
     }
     println!();
     println!(

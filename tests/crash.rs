@@ -1,18 +1,19 @@
 //! The crash test: a `ferry` host handles a steady flow of commands through a real guest while a
 //! driver kills it with SIGKILL at random moments and starts it again; on the embedded sled store
-//! and on a real JetStream.
+//! and on a real JetStream, there also with two instances of which one is killed at a time.
 //!
 //! `FERRY_CRASH_SEED` replays a run (the seed is printed), `FERRY_CRASH_KILLS` sets how many kills
 //! (default 20).
 
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Setup, SteadySender, wait_until};
+use support::{Host, Setup, SteadySender, wait_until};
 
 const ENTITIES: usize = 5;
 
@@ -34,16 +35,24 @@ impl Rng {
 
 #[test]
 fn survives_repeated_sigkill_without_loss_or_duplicates() {
-    kill_repeatedly(Setup::new(&["counter"]));
+    kill_repeatedly(Setup::new(&["counter"]), 1);
 }
 
 #[test]
 fn survives_repeated_sigkill_on_jetstream_without_loss_or_duplicates() {
     let server = support::nats::NatsServer::start();
-    kill_repeatedly(Setup::with_store(&["counter"], &server.url()));
+    kill_repeatedly(Setup::with_store(&["counter"], &server.url()), 1);
 }
 
-fn kill_repeatedly(setup: Setup) {
+#[test]
+fn survives_repeated_sigkill_of_one_of_two_instances_on_jetstream() {
+    let server = support::nats::NatsServer::start();
+    kill_repeatedly(Setup::with_store(&["counter"], &server.url()), 2);
+}
+
+/// Runs `instances` hosts (each its own process and data folder, sharing the store) under a
+/// steady flow of commands, killing one at random moments and starting it again.
+fn kill_repeatedly(setup: Setup, instances: usize) {
     let seed = std::env::var("FERRY_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -64,15 +73,30 @@ fn kill_repeatedly(setup: Setup) {
     let setup = Arc::new(setup);
     let sender = SteadySender::start(setup.clone(), ENTITIES);
 
-    let mut host = Some(setup.start(&[]));
+    let folders: Vec<PathBuf> = (0..instances)
+        .map(|i| match i {
+            0 => setup.data(),
+            _ => setup.dir.path().join(format!("instance-{i}")),
+        })
+        .collect();
+    // A short lease, so that a killed instance's share moves on soon.
+    let extra: &[&str] = match instances {
+        1 => &[],
+        _ => &["--lease-ttl-ms", "1000"],
+    };
+    let mut hosts: Vec<Option<Host>> = folders
+        .iter()
+        .map(|folder| Some(setup.start_in(folder, extra)))
+        .collect();
     for _ in 0..kills {
         std::thread::sleep(Duration::from_millis(rng.between(50, 600)));
-        host.take().expect("a running host").kill();
+        let victim = rng.between(0, instances as u64) as usize;
+        hosts[victim].take().expect("a running host").kill();
         if rng.between(0, 4) == 0 {
             // Sometimes stay down a while: commands keep arriving meanwhile.
             std::thread::sleep(Duration::from_millis(rng.between(50, 400)));
         }
-        host = Some(setup.start(&[]));
+        hosts[victim] = Some(setup.start_in(&folders[victim], extra));
     }
     let commands = sender.stop();
     eprintln!("crash test: {kills} kills, {commands} commands");
@@ -82,34 +106,7 @@ fn kill_repeatedly(setup: Setup) {
     );
 
     // Every command was handled exactly once, in order per entity.
-    let mut causes = HashSet::new();
-    let mut event_ids = HashSet::new();
-    for entity in 0..ENTITIES {
-        let expected = (0..commands).filter(|n| n % ENTITIES == entity).count();
-        let events = setup.wait_for_stream(&format!("counter.e{entity}"), expected);
-        assert_eq!(
-            events.len(),
-            expected,
-            "e{entity}: one event per command (seed {seed})"
-        );
-        for (n, event) in events.iter().enumerate() {
-            assert_eq!(
-                event["data"]["total"],
-                (n + 1) as u64,
-                "e{entity} counts in order"
-            );
-            assert!(event_ids.insert(event["id"].as_str().unwrap_or_default().to_owned()));
-            let cause = event["metadata"]["causationId"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            assert!(
-                causes.insert(cause),
-                "a command was handled twice (seed {seed})"
-            );
-        }
-    }
-    assert_eq!(causes.len(), commands);
+    support::assert_counted_once_in_order(&setup, commands, ENTITIES, &format!("seed {seed}"));
 
     // Every consumer has handled everything: no partition lags.
     for category in ["counter:command", "counter"] {
@@ -138,7 +135,9 @@ fn kill_repeatedly(setup: Setup) {
         rows(&setup).len() == ENTITIES
     });
     let before = rows(&setup);
-    host.take().expect("host").stop();
+    for host in hosts.into_iter().flatten() {
+        host.stop();
+    }
     setup.ferry_json(&["rebuild", "totals"]);
     assert_eq!(
         rows(&setup),

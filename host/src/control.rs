@@ -265,6 +265,7 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             }))
         }
         Request::Services => {
+            let metrics = service::metrics();
             let services: Vec<Value> = context
                 .services
                 .list()
@@ -275,6 +276,9 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
                         "version": s.component.hash(),
                         "path": s.path,
                         "sinceMs": s.since_ms,
+                        "instance": s.instance.as_deref(),
+                        // What this process handled of it since it started.
+                        "handled": metrics.get(&s.name).map_or(0, |m| m.handled),
                     })
                 })
                 .collect();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod billing;
+pub mod leases;
 pub mod nats;
 
 pub fn repo_root() -> PathBuf {
@@ -279,7 +280,7 @@ impl Setup {
         self.command_in(&self.data())
     }
 
-    fn command_in(&self, data: &Path) -> Command {
+    pub fn command_in(&self, data: &Path) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
         command
             .arg("--data")
@@ -408,6 +409,14 @@ impl Host {
         let _ = self.child.wait();
     }
 
+    /// Sends a signal (`STOP`, `CONT`, `TERM`) without waiting.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status();
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -456,6 +465,37 @@ impl SteadySender {
         self.thread.join().expect("sender");
         self.sent.load(Ordering::Relaxed)
     }
+}
+
+/// Every command `SteadySender` sent was handled exactly once, in order per entity: one
+/// `Incremented` per command in each `counter.eN`, totals counting up by one, no command the
+/// cause of two events. `run` names the run in failure messages (a seed to replay it).
+pub fn assert_counted_once_in_order(setup: &Setup, commands: usize, entities: usize, run: &str) {
+    let mut causes = std::collections::HashSet::new();
+    let mut event_ids = std::collections::HashSet::new();
+    for entity in 0..entities {
+        let expected = (0..commands).filter(|n| n % entities == entity).count();
+        let events = setup.wait_for_stream(&format!("counter.e{entity}"), expected);
+        assert_eq!(
+            events.len(),
+            expected,
+            "e{entity}: one event per command ({run})"
+        );
+        for (n, event) in events.iter().enumerate() {
+            assert_eq!(
+                event["data"]["total"],
+                (n + 1) as u64,
+                "e{entity} counts in order ({run})"
+            );
+            assert!(event_ids.insert(event["id"].as_str().unwrap_or_default().to_owned()));
+            let cause = event["metadata"]["causationId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            assert!(causes.insert(cause), "a command was handled twice ({run})");
+        }
+    }
+    assert_eq!(causes.len(), commands);
 }
 
 /// The `type` of each message, in order.

@@ -432,6 +432,12 @@ async fn answer(
     request: Request,
 ) -> anyhow::Result<Value> {
     if matches!(store, StoreChoice::Nats(_)) {
+        // What a host runs is known only to it: ask the one of this data folder, if any.
+        if matches!(request, Request::Services)
+            && let Some(answer) = control::try_remote(data, &request).await?
+        {
+            return Ok(answer);
+        }
         return execute_locally(data, services, store, request).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -703,11 +703,15 @@ impl Consumer {
             outcome,
             entity,
             version,
+            read_versions,
         } = decision;
         let checked = check_outcome(self.component.manifest(), handled, outcome)?;
         Ok(Commit {
             appends: group_appends(checked.messages, |stream| {
-                (entity.as_ref() == Some(stream)).then_some(version)
+                match entity.as_ref() == Some(stream) {
+                    true => Some(version),
+                    false => read_versions.get(stream).copied(),
+                }
             }),
             views: checked.views,
             settle: Some(settle),

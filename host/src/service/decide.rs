@@ -22,6 +22,10 @@ pub(super) struct Decision {
     pub(super) outcome: Outcome,
     pub(super) entity: Option<StreamName>,
     pub(super) version: u64,
+    /// Streams the handler read through the host, at the version it saw: an outcome that
+    /// writes to one of them expects it still there (a username claim decided on an empty
+    /// claim stream must not land after another instance's claim).
+    pub(super) read_versions: HashMap<StreamName, u64>,
 }
 
 pub(super) enum Decline {
@@ -58,13 +62,15 @@ pub(super) async fn decide(
     let joined = tokio::task::spawn_blocking(move || {
         let service = component.manifest().name.clone();
         let entity = entity_of(&service, &message);
+        // Nothing is pending for one message: the overlay only records what the handler read.
+        let reads = SharedOverlay::default();
         let host = StoreHost {
             runtime: runtime.clone(),
             store: store.clone(),
             service,
             handled_id: message.id.clone(),
             mail,
-            overlay: None,
+            overlay: Some(reads.clone()),
         };
         let mut instance = component
             .instantiate(Box::new(host))
@@ -92,10 +98,15 @@ pub(super) async fn decide(
             instance.handle_event(&message, state.as_deref())
         }
         .map_err(Decline::Guest)?;
+        let read_versions = reads
+            .lock()
+            .map(|reads| reads.read_versions.clone())
+            .unwrap_or_default();
         Ok(Decision {
             outcome,
             entity,
             version,
+            read_versions,
         })
     });
     match joined.await {
@@ -450,9 +461,14 @@ fn decide_lane<'a>(
                 None => {
                     // A stream folded in this lane with nothing pending is at the version
                     // folded (a write since fails the commit's expected version).
-                    let stored = match states.get(stream) {
-                        Some((_, version)) => *version,
-                        None => runtime
+                    let stored = match (states.get(stream), pending.read_versions.get(stream)) {
+                        (Some((_, version)), _) => *version,
+                        // The handler decided on what it read there: the write expects it.
+                        (None, Some(read)) => {
+                            decision.expected.entry(stream.clone()).or_insert(*read);
+                            *read
+                        }
+                        (None, None) => runtime
                             .block_on(store.stream_version(stream))
                             .map_err(BatchDecline::Store)?,
                     };
@@ -523,6 +539,9 @@ pub(super) struct Overlay {
     pub(super) views: HashMap<(String, String), Option<Value>>,
     /// Reads handlers made through the host (streams, views), which may see other entities.
     pub(super) host_reads: usize,
+    /// Streams read through the host to their end with nothing pending, at the version first
+    /// seen: what a write to them expects.
+    pub(super) read_versions: HashMap<StreamName, u64>,
 }
 
 pub(super) type SharedOverlay = Arc<std::sync::Mutex<Overlay>>;
@@ -541,6 +560,18 @@ pub(super) fn read_merged(
         Some(store) => runtime.block_on(store.read_stream(stream, from, limit))?,
         None => Vec::new(),
     };
+    // A read that reached the stream's end saw its version (from 0, an empty read saw 0).
+    let seen = stored
+        .last()
+        .map(|m| m.position + 1)
+        .or((from == 0).then_some(0))
+        .filter(|_| store.is_some() && stored.len() < limit);
+    if let (Some(seen), Some(overlay)) = (seen, overlay)
+        && let Ok(mut overlay) = overlay.lock()
+        && !overlay.pending.contains_key(stream)
+    {
+        overlay.read_versions.entry(stream.clone()).or_insert(seen);
+    }
     Ok(merge_pending(overlay, stream, from, limit, stored))
 }
 

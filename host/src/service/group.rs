@@ -111,10 +111,27 @@ impl Assigner {
 
     /// Keeps this instance's share until `stopped` says the consumer has finished (its last
     /// commit is in), then releases every lease and leaves, so the others take over at once.
-    pub(super) async fn run(self, mut stopped: watch::Receiver<bool>) {
-        let Some(leases) = self.store.leases() else {
+    pub(super) async fn run(mut self, mut stopped: watch::Receiver<bool>) {
+        let store = self.store.clone();
+        let Some(leases) = store.leases() else {
             return;
         };
+        // Leases are taken only on a group that exists, with the split it was created with.
+        loop {
+            match self.store.join_group(&self.consumer, self.spec).await {
+                Ok(group) => {
+                    self.spec = group.spec;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(consumer = %self.consumer, "joining the group failed: {e}")
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.tick()) => {}
+                _ = stopped.changed() => return,
+            }
+        }
         let started_ms = now_ms();
         let mut liveness = Liveness::default();
         let mut last_heartbeat: Option<Instant> = None;

@@ -256,6 +256,9 @@ pub struct ServiceInfo {
     pub component: Arc<ServiceComponent>,
     /// When this version started, in ms since the Unix epoch.
     pub since_ms: u64,
+    /// The name of the process running it among the instances sharing its consumers (`None`
+    /// when loaded but not running).
+    pub instance: Option<Arc<str>>,
 }
 
 /// The services a host runs, shared with the control requests that need a component (`project`,
@@ -273,6 +276,7 @@ impl ServiceTable {
                 path: service.path.clone(),
                 component: Arc::new(service.component.clone()),
                 since_ms: now_ms(),
+                instance: None,
             });
         }
         table
@@ -467,6 +471,7 @@ impl Running {
             path: service.path.clone(),
             component,
             since_ms: now_ms(),
+            instance: Some(self.instance.clone()),
         });
         Ok(())
     }

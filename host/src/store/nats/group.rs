@@ -151,10 +151,12 @@ impl NatsStore {
                     position: start,
                     epoch: 0,
                 };
+                // Expected absent: a lease taken on a group that does not exist yet must not be
+                // overwritten (assigners join before they take, so this is a guard).
                 batch.push(put(
                     self.partition_subject(consumer, partition),
                     to_json(&position)?,
-                    None,
+                    Some(0),
                 ));
             }
             if legacy.is_some() {
