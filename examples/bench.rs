@@ -1049,7 +1049,7 @@ async fn main() -> anyhow::Result<()> {
                 "skipped".into(),
                 format!("no nats-server: {reason}"),
             ),
-            Ok(server) => instances::rows(&mut table, &server.url(), quick, &guest("user")).await?,
+            Ok(server) => instances::rows(&mut table, &server.url(), quick, guest).await?,
         }
     }
     println!();

@@ -154,10 +154,35 @@ impl Cluster {
     /// the fence held throughout.
     fn finish(&self, sender: SteadySender) -> usize {
         let commands = sender.stop();
+        let start = Instant::now();
+        loop {
+            let consumers = self.setup.ferry_json(&["consumers", COMMANDS]);
+            if consumers["consumers"][0]["lag"] == 0 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the commands consumer still lags: {consumers}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for entity in 0..ENTITIES {
+            let commands = self.setup.read(&format!("counter:command.e{entity}"));
+            let events = self.setup.read(&format!("counter.e{entity}"));
+            if commands.len() != events.len() {
+                let ids: Vec<_> = commands
+                    .iter()
+                    .map(|c| (c["id"].clone(), c["global_position"].clone()))
+                    .collect();
+                let causes: Vec<_> = events
+                    .iter()
+                    .map(|e| e["metadata"]["causationId"].clone())
+                    .collect();
+                let partitions = self.setup.ferry_json(&["consumers", COMMANDS]);
+                panic!("e{entity}: commands {ids:?}, events caused by {causes:?}; {partitions}");
+            }
+        }
         support::assert_counted_once_in_order(&self.setup, commands, ENTITIES, "instances");
-        wait_until(Duration::from_secs(60), "nothing lags", || {
-            self.setup.ferry_json(&["consumers", COMMANDS])["consumers"][0]["lag"] == 0
-        });
         assert!(self.setup.parked().is_empty(), "nothing was parked");
         commands
     }

@@ -1,7 +1,8 @@
-//! Rows 6: one service as several `ferry run` processes on one JetStream namespace. The user
-//! service's registration hashes a password (PBKDF2, 20 000 rounds), so it is CPU-bound: the rows
-//! give its throughput with 1, 2 and 3 instances, and the time from `SIGKILL` of one instance to
-//! its partitions being owned again.
+//! Rows 6: one service as several `ferry run` processes on one JetStream namespace, with 1, 2
+//! and 3 instances: the user service's registration, which hashes a password (PBKDF2, 20 000
+//! rounds) and so is CPU-bound; the counter's increments, which cost next to nothing in the guest,
+//! so the namespace's one stream is the limit; and the time from `SIGKILL` of one instance to its
+//! partitions being owned again.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ferry::store::{
-    Category, Commit, ConsumerInfo, MessageStore, NatsStore, NewMessage, StreamName,
+    Category, Commit, ConsumerInfo, MessageStore, NatsStore, NewMessage, StreamAppend, StreamName,
 };
 
 use super::Table;
@@ -30,20 +31,26 @@ fn ferry_binary() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-/// A `ferry run --only user` process, killed when dropped.
+/// A `ferry run --only SERVICE` process, killed when dropped.
 struct Instance {
     child: Child,
 }
 
 impl Instance {
-    fn start(binary: &Path, data: &Path, services: &Path, store: &str) -> anyhow::Result<Self> {
+    fn start(
+        binary: &Path,
+        data: &Path,
+        services: &Path,
+        store: &str,
+        service: &str,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data)?;
         let child = Command::new(binary)
             .arg("--data")
             .arg(data)
             .arg("--services")
             .arg(services)
-            .args(["--store", store, "run", "--only", "user"])
+            .args(["--store", store, "run", "--only", service])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -64,20 +71,35 @@ impl Drop for Instance {
     }
 }
 
-async fn commands_consumer(store: &NatsStore) -> anyhow::Result<Option<ConsumerInfo>> {
-    let category = Category::parse("user:command")?;
+/// A service and the commands of one run.
+struct Flow {
+    service: &'static str,
+    commits: Vec<Commit>,
+    commands: usize,
+}
+
+async fn commands_consumer(
+    store: &NatsStore,
+    service: &str,
+) -> anyhow::Result<Option<ConsumerInfo>> {
+    let category = Category::parse(&format!("{service}:command"))?;
+    let name = format!("microservice:{service}");
     Ok(store
         .consumers(Some(&category))
         .await?
         .into_iter()
-        .find(|c| c.consumer.name == "microservice:user"))
+        .find(|c| c.consumer.name == name))
 }
 
 /// Waits until every partition is owned by one of `live` (and each of them owns some).
-async fn wait_owned(store: &NatsStore, live: &[&Instance]) -> anyhow::Result<Duration> {
+async fn wait_owned(
+    store: &NatsStore,
+    service: &str,
+    live: &[&Instance],
+) -> anyhow::Result<Duration> {
     let start = Instant::now();
     loop {
-        if let Some(info) = commands_consumer(store).await? {
+        if let Some(info) = commands_consumer(store, service).await? {
             let owned_by_live = info.partitions.iter().all(|p| {
                 p.owner
                     .as_deref()
@@ -100,62 +122,107 @@ async fn wait_owned(store: &NatsStore, live: &[&Instance]) -> anyhow::Result<Dur
     }
 }
 
-fn registration(n: usize) -> anyhow::Result<Commit> {
-    Ok(Commit::append(
-        StreamName::parse(&format!("user:command.u{n}"))?,
-        None,
-        vec![NewMessage {
-            id: format!("register-{n}"),
-            message_type: "RegisterUser".into(),
-            data: serde_json::json!({
-                "username": format!("user{n}"), "email": format!("user{n}@example.com"),
-                "password": "correct horse battery staple", "firstName": "Ann", "lastName": "Lee",
-            }),
-            metadata: Default::default(),
-            not_before_ms: None,
-        }],
-    ))
+fn new_command(id: String, message_type: &str, data: serde_json::Value) -> NewMessage {
+    NewMessage {
+        id,
+        message_type: message_type.into(),
+        data,
+        metadata: Default::default(),
+        not_before_ms: None,
+    }
 }
 
-/// Registrations handled per second by `count` instances, from the first write to no lag; and
-/// with two or more, how long a killed instance's partitions took to be owned again.
+/// Registrations of as many users, a commit each.
+fn registrations(count: usize) -> anyhow::Result<Flow> {
+    let commits = (0..count)
+        .map(|n| {
+            let data = serde_json::json!({
+                "username": format!("user{n}"), "email": format!("user{n}@example.com"),
+                "password": "correct horse battery staple", "firstName": "Ann", "lastName": "Lee",
+            });
+            Ok(Commit::append(
+                StreamName::parse(&format!("user:command.u{n}"))?,
+                None,
+                vec![new_command(format!("register-{n}"), "RegisterUser", data)],
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Flow {
+        service: "user",
+        commits,
+        commands: count,
+    })
+}
+
+/// Increments over 64 counters, 50 to a commit.
+fn increments(count: usize) -> anyhow::Result<Flow> {
+    let mut commits = Vec::new();
+    for chunk in 0..count.div_ceil(50) {
+        let mut appends = Vec::new();
+        for n in chunk * 50..((chunk + 1) * 50).min(count) {
+            appends.push(StreamAppend {
+                stream: StreamName::parse(&format!("counter:command.c{}", n % 64))?,
+                expected_version: None,
+                messages: vec![new_command(
+                    format!("inc-{n}"),
+                    "Increment",
+                    serde_json::json!({"by": 1}),
+                )],
+            });
+        }
+        commits.push(Commit {
+            appends,
+            ..Commit::default()
+        });
+    }
+    Ok(Flow {
+        service: "counter",
+        commits,
+        commands: count,
+    })
+}
+
+/// Commands handled per second by `count` instances, from the first write to no lag; and with
+/// two or more, how long a killed instance's partitions took to be owned again.
 async fn run(
     url: &str,
     work: &Path,
     count: usize,
-    registrations: usize,
+    flow: Flow,
 ) -> anyhow::Result<(f64, Option<Duration>)> {
     let binary = ferry_binary()?;
     let services = work.join("services");
-    let store_url = format!("{url}/instances{count}");
+    let store_url = format!("{url}/{}{count}", flow.service);
     let store = NatsStore::connect(&store_url).await?;
     let instances = (0..count)
         .map(|i| {
             Instance::start(
                 &binary,
-                &work.join(format!("data-{count}-{i}")),
+                &work.join(format!("data-{}-{count}-{i}", flow.service)),
                 &services,
                 &store_url,
+                flow.service,
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    wait_owned(&store, &instances.iter().collect::<Vec<_>>()).await?;
+    wait_owned(&store, flow.service, &instances.iter().collect::<Vec<_>>()).await?;
 
     let start = Instant::now();
-    for n in 0..registrations {
-        store.commit(registration(n)?).await?;
+    for commit in flow.commits {
+        store.commit(commit).await?;
     }
     loop {
-        if commands_consumer(&store).await?.is_some_and(|c| c.lag == 0) {
+        let consumer = commands_consumer(&store, flow.service).await?;
+        if consumer.is_some_and(|c| c.lag == 0) {
             break;
         }
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(600),
-            "registrations not handled in time"
+            "commands not handled in time"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let rate = registrations as f64 / start.elapsed().as_secs_f64();
+    let rate = flow.commands as f64 / start.elapsed().as_secs_f64();
 
     let mut instances = instances;
     let takeover = match instances.len() {
@@ -164,33 +231,50 @@ async fn run(
             let mut victim = instances.remove(0);
             victim.child.kill()?;
             victim.child.wait()?;
-            Some(wait_owned(&store, &instances.iter().collect::<Vec<_>>()).await?)
+            let live: Vec<&Instance> = instances.iter().collect();
+            Some(wait_owned(&store, flow.service, &live).await?)
         }
     };
     Ok((rate, takeover))
 }
 
-pub async fn rows(table: &mut Table, url: &str, quick: bool, user: &Path) -> anyhow::Result<()> {
+pub async fn rows(
+    table: &mut Table,
+    url: &str,
+    quick: bool,
+    guest: impl Fn(&str) -> PathBuf,
+) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     std::fs::create_dir_all(work.path().join("services"))?;
-    std::fs::copy(user, work.path().join("services/user.wasm"))?;
-    let registrations = if quick { 20 } else { 400 };
-    let mut rates = Vec::new();
-    let mut takeovers = Vec::new();
-    for count in 1..=3 {
-        let (rate, takeover) = run(url, work.path(), count, registrations).await?;
-        rates.push(rate);
-        takeovers.extend(takeover);
+    for (file, name) in [("user", "user"), ("counter_commands", "counter")] {
+        std::fs::copy(
+            guest(file),
+            work.path().join(format!("services/{name}.wasm")),
+        )?;
     }
-    for (count, rate) in (1..).zip(&rates) {
-        table.row(
-            &format!("6. user registrations/s on JetStream, {count} instance(s) (processes)"),
-            format!("{rate:.0}"),
-            format!(
-                "{:.2}x one instance; PBKDF2 per registration, CPU-bound",
-                rate / rates[0]
-            ),
-        );
+    let (users, increments_count) = if quick { (20, 200) } else { (400, 6000) };
+    let mut takeovers = Vec::new();
+    for (what, flow) in [
+        ("user registrations/s (CPU-bound: PBKDF2)", 0),
+        ("counter increments/s (the stream is the limit)", 1),
+    ] {
+        let mut rates = Vec::new();
+        for count in 1..=3 {
+            let flow = match flow {
+                0 => registrations(users)?,
+                _ => increments(increments_count)?,
+            };
+            let (rate, takeover) = run(url, work.path(), count, flow).await?;
+            rates.push(rate);
+            takeovers.extend(takeover);
+        }
+        for (count, rate) in (1..).zip(&rates) {
+            table.row(
+                &format!("6. {what} on JetStream, {count} instance(s) (processes)"),
+                format!("{rate:.0}"),
+                format!("{:.2}x one instance", rate / rates[0]),
+            );
+        }
     }
     let slowest = takeovers.iter().max().copied().unwrap_or_default();
     table.row(

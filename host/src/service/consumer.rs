@@ -56,6 +56,11 @@ pub(super) struct Consumer {
     pub(super) positions: Vec<PartitionPosition>,
     /// What this instance owns; changed by its assigner on a shared store.
     pub(super) owned: watch::Receiver<Owned>,
+    /// What it owned when this poll began: the only partitions the poll reads. A partition
+    /// gained meanwhile waits for the next poll, which starts it from its stored position (read
+    /// into a filter built before, its messages would be skipped, and a later commit would
+    /// advance it past them).
+    pub(super) reading: Owned,
     pub(super) origin_prefix: Option<String>,
     pub(super) mail: Option<Arc<Maildir>>,
     pub(super) component: Arc<ServiceComponent>,
@@ -150,7 +155,7 @@ impl Consumer {
         // poll reads is not missed when it goes to sleep below.
         let mut changes = self.store.watch(&self.id).await?;
         let mut owned_changes = self.owned.clone();
-        owned_changes.borrow_and_update();
+        self.reading = owned_changes.borrow_and_update().clone();
         let group = self.store.join_group(&self.id, self.spec).await?;
         self.spec = group.spec;
         self.positions = group.positions;
@@ -200,12 +205,13 @@ impl Consumer {
         }
     }
 
-    /// True when this instance holds `partition` under the epoch its stored position carries:
-    /// a partition another instance took over since is not ours, whatever the assigner thinks.
+    /// True when this poll reads `partition`: owned when the poll began and still, under the
+    /// epoch its stored position carries (a partition another instance took over since is not
+    /// ours, whatever the assigner thinks).
     fn owns(&self, partition: u32) -> bool {
         let stored = self.positions.get(partition as usize).map(|p| p.epoch);
-        let owned = self.owned.borrow().epoch(partition);
-        owned.is_some() && stored == owned
+        let owned = self.reading.epoch(partition);
+        owned.is_some() && stored == owned && self.owned.borrow().epoch(partition) == owned
     }
 
     /// The epoch of the partition `message` belongs to, when this instance owns it.
@@ -287,7 +293,10 @@ impl Consumer {
         let overlap = self.mail.is_none();
         let mut in_flight: Option<Box<DecidedPage>> = None;
         loop {
-            let reading = began.elapsed() < KEEP_READING_FOR && !*self.shutdown.borrow();
+            // A change of ownership ends the poll: the next one reads what is owned then.
+            let reading = began.elapsed() < KEEP_READING_FOR
+                && !*self.shutdown.borrow()
+                && *self.owned.borrow() == self.reading;
             if !reading && in_flight.is_none() {
                 return Ok(false);
             }

@@ -443,6 +443,7 @@ impl Running {
                 position: 0,
                 spec,
                 positions: Vec::new(),
+                reading: Owned::Leased(Default::default()),
                 owned: owned_changes,
                 origin_prefix,
                 mail: self.capabilities.mail_for(&manifest.name),
