@@ -1084,6 +1084,11 @@ impl MessageStore for SledStore {
         consumer: &ConsumerId,
         spec: GroupSpec,
     ) -> Result<Group, StoreError> {
+        // Every poll of a consumer joins: a group that exists is read, not written (a trip to
+        // the writer would cost a flush).
+        if let Some(group) = self.group(consumer).await? {
+            return Ok(group);
+        }
         let (reply, answer) = oneshot::channel();
         self.write(WriteRequest::JoinGroup {
             consumer: consumer.clone(),
