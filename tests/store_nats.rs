@@ -312,3 +312,109 @@ async fn refuses_a_message_past_the_servers_limit_alone_among_commits_sent_toget
     }
     assert!(store.message("m3").await.expect("lookup").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_fences_commits_decided_under_the_old_lease() {
+    use ferry::store::{GroupSpec, PartitionFrom, PartitionKey, Settle};
+    let (store, _server) = open_nats().await;
+    let leases = store.leases().expect("JetStream has leases");
+    let consumer = ConsumerId::new(conformance::category("email"), "microservice:subscription");
+    store
+        .join_group(&consumer, GroupSpec::new(PartitionKey::Entity))
+        .await
+        .expect("join");
+    let spec = store
+        .group(&consumer)
+        .await
+        .expect("group")
+        .expect("joined")
+        .spec;
+    let free = leases
+        .group_state(&consumer, &spec)
+        .await
+        .expect("state")
+        .leases[0]
+        .clone();
+    let first = leases.take(&consumer, "first", &free).await.expect("take");
+    let read = store
+        .group(&consumer)
+        .await
+        .expect("group")
+        .expect("joined")
+        .positions[0];
+    assert_eq!(
+        read.epoch, first.epoch,
+        "the position carries the lease's epoch"
+    );
+
+    // Taking a lease someone else took since fails.
+    assert!(matches!(
+        leases.take(&consumer, "late", &free).await,
+        Err(StoreError::ConsumerMoved { .. })
+    ));
+    // Another instance takes the partition over (the first stalled past its lease).
+    let taken = leases
+        .group_state(&consumer, &spec)
+        .await
+        .expect("state")
+        .leases[0]
+        .clone();
+    let second = leases
+        .take(&consumer, "second", &taken)
+        .await
+        .expect("take over");
+    assert!(second.epoch > first.epoch);
+
+    // What the first decided under its lease is refused whole.
+    let advance = |from| Commit {
+        appends: vec![ferry::store::StreamAppend {
+            stream: conformance::stream("subscription.1"),
+            expected_version: None,
+            messages: vec![conformance::msg("late-outcome", "Noted", json!({}))],
+        }],
+        settle: Some(Settle::Advance {
+            consumer: consumer.clone(),
+            partitions: vec![PartitionFrom { partition: 0, from }],
+            to: 5,
+        }),
+        ..Commit::default()
+    };
+    let fenced = store.commit(advance(read)).await;
+    assert!(
+        matches!(fenced, Err(StoreError::ConsumerMoved { .. })),
+        "{fenced:?}"
+    );
+    assert!(
+        store
+            .message("late-outcome")
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    let now = store
+        .group(&consumer)
+        .await
+        .expect("group")
+        .expect("joined")
+        .positions[0];
+    store
+        .commit(advance(now))
+        .await
+        .expect("the new holder commits");
+
+    // A release frees it for the next taker, the epoch kept.
+    let held = leases
+        .group_state(&consumer, &spec)
+        .await
+        .expect("state")
+        .leases[0]
+        .clone();
+    leases.release(&consumer, &held).await.expect("release");
+    let released = leases
+        .group_state(&consumer, &spec)
+        .await
+        .expect("state")
+        .leases[0]
+        .clone();
+    assert_eq!((released.owner, released.epoch), (None, second.epoch));
+}

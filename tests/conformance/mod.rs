@@ -526,6 +526,58 @@ pub async fn keeps_consumer_positions_per_category(store: Store) {
     assert_eq!(store.consumers(None).await.expect("list").len(), 1);
 }
 
+pub async fn keeps_a_position_per_partition(store: Store) {
+    append(&store, "email.1", vec![msg("e1", "EmailSent", json!({}))]).await;
+    let consumer = ConsumerId::new(category("email"), "microservice:subscription");
+    let partitions = join(&store, &consumer).await;
+    assert_eq!(partitions, ferry::store::DEFAULT_PARTITIONS);
+    let from = PartitionPosition::default();
+    let moved = |partitions: &[u32], to| Commit {
+        settle: Some(Settle::Advance {
+            consumer: consumer.clone(),
+            partitions: partitions
+                .iter()
+                .map(|&partition| PartitionFrom { partition, from })
+                .collect(),
+            to,
+        }),
+        ..Commit::default()
+    };
+    store.commit(moved(&[3, 5], 7)).await.expect("advance two");
+    let group = store
+        .group(&consumer)
+        .await
+        .expect("group")
+        .expect("joined");
+    let positions: Vec<u64> = group.positions.iter().map(|p| p.position).collect();
+    assert_eq!((positions[3], positions[5], positions[4]), (7, 7, 0));
+    assert_eq!(
+        store.settled(&consumer).await.expect("settled"),
+        0,
+        "the lowest"
+    );
+    let again = store.commit(moved(&[4, 5], 9)).await;
+    assert!(
+        matches!(again, Err(StoreError::ConsumerMoved { .. })),
+        "partition 5 is no longer at 0: {again:?}"
+    );
+    let group = store
+        .group(&consumer)
+        .await
+        .expect("group")
+        .expect("joined");
+    assert_eq!(
+        group.positions[4].position, 0,
+        "the refused commit moved nothing"
+    );
+    // Joining again keeps the group as it is.
+    let rejoined = store
+        .join_group(&consumer, GroupSpec::new(PartitionKey::OriginEntity))
+        .await
+        .expect("join");
+    assert_eq!(rejoined, group);
+}
+
 pub async fn commits_an_outcome_with_the_consumer_position(store: Store) {
     append(
         &store,
@@ -1193,6 +1245,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@tests $open;
             appends_and_reads_a_stream_with_positions,
             appends_to_several_streams_atomically,
+            keeps_a_position_per_partition,
             reads_a_stream_from_every_position,
             refuses_a_stale_expected_version,
             skips_a_message_whose_id_is_stored,

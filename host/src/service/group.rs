@@ -104,6 +104,27 @@ impl Liveness {
     }
 }
 
+/// The partitions the member at `index` of `members` (sorted) should hold: an equal share, the
+/// first `partitions mod members` one more.
+fn quota(partitions: usize, members: usize, index: usize) -> usize {
+    let members = members.max(1);
+    partitions / members + usize::from(index < partitions % members)
+}
+
+/// The leases free to take (no owner, or one not alive), starting where the share of the member
+/// at `index` would begin, so that newcomers do not all race for the same ones.
+fn free<'a>(state: &'a GroupState, alive: &[String], index: usize) -> Vec<&'a Lease> {
+    let partitions = state.leases.len();
+    let start = index * partitions / alive.len().max(1);
+    (0..partitions)
+        .map(|offset| &state.leases[(start + offset) % partitions])
+        .filter(|lease| match &lease.owner {
+            None => true,
+            Some(owner) => !alive.contains(owner),
+        })
+        .collect()
+}
+
 impl Assigner {
     fn tick(&self) -> Duration {
         (self.ttl / 20).clamp(Duration::from_millis(50), Duration::from_millis(250))
@@ -207,7 +228,7 @@ impl Assigner {
         }
         let index = alive.iter().position(|i| *i == *self.instance).unwrap_or(0);
         let partitions = state.leases.len();
-        let quota = partitions / alive.len() + usize::from(index < partitions % alive.len());
+        let quota = quota(partitions, alive.len(), index);
         let me = Some(self.instance.to_string());
         let mut mine: BTreeMap<u32, Lease> = state
             .leases
@@ -228,14 +249,7 @@ impl Assigner {
         if mine.len() < quota {
             // Start looking where this member's share would begin, so that newcomers do not
             // all race for the same free partitions.
-            let start = index * partitions / alive.len().max(1);
-            let free = (0..partitions)
-                .map(|offset| &state.leases[(start + offset) % partitions])
-                .filter(|lease| match &lease.owner {
-                    None => true,
-                    Some(owner) => !alive.contains(owner),
-                });
-            for lease in free {
+            for lease in free(&state, &alive, index) {
                 if mine.len() >= quota {
                     break;
                 }
@@ -264,5 +278,101 @@ impl Assigner {
             *current = owned;
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(instance: &str, revision: u64, heartbeat_ms: u64) -> Member {
+        Member {
+            instance: instance.into(),
+            revision,
+            started_ms: 0,
+            heartbeat_ms,
+        }
+    }
+
+    fn lease(partition: u32, owner: Option<&str>) -> Lease {
+        Lease {
+            partition,
+            owner: owner.map(str::to_owned),
+            epoch: 1,
+            changed_ms: 0,
+            revision: 0,
+        }
+    }
+
+    #[test]
+    fn quotas_share_every_partition_evenly() {
+        for members in 1..=9 {
+            let quotas: Vec<usize> = (0..members).map(|i| quota(32, members, i)).collect();
+            assert_eq!(quotas.iter().sum::<usize>(), 32, "{members} members");
+            let (low, high) = (quotas.iter().min(), quotas.iter().max());
+            assert!(high.zip(low).is_some_and(|(h, l)| h - l <= 1), "{quotas:?}");
+        }
+    }
+
+    #[test]
+    fn a_dead_members_leases_are_free_and_a_live_ones_are_not() {
+        let state = GroupState {
+            members: Vec::new(),
+            leases: vec![
+                lease(0, Some("alive")),
+                lease(1, Some("dead")),
+                lease(2, None),
+                lease(3, Some("alive")),
+            ],
+        };
+        let alive = vec!["alive".to_owned(), "me".to_owned()];
+        let partitions: Vec<u32> = free(&state, &alive, 1)
+            .iter()
+            .map(|l| l.partition)
+            .collect();
+        // The second of two members starts looking half-way.
+        assert_eq!(partitions, [2, 1]);
+    }
+
+    #[test]
+    fn a_member_is_alive_while_its_heartbeat_changes() {
+        let ttl = Duration::from_millis(100);
+        let mut liveness = Liveness::default();
+        let state = |revision| GroupState {
+            members: vec![
+                member("other", revision, now_ms()),
+                member("me", 1, now_ms()),
+            ],
+            leases: Vec::new(),
+        };
+        let (alive, dead) = liveness.judge(&state(1), "me", ttl);
+        assert_eq!(alive, ["me", "other"]);
+        assert!(dead.is_empty());
+        std::thread::sleep(ttl + Duration::from_millis(20));
+        let (alive, _) = liveness.judge(&state(2), "me", ttl);
+        assert_eq!(alive, ["me", "other"], "a new revision: alive");
+        std::thread::sleep(ttl + Duration::from_millis(20));
+        let (alive, dead) = liveness.judge(&state(2), "me", ttl);
+        assert_eq!(alive, ["me"], "no heartbeat for the lease time: dead");
+        assert_eq!(dead.len(), 1);
+    }
+
+    #[test]
+    fn a_member_first_seen_with_an_old_heartbeat_is_dead_at_once() {
+        let ttl = Duration::from_secs(5);
+        let mut liveness = Liveness::default();
+        let state = GroupState {
+            members: vec![
+                member("gone", 7, now_ms().saturating_sub(60_000)),
+                member("fresh", 3, now_ms()),
+            ],
+            leases: Vec::new(),
+        };
+        let (alive, dead) = liveness.judge(&state, "me", ttl);
+        assert_eq!(alive, ["fresh", "me"]);
+        assert_eq!(
+            dead.iter().map(|m| m.instance.as_str()).collect::<Vec<_>>(),
+            ["gone"]
+        );
     }
 }
