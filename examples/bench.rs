@@ -39,8 +39,8 @@ use tokio::sync::watch;
 use ferry::mail::Maildir;
 use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
 use ferry::store::{
-    Category, Commit, ConsumerId, Message, MessageStore, NatsStore, NewMessage, SledStore,
-    StreamName,
+    Category, Commit, ConsumerId, Group, Message, MessageStore, NatsStore, NewMessage, SledStore,
+    StreamName, partition_of,
 };
 use ferry::wasm::{
     GuestError, GuestHost, Limits, Manifest, NativeService, Outcome, Outgoing, Runtime,
@@ -349,17 +349,21 @@ async fn start_counter(
 /// The command consumer's position, read once per write to the events' category and shared by
 /// every waiter: a read per waiting command would load the store with the benchmark's own reads
 /// (on JetStream each is a round trip to the server).
-async fn handled_position(store: &Arc<dyn MessageStore>) -> anyhow::Result<watch::Receiver<u64>> {
+/// The counter's command consumer's group (each partition's position), read again on every
+/// write to the counter's category.
+async fn handled_position(
+    store: &Arc<dyn MessageStore>,
+) -> anyhow::Result<watch::Receiver<Option<Group>>> {
     let mut changes = store
         .watch(&ConsumerId::new(Category::parse("counter")?, "bench"))
         .await?;
     let consumer = ConsumerId::new(Category::parse("counter:command")?, "microservice:counter");
-    let (position, handled) = watch::channel(0);
+    let (position, handled) = watch::channel(None);
     let store = store.clone();
     tokio::spawn(async move {
         loop {
             changes.borrow_and_update();
-            let Ok(now) = store.settled(&consumer).await else {
+            let Ok(now) = store.group(&consumer).await else {
                 return;
             };
             position.send_replace(now);
@@ -372,8 +376,24 @@ async fn handled_position(store: &Arc<dyn MessageStore>) -> anyhow::Result<watch
     Ok(handled)
 }
 
-async fn wait_handled(mut handled: watch::Receiver<u64>, global: u64) -> anyhow::Result<()> {
-    handled.wait_for(|&position| position >= global).await?;
+/// Waits until the command at `global` in entity `entity`'s command stream is handled: its
+/// partition's position is at or past it.
+async fn wait_handled(
+    mut handled: watch::Receiver<Option<Group>>,
+    entity: &str,
+    global: u64,
+) -> anyhow::Result<()> {
+    handled
+        .wait_for(|group| {
+            group.as_ref().is_some_and(|group| {
+                let partition = partition_of(entity, group.spec.partitions) as usize;
+                group
+                    .positions
+                    .get(partition)
+                    .is_some_and(|p| p.position >= global)
+            })
+        })
+        .await?;
     Ok(())
 }
 
@@ -393,19 +413,26 @@ async fn end_to_end_throughput(
     for writer in 0..32 {
         let store = store.clone();
         writers.spawn(async move {
-            let mut last = 0;
+            let mut last = std::collections::HashMap::new();
             for n in (writer..commands).step_by(32) {
-                let stream = format!("counter:command.e{}", n % 100);
-                last = last.max(append(store.as_ref(), &stream, format!("c{n}")).await?);
+                let entity = format!("e{}", n % 100);
+                let stream = format!("counter:command.{entity}");
+                let global = append(store.as_ref(), &stream, format!("c{n}")).await?;
+                last.insert(entity, global);
             }
             anyhow::Ok(last)
         });
     }
-    let mut last = 0;
+    let mut last = std::collections::HashMap::new();
     while let Some(result) = writers.join_next().await {
-        last = last.max(result??);
+        for (entity, global) in result?? {
+            let at: &mut u64 = last.entry(entity).or_default();
+            *at = (*at).max(global);
+        }
     }
-    wait_handled(handled, last).await?;
+    for (entity, global) in last {
+        wait_handled(handled.clone(), &entity, global).await?;
+    }
     let rate = commands as f64 / start.elapsed().as_secs_f64();
     running.shutdown().await;
     Ok(rate)
@@ -518,10 +545,11 @@ async fn end_to_end_latency(
         let (store, handled) = (store.clone(), handled.clone());
         async move {
             let sent = Instant::now();
-            let stream = format!("counter:command.e{}", n % 100);
+            let entity = format!("e{}", n % 100);
+            let stream = format!("counter:command.{entity}");
             let global = append(store.as_ref(), &stream, format!("l{n}")).await?;
             let appended = Instant::now();
-            wait_handled(handled, global).await?;
+            wait_handled(handled, &entity, global).await?;
             anyhow::Ok((appended.elapsed(), sent.elapsed()))
         }
     })
