@@ -335,7 +335,11 @@ async fn a_take_over_fences_commits_decided_under_the_old_lease() {
         .expect("state")
         .leases[0]
         .clone();
-    let first = leases.take(&consumer, "first", &free).await.expect("take");
+    let first = leases
+        .take(&consumer, "first", std::slice::from_ref(&free))
+        .await
+        .expect("take")
+        .remove(0);
     let read = store
         .group(&consumer)
         .await
@@ -349,7 +353,9 @@ async fn a_take_over_fences_commits_decided_under_the_old_lease() {
 
     // Taking a lease someone else took since fails.
     assert!(matches!(
-        leases.take(&consumer, "late", &free).await,
+        leases
+            .take(&consumer, "late", std::slice::from_ref(&free))
+            .await,
         Err(StoreError::ConsumerMoved { .. })
     ));
     // Another instance takes the partition over (the first stalled past its lease).
@@ -360,9 +366,10 @@ async fn a_take_over_fences_commits_decided_under_the_old_lease() {
         .leases[0]
         .clone();
     let second = leases
-        .take(&consumer, "second", &taken)
+        .take(&consumer, "second", std::slice::from_ref(&taken))
         .await
-        .expect("take over");
+        .expect("take over")
+        .remove(0);
     assert!(second.epoch > first.epoch);
 
     // What the first decided under its lease is refused whole.
@@ -417,4 +424,77 @@ async fn a_take_over_fences_commits_decided_under_the_old_lease() {
         .leases[0]
         .clone();
     assert_eq!((released.owner, released.epoch), (None, second.epoch));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_partitions_are_taken_in_one_write_or_not_at_all() {
+    use ferry::store::{GroupSpec, PartitionKey};
+    let (store, _server) = open_nats().await;
+    let leases = store.leases().expect("JetStream has leases");
+    let consumer = ConsumerId::new(conformance::category("email"), "microservice:subscription");
+    store
+        .join_group(&consumer, GroupSpec::new(PartitionKey::Entity))
+        .await
+        .expect("join");
+    let spec = store
+        .group(&consumer)
+        .await
+        .expect("group")
+        .expect("joined")
+        .spec;
+    let free = leases
+        .group_state(&consumer, &spec)
+        .await
+        .expect("state")
+        .leases;
+
+    // Someone takes partition 2 after the state was read: a take of 0..4 takes none of them.
+    leases
+        .take(&consumer, "first", &free[2..3])
+        .await
+        .expect("take one");
+    let refused = leases.take(&consumer, "second", &free[0..4]).await;
+    assert!(
+        matches!(refused, Err(StoreError::ConsumerMoved { .. })),
+        "{refused:?}"
+    );
+    let state = leases.group_state(&consumer, &spec).await.expect("state");
+    let owners: Vec<Option<&str>> = state.leases[0..4]
+        .iter()
+        .map(|lease| lease.owner.as_deref())
+        .collect();
+    assert_eq!(owners, [None, None, Some("first"), None]);
+
+    // Every other partition in one take: each lease and position carries its new epoch, and
+    // the revisions returned are the leases' own (a release by them succeeds).
+    let rest: Vec<_> = state
+        .leases
+        .iter()
+        .filter(|lease| lease.owner.is_none())
+        .cloned()
+        .collect();
+    let taken = leases
+        .take(&consumer, "second", &rest)
+        .await
+        .expect("take the rest");
+    assert_eq!(taken.len(), spec.partitions as usize - 1);
+    let group = store
+        .group(&consumer)
+        .await
+        .expect("group")
+        .expect("joined");
+    let state = leases.group_state(&consumer, &spec).await.expect("state");
+    for lease in &taken {
+        let stored = &state.leases[lease.partition as usize];
+        assert_eq!(stored.owner.as_deref(), Some("second"));
+        assert_eq!(
+            stored.revision, lease.revision,
+            "partition {}",
+            lease.partition
+        );
+        assert_eq!(group.positions[lease.partition as usize].epoch, lease.epoch);
+    }
+    for lease in &taken {
+        leases.release(&consumer, lease).await.expect("release");
+    }
 }

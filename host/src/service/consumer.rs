@@ -155,8 +155,13 @@ impl Consumer {
         // poll reads is not missed when it goes to sleep below.
         let mut changes = self.store.watch(&self.id).await?;
         let mut owned_changes = self.owned.clone();
-        self.reading = owned_changes.borrow_and_update().clone();
+        let owned_before =
+            std::mem::replace(&mut self.reading, owned_changes.borrow_and_update().clone());
         let group = self.store.join_group(&self.id, self.spec).await?;
+        // Where the last poll got to still holds when it owned what this one does and every
+        // position is as it left them (a rebuild or a take-over changes one).
+        let scanned = (owned_before == self.reading && group.positions == self.positions)
+            .then_some(self.position);
         self.spec = group.spec;
         self.positions = group.positions;
         let mut next_due = None;
@@ -181,11 +186,14 @@ impl Consumer {
                 _ = self.shutdown.changed() => return Err(Interrupted::Shutdown),
             }
         }
+        // Partitions with nothing new lag behind what was scanned (up to IDLE_ADVANCE on a
+        // shared store): starting from the lowest each poll would read that stretch again.
         self.position = owned
             .iter()
             .map(|p| self.positions[*p as usize].position)
             .min()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .max(scanned.unwrap_or(0));
         if !self.handle_category().await? {
             return Ok(());
         }

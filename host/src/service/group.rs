@@ -249,22 +249,37 @@ impl Assigner {
         if mine.len() < quota {
             // Start looking where this member's share would begin, so that newcomers do not
             // all race for the same free partitions.
-            for lease in free(&state, &alive, index) {
-                if mine.len() >= quota {
-                    break;
-                }
-                match leases.take(&self.consumer, &self.instance, lease).await {
-                    Ok(taken) => {
-                        tracing::debug!(
-                            consumer = %self.consumer, partition = taken.partition,
-                            epoch = taken.epoch, from = ?lease.owner, "took a partition"
-                        );
-                        mine.insert(taken.partition, taken);
+            let wanted: Vec<Lease> = free(&state, &alive, index)
+                .into_iter()
+                .take(quota - mine.len())
+                .cloned()
+                .collect();
+            // All at once (one write); when one of them was taken first, one by one.
+            let taken = match leases.take(&self.consumer, &self.instance, &wanted).await {
+                Ok(taken) => taken,
+                Err(StoreError::ConsumerMoved { .. }) => {
+                    let mut taken = Vec::new();
+                    for lease in &wanted {
+                        match leases
+                            .take(&self.consumer, &self.instance, std::slice::from_ref(lease))
+                            .await
+                        {
+                            Ok(one) => taken.extend(one),
+                            // Someone else took it first, or its position moved: next round.
+                            Err(StoreError::ConsumerMoved { .. }) => {}
+                            Err(e) => return Err(e),
+                        }
                     }
-                    // Someone else took it first, or its position moved: look again next round.
-                    Err(StoreError::ConsumerMoved { .. }) => {}
-                    Err(e) => return Err(e),
+                    taken
                 }
+                Err(e) => return Err(e),
+            };
+            for lease in taken {
+                tracing::debug!(
+                    consumer = %self.consumer, partition = lease.partition,
+                    epoch = lease.epoch, "took a partition"
+                );
+                mine.insert(lease.partition, lease);
             }
         }
         self.publish(&mine);

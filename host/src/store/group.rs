@@ -222,16 +222,17 @@ pub trait Leases: Send + Sync {
         spec: &GroupSpec,
     ) -> Result<GroupState, StoreError>;
 
-    /// Takes a partition whose lease is still `seen`: one atomic write of the lease (owner
-    /// `instance`, the next epoch) and of the partition's position with that epoch written in,
-    /// so that a commit decided under the old lease is refused from that moment. Fails with
-    /// [`StoreError::ConsumerMoved`] when the lease or the position changed meanwhile.
+    /// Takes the partitions whose leases are still as `seen`: one atomic write of each lease
+    /// (owner `instance`, the next epoch) and of each partition's position with that epoch
+    /// written in, so that a commit decided under an old lease is refused from that moment.
+    /// All or none: fails with [`StoreError::ConsumerMoved`] when a lease or a position changed
+    /// meanwhile. Several at once cost one write (a new instance takes its whole share at once).
     async fn take(
         &self,
         consumer: &ConsumerId,
         instance: &str,
-        seen: &Lease,
-    ) -> Result<Lease, StoreError>;
+        seen: &[Lease],
+    ) -> Result<Vec<Lease>, StoreError>;
 
     /// Gives up a partition whose lease is still `seen`.
     async fn release(&self, consumer: &ConsumerId, seen: &Lease) -> Result<(), StoreError>;

@@ -76,7 +76,7 @@ impl NatsStore {
     }
 
     /// Entries of `<kind>.<category>.<consumer>.*` keyed by their last token.
-    async fn per_partition(
+    pub(super) async fn per_partition(
         &self,
         kind: &str,
         consumer: &ConsumerId,
@@ -418,45 +418,59 @@ impl Leases for NatsStore {
         &self,
         consumer: &ConsumerId,
         instance: &str,
-        seen: &Lease,
-    ) -> Result<Lease, StoreError> {
-        let position_subject = self.partition_subject(consumer, seen.partition);
-        let current = self.last(&position_subject).await?;
-        let position = match &current {
-            Some(entry) => decode_position(entry)?,
-            None => PartitionPosition::default(),
-        };
-        let epoch = seen.epoch.max(position.epoch) + 1;
-        let lease = StoredLease {
-            owner: Some(instance.to_owned()),
-            epoch,
-            changed_ms: now_ms(),
-        };
-        let fenced = PartitionPosition {
-            position: position.position,
-            epoch,
-        };
-        let first = self
-            .publish_guarded(vec![
-                put(
-                    self.lease_subject(consumer, seen.partition),
-                    to_json(&lease)?,
-                    Some(seen.revision),
-                ),
-                put(
-                    position_subject,
-                    to_json(&fenced)?,
-                    Some(current.map_or(0, |e| e.seq)),
-                ),
-            ])
-            .await?;
-        Ok(Lease {
-            partition: seen.partition,
-            owner: lease.owner,
-            epoch,
-            changed_ms: lease.changed_ms,
-            revision: first,
-        })
+        seen: &[Lease],
+    ) -> Result<Vec<Lease>, StoreError> {
+        let subjects: Vec<String> = seen
+            .iter()
+            .map(|lease| self.partition_subject(consumer, lease.partition))
+            .collect();
+        let current = self.lasts(subjects.clone()).await?;
+        let changed_ms = now_ms();
+        let mut batch = Vec::with_capacity(seen.len() * 2);
+        let mut taken = Vec::with_capacity(seen.len());
+        for (lease, position_subject) in seen.iter().zip(subjects) {
+            let current = current.get(&position_subject).and_then(Option::as_ref);
+            let position = match current {
+                Some(entry) => decode_position(entry)?,
+                None => PartitionPosition::default(),
+            };
+            let epoch = lease.epoch.max(position.epoch) + 1;
+            let stored = StoredLease {
+                owner: Some(instance.to_owned()),
+                epoch,
+                changed_ms,
+            };
+            let fenced = PartitionPosition {
+                position: position.position,
+                epoch,
+            };
+            batch.push(put(
+                self.lease_subject(consumer, lease.partition),
+                to_json(&stored)?,
+                Some(lease.revision),
+            ));
+            batch.push(put(
+                position_subject,
+                to_json(&fenced)?,
+                Some(current.map_or(0, |e| e.seq)),
+            ));
+            taken.push(Lease {
+                partition: lease.partition,
+                owner: stored.owner,
+                epoch,
+                changed_ms,
+                revision: 0,
+            });
+        }
+        if batch.is_empty() {
+            return Ok(taken);
+        }
+        let first = self.publish_guarded(batch).await?;
+        // Each lease is the first of its pair in the batch.
+        for (index, lease) in taken.iter_mut().enumerate() {
+            lease.revision = first + 2 * index as u64;
+        }
+        Ok(taken)
     }
 
     async fn release(&self, consumer: &ConsumerId, seen: &Lease) -> Result<(), StoreError> {
