@@ -298,11 +298,17 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             } else {
                 stream
             };
-            let (state, version) =
-                service::project(component, store.clone(), stream.clone()).await?;
-            let state = state
+            let projected = service::project(component, store.clone(), stream.clone()).await?;
+            let state = projected
+                .state
                 .map(|text| serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)));
-            Ok(json!({ "stream": stream, "version": version, "state": state }))
+            Ok(json!({
+                "stream": stream,
+                "version": projected.version,
+                "state": state,
+                // Where the fold started: the snapshot's version, or null for the first event.
+                "snapshotVersion": projected.snapshot,
+            }))
         }
     }
 }

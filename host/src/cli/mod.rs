@@ -110,6 +110,10 @@ pub enum Command {
         /// this long; a graceful stop hands it over at once.
         #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..))]
         lease_ttl_ms: u64,
+        /// The embedded store's page cache, in MiB: sled keeps this much of the store's recent
+        /// pages in memory, whatever the length of the history behind it.
+        #[arg(long, value_name = "MIB", default_value_t = crate::store::DEFAULT_CACHE_BYTES >> 20, value_parser = clap::value_parser!(u64).range(8..))]
+        store_cache_mib: u64,
         /// A limit for one service, overriding the defaults above:
         /// `SERVICE:timeout-ms=N` or `SERVICE:memory-mib=N` (repeatable).
         #[arg(long = "service-limit", value_name = "SERVICE:KEY=N", value_parser = parse_service_limit)]
@@ -221,6 +225,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             reuse_instances,
             decide_lanes,
             lease_ttl_ms,
+            store_cache_mib,
             mail_grants,
             service_limits,
         } => {
@@ -243,6 +248,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             };
             let settings = HostSettings {
                 store: cli.store,
+                store_cache_bytes: store_cache_mib << 20,
                 only,
                 http: http.gateway().await?,
                 limits,
@@ -387,10 +393,18 @@ fn cache_dir(data: &Path) -> PathBuf {
 }
 
 async fn open_store(data: &Path, store: &StoreChoice) -> anyhow::Result<Arc<dyn MessageStore>> {
+    open_store_with_cache(data, store, crate::store::DEFAULT_CACHE_BYTES).await
+}
+
+async fn open_store_with_cache(
+    data: &Path,
+    store: &StoreChoice,
+    cache_bytes: u64,
+) -> anyhow::Result<Arc<dyn MessageStore>> {
     std::fs::create_dir_all(data)
         .with_context(|| format!("cannot create the data folder {}", data.display()))?;
     Ok(match store {
-        StoreChoice::Sled => Arc::new(SledStore::open(store_dir(data))?),
+        StoreChoice::Sled => Arc::new(SledStore::open_with_cache(store_dir(data), cache_bytes)?),
         StoreChoice::Nats(url) => Arc::new(NatsStore::connect(url).await?),
     })
 }
@@ -400,11 +414,12 @@ async fn open_store(data: &Path, store: &StoreChoice) -> anyhow::Result<Arc<dyn 
 async fn open_store_for_host(
     data: &Path,
     store: &StoreChoice,
+    cache_bytes: u64,
 ) -> anyhow::Result<Arc<dyn MessageStore>> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut told = false;
     loop {
-        match open_store(data, store).await {
+        match open_store_with_cache(data, store, cache_bytes).await {
             Err(e)
                 if matches!(
                     e.downcast_ref::<StoreError>(),
@@ -483,6 +498,8 @@ async fn execute_locally(
 #[derive(Debug, Clone)]
 pub struct HostSettings {
     pub store: StoreChoice,
+    /// The embedded store's page cache (unused on JetStream).
+    pub store_cache_bytes: u64,
     /// The gateway's address and settings, when it runs.
     pub http: Option<(String, GatewayConfig)>,
     /// Run only these services (all when empty).
@@ -649,6 +666,7 @@ async fn follow_rebuild(
 pub async fn run(data: &Path, services: &Path, settings: &HostSettings) -> anyhow::Result<()> {
     let HostSettings {
         store,
+        store_cache_bytes,
         http,
         only,
         limits,
@@ -656,7 +674,7 @@ pub async fn run(data: &Path, services: &Path, settings: &HostSettings) -> anyho
         config,
         capabilities,
     } = settings;
-    let store = open_store_for_host(data, store).await?;
+    let store = open_store_for_host(data, store, *store_cache_bytes).await?;
     std::fs::create_dir_all(services)
         .with_context(|| format!("cannot create the services folder {}", services.display()))?;
     let (defaults, service_limits) = (*limits, service_limits.clone());

@@ -311,6 +311,9 @@ impl Consumer {
             let sending = in_flight.as_mut().and_then(|page| {
                 let mut commit = page.commit.take()?;
                 commit.settle = Some(self.advance(page.partitions.iter().copied(), page.last));
+                // Snapshots ride on the next commit; one that fails loses them, and the stream
+                // is snapshotted again at its next snapshot point.
+                commit.snapshots = self.projections.take_due_snapshots();
                 Some(commit)
             });
             let store = self.store.clone();
@@ -617,6 +620,7 @@ impl Consumer {
                         if sealed {
                             commit.shred.push(message.id.clone());
                         }
+                        commit.snapshots = self.projections.take_due_snapshots();
                         match self.store.commit(commit).await {
                             Ok(committed) => {
                                 tracing::debug!(

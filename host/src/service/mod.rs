@@ -44,7 +44,7 @@ use group::{Assigner, Owned};
 
 pub use decide::entity_of;
 pub use outcome::derived_id;
-pub use projection::{ProjectionCache, project};
+pub use projection::{Projected, ProjectionCache, SNAPSHOT_EVERY, project};
 
 /// How consumers retry.
 #[derive(Debug, Clone, Copy)]
@@ -399,7 +399,7 @@ impl Running {
         );
         let component = Arc::new(service.component.clone());
         // Per version: new code never sees states folded by old code.
-        let projections = Arc::new(ProjectionCache::default());
+        let projections = Arc::new(ProjectionCache::new(component.hash()));
         let mut consumers = subscriptions_of(&service.component)?;
         if self.with_commands && manifest.handles_commands {
             let id = ConsumerId::new(

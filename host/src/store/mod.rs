@@ -26,7 +26,7 @@ pub use self::names::{
     COMMAND_SUFFIX, Category, NameError, StreamName, validate_service_name, validate_table_name,
 };
 pub use self::nats::NatsStore;
-pub use self::sled::SledStore;
+pub use self::sled::{DEFAULT_CACHE_BYTES, SledStore};
 
 /// A stored message. See the WIT `message` record for the meaning of each field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,6 +225,23 @@ pub struct Commit {
     /// Message ids whose keys this commit removes: the commit that settles a sealed command
     /// destroys its key with everything else it writes, or not at all.
     pub shred: Vec<String>,
+    /// States folded from stored events, kept so that a later fold starts from them (see
+    /// [`Snapshot`]). Each replaces the stored snapshot of its stream and component.
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// A stream's state as one version of a component's `project` folded its first `version` events.
+/// A stream's events never change, so a snapshot stays true for as long as that component
+/// version runs; it is keyed by the component's content hash so that another version never
+/// starts from it. Derived data: losing one costs a longer fold, nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub stream: StreamName,
+    /// The content hash of the component that folded it.
+    pub component: String,
+    /// How many of the stream's events it has folded: the version it stands at.
+    pub version: u64,
+    pub state: String,
 }
 
 /// The key of one message's sealed fields, kept until the message is settled.
@@ -367,6 +384,13 @@ pub trait MessageStore: Send + Sync + 'static {
     /// it (or when the message has none).
     async fn seal_key(&self, message_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// The latest snapshot of a stream folded by the component with this content hash.
+    async fn snapshot(
+        &self,
+        stream: &StreamName,
+        component: &str,
+    ) -> Result<Option<Snapshot>, StoreError>;
+
     /// The global position of the last message written (0 when empty).
     async fn head(&self) -> Result<u64, StoreError>;
 
@@ -413,9 +437,10 @@ pub trait MessageStore: Send + Sync + 'static {
     /// A consumer's deferred messages in order of due time.
     async fn deferred(&self, consumer: &ConsumerId) -> Result<Vec<DeferredMessage>, StoreError>;
 
-    /// Empties view tables and sends consumers (every partition) back to the start of their categories (clearing
-    /// their deferred and parked messages), in one step, so the consumers rebuild the views from
-    /// the event history. Returns how many messages the consumers' categories hold: the history
+    /// Empties view tables and sends consumers (every partition) back to the start of their
+    /// categories (clearing their deferred and parked messages), in one step, so the consumers
+    /// rebuild the views from the event history. Every snapshot goes too: a rebuild derives
+    /// everything again from the events alone. Returns how many messages the consumers' categories hold: the history
     /// they will replay.
     async fn rebuild_views(
         &self,
@@ -445,6 +470,23 @@ pub(crate) fn validate_commit(commit: &Commit) -> Result<(), StoreError> {
             return Err(StoreError::InvalidMessage {
                 id: message.id.clone(),
                 reason: "id and type must not be empty".into(),
+            });
+        }
+    }
+    for snapshot in &commit.snapshots {
+        // A content hash: it becomes part of a key and of a subject.
+        if snapshot.component.is_empty()
+            || !snapshot
+                .component
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(StoreError::InvalidMessage {
+                id: snapshot.stream.to_string(),
+                reason: format!(
+                    "a snapshot's component must be a content hash, not {:?}",
+                    snapshot.component
+                ),
             });
         }
     }

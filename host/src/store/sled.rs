@@ -23,6 +23,7 @@
 //! - `p`, `d` category `\0` name `\0` global → parked, deferred record JSON
 //! - `k` message id → the key of the message's sealed fields (32 bytes), written in the batch
 //!   that writes the message, removed in the batch that settles it (see `seal`)
+//! - `n` stream `\0` component hash → the stream's latest snapshot JSON `[version, state]`
 //!
 //! A folder of the first layout (`ferry-sled/1`, one tree per kind of record) is copied into
 //! this one when it is opened; see [`migrate_v1`].
@@ -42,8 +43,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{
     Category, CategoryFilter, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo,
     DeferredMessage, Group, GroupSpec, Message, MessageStore, NewMessage, ParkedMessage,
-    PartitionInfo, PartitionKey, PartitionPosition, Settle, StoreError, StreamName, ViewRow,
-    now_ms, validate_commit,
+    PartitionInfo, PartitionKey, PartitionPosition, Settle, Snapshot, StoreError, StreamName,
+    ViewRow, now_ms, validate_commit,
 };
 
 const FORMAT: &[u8] = b"ferry-sled/2";
@@ -58,6 +59,7 @@ const VIEW: u8 = b'v';
 const PARKED: u8 = b'p';
 const DEFERRED: u8 = b'd';
 const SEAL_KEY: u8 = b'k';
+const SNAPSHOT: u8 = b'n';
 /// Upper bound of category entries one `read_category` call scans when a filter drops messages.
 const MAX_SCAN: usize = 10_000;
 /// sled's page cache unless told otherwise.
@@ -205,6 +207,10 @@ fn id_key(id: &str) -> Vec<u8> {
 
 fn seal_key_key(message_id: &str) -> Vec<u8> {
     key(SEAL_KEY, &[message_id.as_bytes()])
+}
+
+fn snapshot_key(stream: &str, component: &str) -> Vec<u8> {
+    key(SNAPSHOT, &[stream.as_bytes(), component.as_bytes()])
 }
 
 fn consumer_key(consumer: &ConsumerId) -> Vec<u8> {
@@ -749,6 +755,12 @@ impl Writer {
         for message_id in &commit.shred {
             staging.remove(seal_key_key(message_id))?;
         }
+        for snapshot in &commit.snapshots {
+            staging.insert(
+                snapshot_key(snapshot.stream.as_str(), &snapshot.component),
+                encode(&(snapshot.version, &snapshot.state)),
+            );
+        }
 
         // Rows this commit wrote: a later change to the same row in the commit replaces it, even
         // with the same `seq` (one outcome may upsert a row twice, or delete and upsert it).
@@ -876,6 +888,9 @@ impl Writer {
                     batch.remove(record.map_err(backend)?);
                 }
             }
+        }
+        for snapshot in self.tree.scan_prefix([SNAPSHOT]).keys() {
+            batch.remove(snapshot.map_err(backend)?);
         }
         self.tree.apply_batch(batch).map_err(backend)?;
         let touched = consumers
@@ -1068,6 +1083,24 @@ impl MessageStore for SledStore {
             .get(seal_key_key(message_id))
             .map_err(backend)?
             .map(|key| key.to_vec()))
+    }
+
+    async fn snapshot(
+        &self,
+        stream: &StreamName,
+        component: &str,
+    ) -> Result<Option<Snapshot>, StoreError> {
+        let key = snapshot_key(stream.as_str(), component);
+        let Some(bytes) = self.tree().get(key).map_err(backend)? else {
+            return Ok(None);
+        };
+        let (version, state): (u64, String) = decode("snapshot", &bytes)?;
+        Ok(Some(Snapshot {
+            stream: stream.clone(),
+            component: component.to_owned(),
+            version,
+            state,
+        }))
     }
 
     async fn head(&self) -> Result<u64, StoreError> {

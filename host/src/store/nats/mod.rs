@@ -16,6 +16,7 @@
 //! | `NS.park.<category>.<consumer>.<global>` | a parked message, empty once replayed (rolled up) |
 //! | `NS.defer.<category>.<consumer>.<global>` | a deferred message, empty once handled (rolled up) |
 //! | `NS.key.<message id>` | the key of a message's sealed fields, written with its message; shredded by an empty marker (not rolled up, with `Ferry-Erases: <key's sequence>`) in the batch that settles the message, then the key's message is erased by sequence (below) |
+//! | `NS.snap.<component hash>.<category>.<id>` | a stream's latest snapshot, `[version, state]` JSON, as the component with that content hash folded it (rolled up) |
 //! | `NS.meta.erased` | the sweep mark: every shredding marker up to this sequence has had its key erased (rolled up) |
 //!
 //! Checks ride on the batch: an expected stream version, a consumer's position and a claimed id
@@ -52,7 +53,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{
     Category, CategoryFilter, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo,
     DeferredMessage, Group, GroupSpec, Leases, Message, MessageStore, ParkedMessage,
-    PartitionPosition, Settle, StoreError, StreamName, ViewRow, now_ms, validate_commit,
+    PartitionPosition, Settle, Snapshot, StoreError, StreamName, ViewRow, now_ms, validate_commit,
     validate_table_name,
 };
 
@@ -338,6 +339,10 @@ impl NatsStore {
 
     fn claim_subject(&self, id: &str) -> String {
         self.subject(&format!("id.{}", token(id)))
+    }
+
+    fn snapshot_subject(&self, stream: &StreamName, component: &str) -> String {
+        self.subject(&format!("snap.{component}.{}", stream.as_str()))
     }
 
     fn seal_key_subject(&self, message_id: &str) -> String {
@@ -973,6 +978,13 @@ impl NatsStore {
                     .map(|entry| entry.seq);
                 planned.shred(subject, stored);
             }
+        }
+        for snapshot in &commit.snapshots {
+            planned.put(
+                self.snapshot_subject(&snapshot.stream, &snapshot.component),
+                to_json(&(snapshot.version, &snapshot.state))?,
+                None,
+            );
         }
         // The server refuses a message past its max_payload; found here, it fails this commit
         // alone instead of the batch it would share.
@@ -1771,6 +1783,29 @@ impl MessageStore for NatsStore {
             .map(|entry| entry.payload.to_vec()))
     }
 
+    async fn snapshot(
+        &self,
+        stream: &StreamName,
+        component: &str,
+    ) -> Result<Option<Snapshot>, StoreError> {
+        let Some(entry) = self.last(&self.snapshot_subject(stream, component)).await? else {
+            return Ok(None);
+        };
+        let (version, state): (u64, String) =
+            serde_json::from_slice(&entry.payload).map_err(|e| {
+                backend(
+                    "read",
+                    format!("snapshot {} is damaged: {e}", entry.subject),
+                )
+            })?;
+        Ok(Some(Snapshot {
+            stream: stream.clone(),
+            component: component.to_owned(),
+            version,
+            state,
+        }))
+    }
+
     async fn head(&self) -> Result<u64, StoreError> {
         Ok(self.last(&self.subject("m.>")).await?.map_or(0, |e| e.seq))
     }
@@ -1884,6 +1919,7 @@ impl MessageStore for NatsStore {
         for table in tables {
             purge(self.subject(&format!("v.{table}.>"))).await?;
         }
+        purge(self.subject("snap.>")).await?;
         let mut plan = Plan::default();
         for consumer in consumers {
             purge(self.subject(&format!("defer.{}.>", Self::consumer_part(consumer)))).await?;

@@ -1,0 +1,92 @@
+//! Snapshots through the real path: the counter guest handles a long entity's commands, its
+//! consumer's commits store snapshots of the entity, `project` starts from the latest, another
+//! component version never does, and a rebuild removes them.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use ferry::service::{self, SNAPSHOT_EVERY};
+use ferry::store::{Commit, NewMessage, StreamName};
+use ferry::wasm::{Limits, Runtime};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_entity_is_snapshotted_and_another_version_starts_from_the_first_event() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, running, consumer) = support::start_counter_commands(dir.path());
+    let commands = StreamName::parse("counter:command.long").expect("stream");
+    let events = StreamName::parse("counter.long").expect("stream");
+    let total = SNAPSHOT_EVERY as usize * 2 + 300;
+    for wave in 0..total / 100 {
+        let batch = (0..100)
+            .map(|n| NewMessage {
+                id: format!("c-{wave}-{n}"),
+                message_type: "Increment".into(),
+                data: serde_json::json!({ "by": 1 }),
+                metadata: Default::default(),
+                not_before_ms: None,
+            })
+            .collect();
+        store
+            .commit(Commit::append(commands.clone(), None, batch))
+            .await
+            .expect("commands written");
+    }
+    let head = store.head().await.expect("head");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.settled(&consumer).await.expect("settled") < head {
+        assert!(Instant::now() < deadline, "every command handled in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.shutdown().await;
+
+    let runtime = Runtime::new(None).expect("runtime");
+    let load = |name: &str| {
+        std::sync::Arc::new(
+            runtime
+                .load_file(&support::guest(name), Limits::default())
+                .expect("load"),
+        )
+    };
+    let counter = load("counter_commands");
+    let stored = store
+        .snapshot(&events, counter.hash())
+        .await
+        .expect("read")
+        .expect("the consumer's commits stored a snapshot of the long entity");
+    assert!(
+        stored.version >= SNAPSHOT_EVERY * 2 && stored.version <= total as u64,
+        "the latest snapshot point passed: {}",
+        stored.version
+    );
+    let projected = service::project(counter.clone(), store.clone(), events.clone())
+        .await
+        .expect("project");
+    assert_eq!(projected.snapshot, Some(stored.version), "started from it");
+    assert_eq!(projected.version, total as u64);
+    let state: serde_json::Value =
+        serde_json::from_str(&projected.state.expect("state")).expect("json state");
+    assert_eq!(
+        state["total"], total,
+        "the same total as folding every event"
+    );
+
+    // Another version of the service (a hot reload would load it) folds from the first event.
+    let next = load("counter_next");
+    assert_ne!(next.hash(), counter.hash());
+    let projected = service::project(next, store.clone(), events.clone())
+        .await
+        .expect("project with the next version");
+    assert_eq!(projected.snapshot, None, "no other version's snapshot");
+    assert_eq!(projected.version, total as u64);
+
+    // `ferry rebuild` derives everything from the events again.
+    store
+        .rebuild_views(&[], &[consumer])
+        .await
+        .expect("rebuild");
+    assert_eq!(
+        store.snapshot(&events, counter.hash()).await.expect("read"),
+        None
+    );
+}
