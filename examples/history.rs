@@ -93,6 +93,7 @@ fn command_consumer() -> anyhow::Result<ConsumerId> {
 /// The counter host on a sled folder: store, runtime (with its code cache) and the service.
 struct Host {
     store: Arc<dyn MessageStore>,
+    sled: SledStore,
     running: Running,
 }
 
@@ -101,9 +102,9 @@ fn start(dir: &Path, cache_bytes: u64) -> anyhow::Result<(Host, Duration)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let component = root.join("guests/target/wasm32-wasip2/release/counter.wasm");
     let opening = Instant::now();
-    let store: Arc<dyn MessageStore> =
-        Arc::new(SledStore::open_with_cache(dir.join("store"), cache_bytes)?);
+    let sled = SledStore::open_with_cache(dir.join("store"), cache_bytes)?;
     let opened = opening.elapsed();
+    let store: Arc<dyn MessageStore> = Arc::new(sled.clone());
     let runtime = Runtime::new(Some(dir.join("cache")))?;
     let loaded = LoadedService {
         component: runtime
@@ -117,7 +118,14 @@ fn start(dir: &Path, cache_bytes: u64) -> anyhow::Result<(Host, Duration)> {
         RunnerConfig::default(),
         &Capabilities::default(),
     )?;
-    Ok((Host { store, running }, opened))
+    Ok((
+        Host {
+            store,
+            sled,
+            running,
+        },
+        opened,
+    ))
 }
 
 /// Appends `count` commands from 32 writers, entity `entity(n)` for the n-th, and waits until
@@ -253,9 +261,36 @@ async fn main() -> anyhow::Result<()> {
             bytes as f64 / stored.max(1) as f64,
         );
     }
-    let Host { store, running } = host;
+    // `--account`: where the logical bytes are, by kind of record (a full scan of the store).
+    if std::env::args().any(|a| a == "--account") {
+        let file_bytes = store_bytes(&dir.join("store"));
+        let account = host.sled.account()?;
+        let logical: u64 = account.iter().map(|a| a.key_bytes + a.value_bytes).sum();
+        println!();
+        println!("| record | count | key bytes | value bytes | bytes per record |");
+        println!("|---|---:|---:|---:|---:|");
+        for kind in &account {
+            println!(
+                "| `{}` | {} | {} | {} | {:.0} |",
+                kind.tag,
+                kind.records,
+                kind.key_bytes,
+                kind.value_bytes,
+                (kind.key_bytes + kind.value_bytes) as f64 / kind.records.max(1) as f64
+            );
+        }
+        println!(
+            "| all records | | | {logical} | files: {file_bytes} bytes, {:.2}x the records |",
+            file_bytes as f64 / logical.max(1) as f64
+        );
+    }
+    let Host {
+        store,
+        sled,
+        running,
+    } = host;
     running.shutdown().await;
-    drop(store);
+    drop((store, sled));
 
     // Restart: open the folder and start the service, as `ferry run` does.
     let started = Instant::now();

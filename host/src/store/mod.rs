@@ -26,7 +26,7 @@ pub use self::names::{
     COMMAND_SUFFIX, Category, NameError, StreamName, validate_service_name, validate_table_name,
 };
 pub use self::nats::NatsStore;
-pub use self::sled::{DEFAULT_CACHE_BYTES, SledStore};
+pub use self::sled::{DEFAULT_CACHE_BYTES, KeyAccount, SledStore};
 
 /// A stored message. See the WIT `message` record for the meaning of each field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

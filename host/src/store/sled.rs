@@ -124,6 +124,16 @@ impl WriteRequest {
     }
 }
 
+/// Records of one kind in the tree, as [`SledStore::account`] counts them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyAccount {
+    /// The tag byte its keys start with (see the layout above).
+    pub tag: char,
+    pub records: u64,
+    pub key_bytes: u64,
+    pub value_bytes: u64,
+}
+
 type Watchers = Arc<Mutex<HashMap<String, watch::Sender<u64>>>>;
 
 struct Inner {
@@ -400,6 +410,24 @@ impl SledStore {
                 watchers,
             }),
         })
+    }
+
+    /// What the tree holds by kind of record (the tag byte of its keys): records, key bytes and
+    /// value bytes. A full scan: for measuring where a store's bytes go, not for a running host.
+    pub fn account(&self) -> Result<Vec<KeyAccount>, StoreError> {
+        let mut by_tag: BTreeMap<u8, KeyAccount> = BTreeMap::new();
+        for entry in self.tree().iter() {
+            let (key, value) = entry.map_err(backend)?;
+            let tag = key.first().copied().unwrap_or(b'?');
+            let account = by_tag.entry(tag).or_insert_with(|| KeyAccount {
+                tag: char::from(tag),
+                ..KeyAccount::default()
+            });
+            account.records += 1;
+            account.key_bytes += key.len() as u64;
+            account.value_bytes += value.len() as u64;
+        }
+        Ok(by_tag.into_values().collect())
     }
 
     fn write(&self, request: WriteRequest) -> Result<(), StoreError> {
