@@ -71,6 +71,11 @@ fn handles_a_command_sent_with_the_cli() {
     let projected = setup.ferry_json(&["project", "counter.a"]);
     assert_eq!(projected["state"]["total"], 5);
     assert_eq!(projected["version"], 2);
+    assert_eq!(
+        projected["snapshotVersion"],
+        Value::Null,
+        "a short stream is folded from its first event"
+    );
 }
 
 #[test]
