@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod billing;
+pub mod cluster;
 pub mod leases;
 pub mod nats;
 

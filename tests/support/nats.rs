@@ -11,6 +11,8 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// More lines of the server's configuration (a cluster member's name and routes).
+    extra: String,
 }
 
 fn binary() -> PathBuf {
@@ -24,7 +26,7 @@ fn binary() -> PathBuf {
     PathBuf::from("nats-server")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -39,11 +41,17 @@ impl NatsServer {
 
     /// The same, or why no server could be started.
     pub fn try_start() -> Result<Self, String> {
+        Self::start_with(free_port(), String::new())
+    }
+
+    /// A server on `port` with more configuration lines.
+    pub fn start_with(port: u16, extra: String) -> Result<Self, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let mut server = Self {
             child: None,
-            port: free_port(),
+            port,
             dir,
+            extra,
         };
         server.launch()?;
         Ok(server)
@@ -64,9 +72,10 @@ impl NatsServer {
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
+                "listen: 127.0.0.1:{}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n{}",
                 self.port,
-                store.display().to_string()
+                store.display().to_string(),
+                self.extra,
             ),
         )
         .map_err(|e| e.to_string())?;
@@ -101,6 +110,36 @@ impl NatsServer {
         self.stop();
         std::thread::sleep(down_for);
         self.launch().expect("nats-server starts again");
+    }
+
+    /// Kills the server with SIGKILL, keeping its storage.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped or killed server again on its port and storage.
+    pub fn start_again(&mut self) {
+        self.launch().expect("nats-server starts again");
+    }
+
+    /// Sends a signal (`STOP`, `CONT`) to the running server.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([format!("-{signal}"), child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill -{signal}");
+        }
+    }
+
+    /// Deletes the server's JetStream storage (only while it is down).
+    pub fn wipe_storage(&self) {
+        assert!(self.child.is_none(), "the server is down");
+        let _ = std::fs::remove_dir_all(self.dir.path().join("jetstream"));
     }
 
     fn stop(&mut self) {

@@ -37,8 +37,9 @@ pub struct Cli {
         env = "FERRY_SERVICES"
     )]
     pub services: PathBuf,
-    /// The store: `sled` (embedded, in the data folder) or `nats://HOST:PORT[/NAMESPACE]` (a
-    /// JetStream that several Ferry processes share).
+    /// The store: `sled` (embedded, in the data folder) or
+    /// `nats://HOST:PORT[,HOST:PORT...][/NAMESPACE][?replicas=N]` (a JetStream namespace that
+    /// several Ferry processes share, kept by N servers of a cluster).
     #[arg(
         long,
         global = true,
@@ -59,7 +60,7 @@ pub struct Cli {
 pub enum StoreChoice {
     /// The embedded sled store in `DATA/store`, one process at a time.
     Sled,
-    /// A JetStream namespace: `nats://HOST:PORT[/NAMESPACE]`.
+    /// A JetStream namespace: `nats://HOST:PORT[,HOST:PORT...][/NAMESPACE][?replicas=N]`.
     Nats(String),
 }
 
@@ -70,7 +71,7 @@ fn parse_store(text: &str) -> Result<StoreChoice, String> {
         Ok(StoreChoice::Nats(text.to_owned()))
     } else {
         Err(format!(
-            "{text:?}: expected sled or nats://HOST:PORT[/NAMESPACE]"
+            "{text:?}: expected sled or nats://HOST:PORT[,HOST:PORT...][/NAMESPACE][?replicas=N]"
         ))
     }
 }
@@ -197,6 +198,13 @@ pub enum Command {
     Rebuild { table: String },
     /// Load a component and print its manifest, or why it cannot run.
     Inspect { component: PathBuf },
+    /// Set how many JetStream servers keep the namespace of `--store nats://...` (1 to 5). The
+    /// servers copy it to the new replicas in the background; whoever may change the stream on
+    /// the NATS account may do this.
+    Replicas {
+        #[arg(value_parser = clap::value_parser!(u8).range(1..=5))]
+        count: u8,
+    },
     /// Issue a signed end-user token (HS256) for tests and demos; real deployments take tokens
     /// from their identity provider.
     Token {
@@ -269,6 +277,18 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rebuild { table } => {
             rebuild(&cli.data, &cli.services, &cli.store, table, cli.json).await
+        }
+        Command::Replicas { count } => {
+            let StoreChoice::Nats(url) = &cli.store else {
+                anyhow::bail!(
+                    "the embedded store is one copy in its data folder; replicas are for a \
+                     JetStream namespace (--store nats://...)"
+                );
+            };
+            let before = NatsStore::set_replicas(url, usize::from(count)).await?;
+            let answer = serde_json::json!({ "before": before, "replicas": count });
+            render::print(cli.json, "replicas", &answer);
+            Ok(())
         }
         Command::Inspect { component } => {
             let runtime = Runtime::new(Some(cache_dir(&cli.data)))?;
@@ -360,6 +380,7 @@ fn request_of(command: Command) -> Option<Request> {
         Command::Services => Request::Services,
         Command::Run { .. }
         | Command::Inspect { .. }
+        | Command::Replicas { .. }
         | Command::Rebuild { .. }
         | Command::Token { .. } => return None,
     })

@@ -72,6 +72,11 @@ pub(super) fn print(json: bool, kind: &str, answer: &Value) {
             }
         }
         "replay" => println!("replayed {} message(s)", answer["replayed"]),
+        "replicas" => println!(
+            "the namespace was kept by {} server(s), now by {}; the servers copy it to new \
+             replicas in the background",
+            answer["before"], answer["replicas"]
+        ),
         _ => match serde_json::to_string_pretty(answer) {
             Ok(text) => println!("{text}"),
             Err(_) => println!("{answer}"),

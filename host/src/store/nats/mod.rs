@@ -50,6 +50,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use self::connect::{connect_client, open_stream, parse_url};
+
 use super::{
     Category, CategoryFilter, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo,
     DeferredMessage, Group, GroupSpec, Leases, Message, MessageStore, ParkedMessage,
@@ -57,6 +59,7 @@ use super::{
     validate_table_name,
 };
 
+mod connect;
 mod group;
 
 /// JetStream refuses an atomic batch of more messages than this.
@@ -207,44 +210,26 @@ fn backend(what: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl NatsStore {
-    /// Connects to `nats://HOST:PORT[/NAMESPACE]` and creates the namespace's JetStream stream
-    /// when it does not exist yet.
+    /// Changes how many servers keep the namespace of `url` (its `?replicas` is not needed);
+    /// returns the count it had. The servers copy it to new replicas in the background.
+    pub async fn set_replicas(url: &str, replicas: usize) -> Result<usize, StoreError> {
+        connect::set_replicas(url, replicas).await
+    }
+
+    /// Connects to `nats://HOST:PORT[,HOST:PORT...][/NAMESPACE][?replicas=N]` and creates the
+    /// namespace's JetStream stream when it does not exist yet (see [`connect`](self::connect)).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let (server, ns) = parse_url(url)?;
+        let parsed = parse_url(url)?;
         let unusable = |reason: String| StoreError::Unusable {
             path: url.to_owned(),
             reason,
         };
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(5))
-            .name("ferry")
-            .connect(server.as_str())
+        let client = connect_client(&parsed).await.map_err(unusable)?;
+        let stream = open_stream(&jetstream::new(client.clone()), &parsed)
             .await
-            .map_err(|e| unusable(format!("cannot connect: {e}")))?;
-        let context = jetstream::new(client.clone());
-        let config = stream::Config {
-            name: ns.clone(),
-            subjects: vec![format!("{ns}.>")],
-            storage: stream::StorageType::File,
-            allow_atomic_publish: true,
-            allow_direct: true,
-            allow_rollup: true,
-            ..Default::default()
-        };
-        let mut stream = context
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| unusable(format!("cannot open the JetStream stream {ns}: {e}")))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| unusable(format!("cannot read the stream {ns}: {e}")))?;
-        let config = &info.config;
-        if !(config.allow_atomic_publish && config.allow_direct && config.allow_rollup) {
-            return Err(unusable(format!(
-                "the stream {ns} exists without atomic publish, direct get and rollups"
-            )));
-        }
+            .map_err(unusable)?;
+        let server = parsed.servers_text();
+        let ns = parsed.namespace;
         let (queue, queued) = mpsc::channel(QUEUE);
         let (erase, to_erase) = mpsc::channel(ERASE_QUEUE);
         let store = Self {
@@ -1573,34 +1558,6 @@ fn decode<T: serde::de::DeserializeOwned>(what: &str, entry: &Entry) -> Result<T
 }
 
 /// `nats://HOST:PORT[/NAMESPACE]` into the server address and the namespace.
-fn parse_url(url: &str) -> Result<(String, String), StoreError> {
-    let invalid = |reason: &str| StoreError::Unusable {
-        path: url.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let rest = url
-        .strip_prefix("nats://")
-        .ok_or_else(|| invalid("expected nats://HOST:PORT[/NAMESPACE]"))?;
-    let (address, ns) = match rest.split_once('/') {
-        Some((address, ns)) => (address, ns),
-        None => (rest, "ferry"),
-    };
-    if address.is_empty() {
-        return Err(invalid("the server address is empty"));
-    }
-    if ns.is_empty()
-        || ns.len() > 64
-        || !ns
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(invalid(
-            "the namespace may hold 1 to 64 letters, digits, '_' and '-'",
-        ));
-    }
-    Ok((format!("nats://{address}"), ns.to_owned()))
-}
-
 /// A subject token for any text: letters, digits, `-`, `_` and `:` as they are, every other
 /// byte as `~XX`; the empty text as `~`.
 fn token(text: &str) -> String {
@@ -2018,20 +1975,5 @@ mod tests {
             assert!(!t.contains(['.', '*', '>', ' ']), "{t}");
             assert_eq!(untoken(&t).as_deref(), Some(text));
         }
-    }
-
-    #[test]
-    fn parses_the_store_url() {
-        assert_eq!(
-            parse_url("nats://127.0.0.1:4222").ok(),
-            Some(("nats://127.0.0.1:4222".into(), "ferry".into()))
-        );
-        assert_eq!(
-            parse_url("nats://h:1/test_2").ok(),
-            Some(("nats://h:1".into(), "test_2".into()))
-        );
-        assert!(parse_url("http://h:1").is_err());
-        assert!(parse_url("nats://h:1/a.b").is_err());
-        assert!(parse_url("nats:///x").is_err());
     }
 }

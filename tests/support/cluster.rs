@@ -1,0 +1,172 @@
+//! A real JetStream cluster for a test: three `nats-server -js` (the same binary as
+//! [`NatsServer`]) routed to each other on free loopback ports, each with its own storage
+//! folder and monitoring port, stopped when dropped. A test kills, pauses, restarts and wipes
+//! members one by one, and asks the monitoring endpoint who leads a namespace's stream.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::nats::{NatsServer, free_port};
+
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+    /// Each member's monitoring port (`/jsz`, `/healthz`).
+    monitors: Vec<u16>,
+}
+
+/// Members' names are `n0`, `n1`, ...: what JetStream reports as a stream's leader.
+pub fn member_name(index: usize) -> String {
+    format!("n{index}")
+}
+
+impl NatsCluster {
+    /// Starts `size` clustered servers and waits until JetStream has a meta leader.
+    pub fn start(size: usize) -> Self {
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let monitors: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let servers = (0..size)
+            .map(|index| {
+                let others: Vec<String> = routes
+                    .iter()
+                    .enumerate()
+                    .filter(|(other, _)| *other != index)
+                    .map(|(_, port)| format!("nats-route://127.0.0.1:{port}"))
+                    .collect();
+                let extra = format!(
+                    "server_name: {}\nhttp: 127.0.0.1:{}\ncluster {{\n  name: ferry\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    member_name(index),
+                    monitors[index],
+                    routes[index],
+                    others.join(", ")
+                );
+                NatsServer::start_with(free_port(), extra)
+                    .expect("nats-server starts (scripts/test installs it)")
+            })
+            .collect();
+        let cluster = Self { servers, monitors };
+        cluster.wait_for_meta_leader();
+        cluster
+    }
+
+    /// The store URL naming every member as a seed.
+    pub fn url(&self, namespace: &str, replicas: usize) -> String {
+        let seeds: Vec<String> = self
+            .servers
+            .iter()
+            .map(|server| format!("127.0.0.1:{}", server.port))
+            .collect();
+        format!("nats://{}/{namespace}?replicas={replicas}", seeds.join(","))
+    }
+
+    /// What a live member's monitoring endpoint answers on `path`.
+    fn monitor(&self, path: &str) -> Option<Value> {
+        self.monitors.iter().find_map(|port| {
+            http_get(*port, path).and_then(|body| serde_json::from_str(&body).ok())
+        })
+    }
+
+    /// Waits until the members agree on a JetStream meta leader (a stream can be made then).
+    pub fn wait_for_meta_leader(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leader = self
+                .monitor("/jsz")
+                .and_then(|jsz| jsz["meta_cluster"]["leader"].as_str().map(str::to_owned));
+            if leader.is_some_and(|l| !l.is_empty()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster elects a meta leader"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last sequence of the namespace's stream in one member's own storage.
+    pub fn member_last_sequence(&self, index: usize, namespace: &str) -> Option<u64> {
+        let body = http_get(self.monitors[index], "/jsz?accounts=true&streams=true")?;
+        stream_detail(&serde_json::from_str(&body).ok()?, namespace)?["state"]["last_seq"].as_u64()
+    }
+
+    /// The stream of `namespace` as the members see it: `(leader index, replicas current)`.
+    pub fn stream_state(&self, namespace: &str) -> Option<(Option<usize>, usize)> {
+        let jsz = self.monitor("/jsz?accounts=true&streams=true")?;
+        let stream = stream_detail(&jsz, namespace)?;
+        let cluster = &stream["cluster"];
+        let leader = cluster["leader"]
+            .as_str()
+            .and_then(|name| (0..self.servers.len()).find(|i| member_name(*i) == name));
+        let current = cluster["replicas"].as_array().map_or(0, |replicas| {
+            replicas.iter().filter(|r| r["current"] == true).count()
+        });
+        Some((leader, current))
+    }
+
+    /// The member leading the namespace's stream, waiting for one to be elected.
+    pub fn leader(&self, namespace: &str) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((Some(leader), _)) = self.stream_state(namespace) {
+                return leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the stream {namespace} has a leader"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the stream has a leader and every other member is current with it.
+    pub fn wait_until_replicated(&self, namespace: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((Some(_), current)) = self.stream_state(namespace)
+                && current + 1 == self.servers.len()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "every member of the stream {namespace} is current: {:?}",
+                self.stream_state(namespace)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A stream's details in a `/jsz?accounts=true&streams=true` answer.
+fn stream_detail(jsz: &Value, namespace: &str) -> Option<Value> {
+    jsz["account_details"]
+        .as_array()?
+        .iter()
+        .flat_map(|account| {
+            account["stream_detail"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .find(|stream| stream["name"] == namespace)
+}
+
+/// A plain HTTP GET on loopback; `None` when the server does not answer 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_owned())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
+}
