@@ -93,7 +93,9 @@ fn gap_around(times: &[u64], fault_ms: u64) -> Option<u64> {
 /// Waits until the flow has gone on past a fault: `more` registrations handled since.
 fn wait_for_progress(setup: &Setup, more: usize, what: &str) {
     let before = category(setup, "user").len();
-    wait_until(WAIT, what, || category(setup, "user").len() >= before + more);
+    wait_until(WAIT, what, || {
+        category(setup, "user").len() >= before + more
+    });
 }
 
 #[test]
@@ -145,9 +147,11 @@ fn the_article_goes_on_through_a_leader_kill_a_follower_kill_and_a_paused_leader
     wait_until(WAIT, "every registration is handled", || {
         category(&setup, "user").len() >= users
     });
-    wait_until(WAIT, "every welcome email is delivered and recorded", || {
-        setup.emails_in(&emails_in).len() >= users && category(&setup, "email").len() >= users
-    });
+    wait_until(
+        WAIT,
+        "every welcome email is delivered and recorded",
+        || setup.emails_in(&emails_in).len() >= users && category(&setup, "email").len() >= users,
+    );
     wait_until(WAIT, "the users view holds every user", || {
         setup.ferry_json(&["view", "users", "--limit", "100000"])["rows"]
             .as_array()
@@ -169,7 +173,8 @@ fn the_article_goes_on_through_a_leader_kill_a_follower_kill_and_a_paused_leader
     assert_eq!(setup.emails_in(&emails_in).len(), users, "one email each");
 
     // The views the aggregator kept through the faults are what a rebuild derives again.
-    let view = |table: &str| setup.ferry_json(&["view", table, "--limit", "100000"])["rows"].clone();
+    let view =
+        |table: &str| setup.ferry_json(&["view", table, "--limit", "100000"])["rows"].clone();
     let kept: Vec<Value> = ["users", "users-by-username", "users-by-email"]
         .iter()
         .map(|table| view(table))
@@ -178,8 +183,15 @@ fn the_article_goes_on_through_a_leader_kill_a_follower_kill_and_a_paused_leader
         host.stop();
     }
     let output = setup.ferry(&["rebuild", "users"]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    for (table, before) in ["users", "users-by-username", "users-by-email"].iter().zip(&kept) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for (table, before) in ["users", "users-by-username", "users-by-email"]
+        .iter()
+        .zip(&kept)
+    {
         assert_eq!(&view(table), before, "{table} equals its rebuild");
     }
 
@@ -198,7 +210,10 @@ fn the_article_goes_on_through_a_leader_kill_a_follower_kill_and_a_paused_leader
 #[test]
 fn counts_once_in_order_while_the_leader_is_killed_three_times_and_instances_die() {
     let mut cluster = NatsCluster::start(3);
-    let setup = Arc::new(Setup::with_store(&["counter_commands"], &cluster.url("clu", 3)));
+    let setup = Arc::new(Setup::with_store(
+        &["counter_commands"],
+        &cluster.url("clu", 3),
+    ));
     let data = |n: usize| setup.dir.path().join(format!("data-{n}"));
     let short_lease = ["--lease-ttl-ms", "2000"];
     let mut first = Some(setup.start_in(&data(0), &short_lease));
@@ -223,6 +238,10 @@ fn counts_once_in_order_while_the_leader_is_killed_three_times_and_instances_die
     let _third = setup.start_in(&data(2), &short_lease);
     std::thread::sleep(Duration::from_secs(2));
     let commands = sender.stop();
-    assert!(commands > 0, "commands were stored in {:?}", started.elapsed());
+    assert!(
+        commands > 0,
+        "commands were stored in {:?}",
+        started.elapsed()
+    );
     assert_counted_once_in_order(&setup, commands, entities, "leader killed three times");
 }

@@ -27,8 +27,15 @@ async fn refuses_a_namespace_kept_by_another_count_of_servers_until_it_is_change
     let cluster = NatsCluster::start(3);
     let one = cluster.url("clu", 1);
     let three = cluster.url("clu", 3);
-    drop(NatsStore::connect(&one).await.expect("made with one replica"));
-    assert_eq!(cluster.stream_state("clu").map(|(_, current)| current), Some(0));
+    drop(
+        NatsStore::connect(&one)
+            .await
+            .expect("made with one replica"),
+    );
+    assert_eq!(
+        cluster.stream_state("clu").map(|(_, current)| current),
+        Some(0)
+    );
 
     match NatsStore::connect(&three).await {
         Err(StoreError::Unusable { reason, .. }) => {
@@ -43,9 +50,14 @@ async fn refuses_a_namespace_kept_by_another_count_of_servers_until_it_is_change
     let without = three.replace("?replicas=3", "");
     drop(NatsStore::connect(&without).await.expect("taken as it is"));
 
-    assert_eq!(NatsStore::set_replicas(&without, 3).await.expect("scaled"), 1);
+    assert_eq!(
+        NatsStore::set_replicas(&without, 3).await.expect("scaled"),
+        1
+    );
     cluster.wait_until_replicated("clu");
-    let store = NatsStore::connect(&three).await.expect("three replicas now");
+    let store = NatsStore::connect(&three)
+        .await
+        .expect("three replicas now");
     store
         .commit(Commit::append(
             conformance::stream("user.1"),
@@ -68,7 +80,11 @@ async fn a_member_whose_storage_was_lost_heals_from_the_others() {
             .commit(Commit::append(
                 conformance::stream(&format!("user.{}", n % 10)),
                 None,
-                vec![conformance::msg(&format!("m{n}"), "UserRegistered", json!({ "n": n }))],
+                vec![conformance::msg(
+                    &format!("m{n}"),
+                    "UserRegistered",
+                    json!({ "n": n }),
+                )],
             ))
             .await
             .expect("written");

@@ -25,6 +25,25 @@ pub fn member_name(index: usize) -> String {
 impl NatsCluster {
     /// Starts `size` clustered servers and waits until JetStream has a meta leader.
     pub fn start(size: usize) -> Self {
+        // A free port found by binding it may be taken by a parallel test before its server
+        // binds it: start again on other ports.
+        let mut tries = 0;
+        loop {
+            match Self::try_start(size) {
+                Ok(cluster) => {
+                    cluster.wait_for_meta_leader();
+                    return cluster;
+                }
+                Err(e) if tries < 5 => {
+                    tries += 1;
+                    eprintln!("starting the cluster again: {e}");
+                }
+                Err(e) => panic!("nats-server starts (scripts/test installs it): {e}"),
+            }
+        }
+    }
+
+    fn try_start(size: usize) -> Result<Self, String> {
         let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let monitors: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let servers = (0..size)
@@ -43,12 +62,9 @@ impl NatsCluster {
                     others.join(", ")
                 );
                 NatsServer::start_with(free_port(), extra)
-                    .expect("nats-server starts (scripts/test installs it)")
             })
-            .collect();
-        let cluster = Self { servers, monitors };
-        cluster.wait_for_meta_leader();
-        cluster
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { servers, monitors })
     }
 
     /// The store URL naming every member as a seed.
@@ -92,18 +108,25 @@ impl NatsCluster {
         stream_detail(&serde_json::from_str(&body).ok()?, namespace)?["state"]["last_seq"].as_u64()
     }
 
-    /// The stream of `namespace` as the members see it: `(leader index, replicas current)`.
+    /// The stream of `namespace` as its leader sees it: `(leader index, followers current)`
+    /// (only the leader knows how far its followers are).
     pub fn stream_state(&self, namespace: &str) -> Option<(Option<usize>, usize)> {
-        let jsz = self.monitor("/jsz?accounts=true&streams=true")?;
-        let stream = stream_detail(&jsz, namespace)?;
-        let cluster = &stream["cluster"];
-        let leader = cluster["leader"]
-            .as_str()
-            .and_then(|name| (0..self.servers.len()).find(|i| member_name(*i) == name));
-        let current = cluster["replicas"].as_array().map_or(0, |replicas| {
-            replicas.iter().filter(|r| r["current"] == true).count()
-        });
-        Some((leader, current))
+        let leader_of = |jsz: &Value| {
+            let stream = stream_detail(jsz, namespace)?;
+            let name = stream["cluster"]["leader"].as_str()?.to_owned();
+            (0..self.servers.len()).find(|i| member_name(*i) == name)
+        };
+        let Some(leader) = leader_of(&self.monitor("/jsz?accounts=true&streams=true")?) else {
+            return Some((None, 0));
+        };
+        let body = http_get(self.monitors[leader], "/jsz?accounts=true&streams=true")?;
+        let stream = stream_detail(&serde_json::from_str(&body).ok()?, namespace)?;
+        let current = stream["cluster"]["replicas"]
+            .as_array()
+            .map_or(0, |replicas| {
+                replicas.iter().filter(|r| r["current"] == true).count()
+            });
+        Some((Some(leader), current))
     }
 
     /// The member leading the namespace's stream, waiting for one to be elected.
@@ -132,11 +155,22 @@ impl NatsCluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "every member of the stream {namespace} is current: {:?}",
-                self.stream_state(namespace)
+                "every member of the stream {namespace} is current: {:?}\n{}",
+                self.stream_state(namespace),
+                self.logs()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+impl NatsCluster {
+    /// The end of every member's log, for a failure message.
+    pub fn logs(&self) -> String {
+        (0..self.servers.len())
+            .map(|i| format!("--- {}:\n{}", member_name(i), self.servers[i].log_tail(20)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

@@ -93,16 +93,26 @@ impl NatsServer {
             .map_err(|e| format!("cannot run {}: {e}", binary().display()))?;
         self.child = Some(child);
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let log_text =
+            || std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        loop {
+            // A server that could not bind one of its ports exits.
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(format!("nats-server exited ({status}): {}", log_text()));
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && log_text().contains("Server is ready")
+            {
+                return Ok(());
+            }
             if start.elapsed() > Duration::from_secs(20) {
-                return Err(format!(
-                    "nats-server does not listen: {}",
-                    std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-                ));
+                return Err(format!("nats-server does not listen: {}", log_text()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
     }
 
     /// Stops the server cleanly (SIGTERM) and starts it again on the same port and storage.
@@ -110,6 +120,13 @@ impl NatsServer {
         self.stop();
         std::thread::sleep(down_for);
         self.launch().expect("nats-server starts again");
+    }
+
+    /// The last lines of the server's log, for a failure message.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Kills the server with SIGKILL, keeping its storage.

@@ -108,6 +108,21 @@ pub(super) async fn connect_client(url: &NatsUrl) -> Result<Client, String> {
         .map_err(|e| format!("cannot connect: {e}"))
 }
 
+/// How long opening the stream waits for a cluster that is starting or electing a leader.
+const OPEN_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Whether a failure to open the stream passes once the cluster has settled: no answer in time,
+/// the JetStream cluster not available yet (10008), or too few servers up to place its replicas
+/// (10023, insufficient resources).
+fn passing(error: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind as Kind;
+    match error.kind() {
+        Kind::TimedOut | Kind::JetStreamUnavailable => true,
+        Kind::JetStream(e) => matches!(e.error_code().0, 10008 | 10023),
+        _ => false,
+    }
+}
+
 /// The namespace's stream as Ferry makes it: every message of the namespace under `NS.>`, atomic
 /// batches, direct gets and rollups, kept by `replicas` servers.
 fn stream_config(namespace: &str, replicas: usize) -> stream::Config {
@@ -130,10 +145,22 @@ pub(super) async fn open_stream(
     url: &NatsUrl,
 ) -> Result<stream::Stream, String> {
     let ns = &url.namespace;
-    let mut stream = context
-        .get_or_create_stream(stream_config(ns, url.replicas.unwrap_or(1)))
-        .await
-        .map_err(|e| format!("cannot open the JetStream stream {ns}: {e}"))?;
+    let config = stream_config(ns, url.replicas.unwrap_or(1));
+    // A cluster that is starting (or electing) answers late or "not available" for a
+    // few seconds: wait for it rather than fail a host started beside it.
+    let deadline = tokio::time::Instant::now() + OPEN_PATIENCE;
+    let mut stream = loop {
+        match context.get_or_create_stream(config.clone()).await {
+            Ok(stream) => break stream,
+            Err(e) if passing(&e) && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(
+                    "JetStream is not ready for the stream {ns} yet ({e}); trying again"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(format!("cannot open the JetStream stream {ns}: {e}")),
+        }
+    };
     let info = stream
         .info()
         .await
