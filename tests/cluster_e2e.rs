@@ -22,7 +22,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Registrations one after another, each sent again with the same id until it is stored (a
+/// Registrations at a steady pace, each sent again with the same id until it is stored (a
 /// send refused during an election is retried as a user would).
 struct Registrations {
     stop: Arc<AtomicBool>,
@@ -55,9 +55,10 @@ impl Registrations {
                     ]);
                     if output.status.success() {
                         sent.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        std::thread::sleep(Duration::from_millis(100));
                     }
+                    // Ten a second, well below what the user service hashes: a backlog would
+                    // hide the gap a fault leaves.
+                    std::thread::sleep(Duration::from_millis(100));
                 }
             })
         };

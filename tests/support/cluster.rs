@@ -55,7 +55,7 @@ impl NatsCluster {
                     .map(|(_, port)| format!("nats-route://127.0.0.1:{port}"))
                     .collect();
                 let extra = format!(
-                    "server_name: {}\nhttp: 127.0.0.1:{}\ncluster {{\n  name: ferry\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    "server_name: {}\nping_interval: \"1s\"\nhttp: 127.0.0.1:{}\ncluster {{\n  name: ferry\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
                     member_name(index),
                     monitors[index],
                     routes[index],

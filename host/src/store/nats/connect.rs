@@ -97,6 +97,12 @@ pub(super) fn parse_url(url: &str) -> Result<NatsUrl, StoreError> {
 /// after a `SIGSTOP`). A ping a second costs nothing beside the traffic.
 const PING_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a read waits for its answer. A request sent just before its server died, or to one
+/// that stalls, is never answered; with the client's default of 10 s a killed leader held
+/// every consumer that long after the new leader was elected. A read that times out is simply
+/// made again.
+pub(super) const ANSWER_WITHIN: Duration = Duration::from_secs(3);
+
 /// A client on any of the seeds that answers, reconnecting to any live server for as long as
 /// the process runs.
 pub(super) async fn connect_client(url: &NatsUrl) -> Result<Client, String> {
@@ -109,6 +115,7 @@ pub(super) async fn connect_client(url: &NatsUrl) -> Result<Client, String> {
     async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
         .ping_interval(PING_EVERY)
+        .request_timeout(Some(ANSWER_WITHIN))
         .name("ferry")
         .connect(seeds.as_slice())
         .await

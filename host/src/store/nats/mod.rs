@@ -423,9 +423,9 @@ impl NatsStore {
         let mut entries = Vec::new();
         let mut pending = 0;
         loop {
-            let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            let reply = tokio::time::timeout(connect::ANSWER_WITHIN, replies.next())
                 .await
-                .map_err(|_| backend("get", "no answer within 10 s"))?
+                .map_err(|_| backend("get", "no answer in time"))?
                 .ok_or_else(|| backend("get", "the connection closed"))?;
             match reply.status.map(|s| s.as_u16()) {
                 // End of batch, or nothing matched.
