@@ -23,9 +23,15 @@ mod measure;
 // The tests' nats-server launcher; the benchmark only starts a server.
 #[path = "bench/instances.rs"]
 mod instances;
+#[path = "bench/jetstream.rs"]
+mod jetstream;
 #[allow(dead_code)]
 #[path = "../tests/support/nats.rs"]
-mod nats_server;
+mod nats;
+// The tests' cluster launcher: three routed servers for the replicated rows.
+#[allow(dead_code)]
+#[path = "../tests/support/cluster.rs"]
+mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,7 +39,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures_util::StreamExt as _;
 use tokio::sync::watch;
 
 use ferry::mail::Maildir;
@@ -46,6 +51,7 @@ use ferry::wasm::{
     GuestError, GuestHost, Limits, Manifest, NativeService, Outcome, Outgoing, Runtime,
     ServiceComponent,
 };
+use jetstream::JetStream;
 use measure::{percentile, resident_mib};
 
 struct NullHost;
@@ -144,81 +150,24 @@ fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// Row 1 on JetStream: durable publishes, each awaiting its acknowledgement.
-async fn raw_jetstream_publishes(url: &str, count: usize) -> anyhow::Result<f64> {
-    let (context, subject) = raw_stream(url).await?;
-    let payload = bytes::Bytes::from(vec![b'x'; 400]);
-    let start = Instant::now();
-    for _ in 0..count {
-        context
-            .publish(subject.clone(), payload.clone())
-            .await?
-            .await?;
-    }
-    Ok(count as f64 / start.elapsed().as_secs_f64())
-}
-
-/// Row 1 on JetStream: publish, consume and acknowledge (confirmed by the server), in a loop.
-async fn raw_jetstream_loop(url: &str, count: usize) -> anyhow::Result<f64> {
-    use async_nats::jetstream::consumer::{AckPolicy, pull};
-    let (context, subject) = raw_stream(url).await?;
-    let stream = context.get_stream(subject.replace(".x", "")).await?;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some("raw".into()),
-            ack_policy: AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
-    let payload = bytes::Bytes::from(vec![b'x'; 400]);
-    let start = Instant::now();
-    for _ in 0..count {
-        context
-            .publish(subject.clone(), payload.clone())
-            .await?
-            .await?;
-        let message = messages.next().await.context("a delivery")??;
-        message
-            .double_ack()
-            .await
-            .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
-    }
-    Ok(count as f64 / start.elapsed().as_secs_f64())
-}
-
-/// A fresh JetStream stream on file storage; its one subject.
-async fn raw_stream(url: &str) -> anyhow::Result<(async_nats::jetstream::Context, String)> {
-    let name = format!("raw{}", NAMESPACES.fetch_add(1, Ordering::Relaxed));
-    let context = async_nats::jetstream::new(async_nats::connect(url).await?);
-    context
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("{name}.x")],
-            storage: async_nats::jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await?;
-    Ok((context, format!("{name}.x")))
-}
-
 static NAMESPACES: AtomicUsize = AtomicUsize::new(0);
 
 /// The store rows 2 run on.
 #[derive(Clone)]
 enum Backend {
     Sled,
-    /// A server URL; every run gets a namespace of its own.
-    Nats(String),
+    /// A server or cluster; every run gets a namespace of its own.
+    Nats(JetStream),
 }
 
 impl Backend {
     async fn open(&self, dir: &Path) -> anyhow::Result<Arc<dyn MessageStore>> {
         Ok(match self {
             Self::Sled => Arc::new(SledStore::open(dir.join("store"))?),
-            Self::Nats(url) => {
+            Self::Nats(on) => {
                 let n = NAMESPACES.fetch_add(1, Ordering::Relaxed);
-                Arc::new(NatsStore::connect(&format!("{url}/bench{n}")).await?)
+                let url = format!("{}/bench{n}?replicas={}", on.servers, on.replicas);
+                Arc::new(NatsStore::connect(&url).await?)
             }
         })
     }
@@ -755,7 +704,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");
-    // `--only sled,wasm`: run only these sections (sled, jetstream, wasm, start, memory,
+    // `--only sled,wasm`: run only these sections (sled, jetstream, cluster, wasm, start, memory,
     // instances).
     let only: Option<Vec<String>> = args
         .iter()
@@ -876,70 +825,55 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("jetstream") {
         // 1 and 2 on JetStream.
-        match nats_server::NatsServer::try_start() {
+        match nats::NatsServer::try_start() {
             Err(reason) => table.row(
                 "1-2. JetStream rows",
                 "skipped".into(),
                 format!("no nats-server: {reason}"),
             ),
             Ok(server) => {
-                let url = server.url();
-                let mut publishes = Vec::new();
-                let mut loops = Vec::new();
-                let mut rates = Vec::new();
-                for _ in 0..rounds {
-                    publishes.push(raw_jetstream_publishes(&url, appends).await?);
-                    loops.push(raw_jetstream_loop(&url, appends).await?);
-                    rates.push(
-                        end_to_end_throughput(
-                            &Backend::Nats(url.clone()),
-                            commands,
-                            RunnerConfig::default(),
-                            Handler::Wasm,
-                        )
-                        .await?,
-                    );
-                }
-                let publish = median(publishes);
-                table.row(
-                    "1. JetStream durable publishes/s (await each ack)",
-                    format!("{publish:.0}"),
-                    "the store's limit; sync_interval: always".into(),
-                );
-                table.row(
-                    "1. JetStream publish + consume + ack loop/s",
-                    format!("{:.0}", median(loops)),
-                    "double_ack: the ack confirmed".into(),
-                );
-                let rate = median(rates);
-                table.row(
-                "2. end-to-end durable commands/s on JetStream (32 writers)",
-                format!("{rate:.0}"),
-                format!(
-                    "{:.0}% of the JetStream publish row; a command is a publish and an atomic batch",
-                    rate / publish * 100.0
-                ),
-            );
-                let mut latencies = Latencies::default();
-                for _ in 0..rounds {
-                    latencies.add(
-                        end_to_end_latency(
-                            &Backend::Nats(url.clone()),
-                            RunnerConfig::default(),
-                            rate * 0.5,
-                            commands / 2,
-                        )
-                        .await?,
-                    );
-                }
-                latencies.row(
+                let single = JetStream {
+                    servers: server.url(),
+                    replicas: 1,
+                };
+                jetstream::jetstream_rows(
                     &mut table,
-                    &format!(
-                        "2. latency command stored → outcome stored on JetStream, half load ({:.0}/s)",
-                        rate * 0.5
-                    ),
-                    "",
-                );
+                    &single,
+                    "JetStream",
+                    rounds,
+                    appends,
+                    commands,
+                )
+                .await?;
+            }
+        }
+    }
+    if runs("cluster") {
+        // 1, 2 and the failover gap on a namespace kept by three servers.
+        match nats::NatsServer::try_start() {
+            Err(reason) => table.row(
+                "1-2. JetStream cluster rows",
+                "skipped".into(),
+                format!("no nats-server: {reason}"),
+            ),
+            Ok(probe) => {
+                drop(probe);
+                let mut cluster = cluster::NatsCluster::start(3);
+                let replicated = JetStream {
+                    servers: cluster.seeds(),
+                    replicas: 3,
+                };
+                let label = "a 3-server cluster, 3 replicas";
+                jetstream::jetstream_rows(
+                    &mut table,
+                    &replicated,
+                    label,
+                    rounds,
+                    appends,
+                    commands,
+                )
+                .await?;
+                jetstream::failover_row(&mut table, &mut cluster, &replicated, quick).await?;
             }
         }
     }
@@ -1071,7 +1005,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if runs("instances") {
         // 6. One service as several processes on JetStream.
-        match nats_server::NatsServer::try_start() {
+        match nats::NatsServer::try_start() {
             Err(reason) => table.row(
                 "6. instance rows",
                 "skipped".into(),

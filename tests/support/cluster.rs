@@ -67,14 +67,19 @@ impl NatsCluster {
         Ok(Self { servers, monitors })
     }
 
-    /// The store URL naming every member as a seed.
-    pub fn url(&self, namespace: &str, replicas: usize) -> String {
+    /// Every member as a seed: `nats://HOST:PORT,HOST:PORT,...`.
+    pub fn seeds(&self) -> String {
         let seeds: Vec<String> = self
             .servers
             .iter()
             .map(|server| format!("127.0.0.1:{}", server.port))
             .collect();
-        format!("nats://{}/{namespace}?replicas={replicas}", seeds.join(","))
+        format!("nats://{}", seeds.join(","))
+    }
+
+    /// The store URL naming every member as a seed.
+    pub fn url(&self, namespace: &str, replicas: usize) -> String {
+        format!("{}/{namespace}?replicas={replicas}", self.seeds())
     }
 
     /// What a live member's monitoring endpoint answers on `path`.
