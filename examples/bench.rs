@@ -12,7 +12,8 @@
 //! start, resident memory, and one service as 1, 2 and 3 processes on JetStream; row 0, just before the latency rows, the longest pause of the
 //! machine's cores. Rows 1 and 2 run on sled and, when `nats-server` is found (as in
 //! the tests: `FERRY_NATS_SERVER`, `.tools/venv`, `PATH`), on a JetStream it starts with
-//! `sync_interval: always`, so both stores are durable on disk before they acknowledge.
+//! `sync_interval: always`, so both stores are durable on disk before they acknowledge; and on a
+//! namespace kept by three servers of a cluster it starts the same way, with the failover gap.
 
 // The allocator the `ferry` binary uses, so the in-process rows measure the host as shipped.
 #[global_allocator]
@@ -863,7 +864,7 @@ async fn main() -> anyhow::Result<()> {
                     servers: cluster.seeds(),
                     replicas: 3,
                 };
-                let label = "a 3-server cluster, 3 replicas";
+                let label = "3-replica JetStream cluster";
                 jetstream::jetstream_rows(
                     &mut table,
                     &replicated,

@@ -262,3 +262,34 @@ fn counts_once_in_order_while_the_leader_is_killed_three_times_and_instances_die
     );
     assert_counted_once_in_order(&setup, commands, entities, "leader killed three times");
 }
+
+#[test]
+fn ferry_replicas_changes_how_many_servers_keep_a_namespace() {
+    let cluster = NatsCluster::start(3);
+    let one = Setup::with_store(&[], &cluster.url("clu", 1));
+    one.send(
+        "user:command.1",
+        "RegisterUser",
+        json!({ "username": "ann" }),
+    );
+    let three = Setup::with_store(&[], &cluster.url("clu", 3));
+    let refused = three.ferry(&["read", "user:command.1"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(said.contains("ferry replicas 3"), "{said}");
+
+    let answer = three.ferry_json(&["replicas", "3"]);
+    assert_eq!(answer["before"], 1);
+    assert_eq!(answer["replicas"], 3);
+    cluster.wait_until_replicated("clu");
+    assert_eq!(types(&three.read("user:command.1")), ["RegisterUser"]);
+
+    let embedded = Setup::new(&[]);
+    let refused = embedded.ferry(&["replicas", "3"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("replicas are for a JetStream namespace"),
+        "{said}"
+    );
+}

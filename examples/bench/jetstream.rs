@@ -118,12 +118,12 @@ pub(super) async fn jetstream_rows(
     }
     let publish = median(publishes);
     table.row(
-        &format!("1. {label}: durable publishes/s (await each ack)"),
+        &format!("1. {label} durable publishes/s (await each ack)"),
         format!("{publish:.0}"),
         "the store's limit; sync_interval: always".into(),
     );
     table.row(
-        &format!("1. {label}: publish + consume + ack loop/s"),
+        &format!("1. {label} publish + consume + ack loop/s"),
         format!("{:.0}", median(loops)),
         "double_ack: the ack confirmed".into(),
     );
@@ -212,7 +212,7 @@ pub(super) async fn failover_row(
         cluster.wait_until_replicated(&namespace);
     }
     table.row(
-        "2. failover: SIGKILL of the stream leader → the next acknowledged commit",
+        "2. failover on the 3-replica cluster: SIGKILL of the stream leader → the next acknowledged commit",
         format!("{:.2} s", median(gaps)),
         "3 servers, 3 replicas; the servers' election, then the writer's retry".into(),
     );

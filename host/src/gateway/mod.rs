@@ -173,6 +173,9 @@ impl From<anyhow::Error> for ApiError {
                 StoreError::NotFound(_) => StatusCode::NOT_FOUND,
                 StoreError::Name(_) | StoreError::InvalidMessage { .. } => StatusCode::BAD_REQUEST,
                 StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                // The store cannot answer now (a JetStream cluster electing a leader, a server
+                // restarting): the client may send again, with the same id.
+                StoreError::Backend(_) | StoreError::Closed => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             }
         } else if error.downcast_ref::<NameError>().is_some()
@@ -182,7 +185,7 @@ impl From<anyhow::Error> for ApiError {
         } else {
             StatusCode::INTERNAL_SERVER_ERROR
         };
-        if status == StatusCode::INTERNAL_SERVER_ERROR {
+        if status.is_server_error() {
             tracing::error!("gateway request failed: {error:#}");
         }
         Self(status, format!("{error:#}"))
