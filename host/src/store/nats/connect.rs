@@ -122,17 +122,23 @@ pub(super) async fn connect_client(url: &NatsUrl) -> Result<Client, String> {
         .map_err(|e| format!("cannot connect: {e}"))
 }
 
-/// How long opening the stream waits for a cluster that is starting or electing a leader.
-const OPEN_PATIENCE: Duration = Duration::from_secs(30);
+/// How long a JetStream API call (opening the stream, a purge) waits for a cluster that is
+/// starting or electing a leader.
+pub(super) const API_PATIENCE: Duration = Duration::from_secs(30);
 
-/// Whether a failure to open the stream passes once the cluster has settled: no answer in time,
-/// the JetStream cluster not available yet (10008), or too few servers up to place its replicas
+/// JetStream error codes that pass once the cluster has settled: the cluster not available yet
+/// (10008, "temporarily unavailable"), or too few servers up to place a stream's replicas
 /// (10023, insufficient resources).
+pub(super) fn passing_code(code: u64) -> bool {
+    matches!(code, 10008 | 10023)
+}
+
+/// Whether a failure to open the stream passes once the cluster has settled.
 fn passing(error: &jetstream::context::CreateStreamError) -> bool {
     use jetstream::context::CreateStreamErrorKind as Kind;
     match error.kind() {
         Kind::TimedOut | Kind::JetStreamUnavailable => true,
-        Kind::JetStream(e) => matches!(e.error_code().0, 10008 | 10023),
+        Kind::JetStream(e) => passing_code(e.error_code().0),
         _ => false,
     }
 }
@@ -162,7 +168,7 @@ pub(super) async fn open_stream(
     let config = stream_config(ns, url.replicas.unwrap_or(1));
     // A cluster that is starting (or electing) answers late or "not available" for a
     // few seconds: wait for it rather than fail a host started beside it.
-    let deadline = tokio::time::Instant::now() + OPEN_PATIENCE;
+    let deadline = tokio::time::Instant::now() + API_PATIENCE;
     let mut stream = loop {
         match context.get_or_create_stream(config.clone()).await {
             Ok(stream) => break stream,

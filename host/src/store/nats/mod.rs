@@ -1866,12 +1866,27 @@ impl MessageStore for NatsStore {
         // interruption is repaired by running it again: rows go first, then positions move back,
         // which makes every running consumer's next commit fail and read again.
         let purge = |filter: String| async move {
-            self.inner
-                .stream
-                .purge()
-                .filter(filter)
-                .await
-                .map_err(|e| backend("purge", e))
+            // A purge is a JetStream API call, not a publish: on a cluster that is electing a
+            // leader it is refused for a few seconds as "temporarily unavailable". It is
+            // idempotent, so it is made again for a while.
+            let deadline = tokio::time::Instant::now() + connect::API_PATIENCE;
+            loop {
+                use jetstream::stream::PurgeErrorKind as Kind;
+                match self.inner.stream.purge().filter(filter.clone()).await {
+                    Ok(purged) => break Ok(purged),
+                    Err(e)
+                        if tokio::time::Instant::now() < deadline
+                            && match e.kind() {
+                                Kind::TimedOut => true,
+                                Kind::JetStream(e) => connect::passing_code(e.error_code().0),
+                                Kind::Request => false,
+                            } =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => break Err(backend("purge", e)),
+                }
+            }
         };
         for table in tables {
             purge(self.subject(&format!("v.{table}.>"))).await?;
