@@ -6,6 +6,7 @@ pub mod control;
 pub mod gateway;
 pub mod mail;
 pub mod reload;
+pub mod scenario;
 pub mod seal;
 pub mod service;
 pub mod store;

@@ -198,6 +198,16 @@ pub enum Command {
     Rebuild { table: String },
     /// Load a component and print its manifest, or why it cannot run.
     Inspect { component: PathBuf },
+    /// Run given / when / then scenarios (TOML, see guests/README.md) against a component
+    /// through the host's real path, each on a throwaway store; no running host is needed.
+    /// Exits 1 when a scenario fails, showing what differs.
+    Test {
+        /// The service component (`.wasm`).
+        component: PathBuf,
+        /// Scenario files.
+        #[arg(required = true)]
+        scenarios: Vec<PathBuf>,
+    },
     /// Set how many JetStream servers keep the namespace of `--store nats://...` (1 to 5). The
     /// servers copy it to the new replicas in the background; whoever may change the stream on
     /// the NATS account may do this.
@@ -277,6 +287,24 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rebuild { table } => {
             rebuild(&cli.data, &cli.services, &cli.store, table, cli.json).await
+        }
+        Command::Test {
+            component,
+            scenarios,
+        } => {
+            let runtime = Runtime::new(Some(cache_dir(&cli.data)))?;
+            let loaded = runtime
+                .load_file(&component, Limits::default())
+                .with_context(|| format!("{} cannot run", component.display()))?;
+            let results = crate::scenario::run_files(&component, &loaded, &scenarios).await?;
+            crate::scenario::print(&results, cli.json);
+            let failed = results.iter().filter(|r| !r.passed).count();
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} of {} scenarios failed",
+                results.len()
+            );
+            Ok(())
         }
         Command::Replicas { count } => {
             let StoreChoice::Nats(url) = &cli.store else {
@@ -381,6 +409,7 @@ fn request_of(command: Command) -> Option<Request> {
         Command::Run { .. }
         | Command::Inspect { .. }
         | Command::Replicas { .. }
+        | Command::Test { .. }
         | Command::Rebuild { .. }
         | Command::Token { .. } => return None,
     })
