@@ -12,12 +12,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = ferry::cli::Cli::parse();
-    // `ferry test` starts and stops the service once per scenario: only warnings are news there.
+    // `ferry test` starts and stops the service once per scenario, and parks the messages of
+    // the scenarios that expect a failure: only errors are news there.
     let quiet = matches!(cli.command, ferry::cli::Command::Test { .. });
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new(if quiet { "warn" } else { "info" })),
+                .unwrap_or_else(|_| EnvFilter::new(if quiet { "error" } else { "info" })),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -13,6 +13,7 @@ use crate::control::{self, Context, Request};
 use crate::gateway::{self, GatewayConfig};
 
 mod http;
+mod new;
 mod render;
 
 pub use self::http::HttpArgs;
@@ -198,6 +199,17 @@ pub enum Command {
     Rebuild { table: String },
     /// Load a component and print its manifest, or why it cannot run.
     Inspect { component: PathBuf },
+    /// Write a new service folder: the WIT, a minimal service in the language (one command, one
+    /// event, a projection, a view), its scenarios for `ferry test`, and how to build it.
+    New {
+        /// The service's name (letters, digits, '-' and '_'), also the folder's.
+        name: String,
+        #[arg(long, value_enum)]
+        lang: new::Lang,
+        /// Where the folder goes.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Run given / when / then scenarios (TOML, see guests/README.md) against a component
     /// through the host's real path, each on a throwaway store; no running host is needed.
     /// Exits 1 when a scenario fails, showing what differs.
@@ -287,6 +299,25 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rebuild { table } => {
             rebuild(&cli.data, &cli.services, &cli.store, table, cli.json).await
+        }
+        Command::New { name, lang, dir } => {
+            let folder = new::write_service(&dir, &name, lang)?;
+            let component = new::component_path(&name, lang);
+            println!("wrote {} (see its README.md); then:", folder.display());
+            println!("  cd {}", folder.display());
+            println!(
+                "  # build: {}",
+                match lang {
+                    new::Lang::Rust => "cargo build --release --target wasm32-wasip2".to_owned(),
+                    new::Lang::Js => format!(
+                        "npm install && npx componentize-js app.js --wit wit -n service -o {component} -d stdio random clocks http fetch-event"
+                    ),
+                    new::Lang::Python =>
+                        format!("componentize-py -d wit -w service componentize app -o {component}"),
+                }
+            );
+            println!("  ferry test {component} scenarios.toml");
+            Ok(())
         }
         Command::Test {
             component,
@@ -410,6 +441,7 @@ fn request_of(command: Command) -> Option<Request> {
         | Command::Inspect { .. }
         | Command::Replicas { .. }
         | Command::Test { .. }
+        | Command::New { .. }
         | Command::Rebuild { .. }
         | Command::Token { .. } => return None,
     })
