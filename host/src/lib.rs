@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod dev;
 pub mod gateway;
 pub mod mail;
 pub mod reload;

@@ -210,6 +210,17 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Run the host on the services built from a folder of service sources (each as `ferry new`
+    /// writes it): a service is rebuilt when its sources change, its scenarios run, and it is
+    /// hot-reloaded if they pass; a failing build or scenario is shown and the running version
+    /// stays.
+    Dev {
+        /// The folder of service folders.
+        sources: PathBuf,
+        /// Services granted the mail capability (delivery into DATA/maildir).
+        #[arg(long = "mail-grant", value_name = "SERVICE", default_value = "email")]
+        mail_grants: Vec<String>,
+    },
     /// Run given / when / then scenarios (TOML, see guests/README.md) against a component
     /// through the host's real path, each on a throwaway store; no running host is needed.
     /// Exits 1 when a scenario fails, showing what differs.
@@ -299,6 +310,35 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rebuild { table } => {
             rebuild(&cli.data, &cli.services, &cli.store, table, cli.json).await
+        }
+        Command::Dev {
+            sources,
+            mail_grants,
+        } => {
+            let settings = HostSettings {
+                store: cli.store,
+                store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+                only: Vec::new(),
+                http: None,
+                limits: Limits::default(),
+                service_limits: Vec::new(),
+                config: RunnerConfig::default(),
+                capabilities: Capabilities {
+                    maildir: Some(Arc::new(Maildir::new(maildir(&cli.data)))),
+                    mail_grants,
+                },
+            };
+            std::fs::create_dir_all(&cli.services).with_context(|| {
+                format!(
+                    "cannot create the services folder {}",
+                    cli.services.display()
+                )
+            })?;
+            let runtime = Runtime::new(Some(cache_dir(&cli.data)))?;
+            let builder = crate::dev::watch(runtime, sources, cli.services.clone())?;
+            let ran = run(&cli.data, &cli.services, &settings).await;
+            builder.abort();
+            ran
         }
         Command::New { name, lang, dir } => {
             let folder = new::write_service(&dir, &name, lang)?;
@@ -442,6 +482,7 @@ fn request_of(command: Command) -> Option<Request> {
         | Command::Replicas { .. }
         | Command::Test { .. }
         | Command::New { .. }
+        | Command::Dev { .. }
         | Command::Rebuild { .. }
         | Command::Token { .. } => return None,
     })

@@ -31,6 +31,9 @@ use crate::store::{
 use crate::wasm::{GuestError, ServiceComponent};
 
 /// How often an outcome is recomputed on fresh state after an expected-version conflict.
+/// How long an idle consumer waits for a wake-up before it reads its category again anyway.
+const RECHECK_IDLE: Duration = Duration::from_secs(2);
+
 const CONFLICT_RETRIES: u32 = 10;
 /// The fewest messages of a page worth a decide lane of their own.
 const MESSAGES_PER_LANE: usize = 8;
@@ -209,6 +212,9 @@ impl Consumer {
             _ = changes.changed() => Ok(()),
             _ = owned_changes.changed() => Ok(()),
             () = wait_for_due => Ok(()),
+            // A wake-up can be lost where the store cannot promise it (a JetStream watcher whose
+            // server died mid-delivery): an idle consumer looks again now and then regardless.
+            () = tokio::time::sleep(RECHECK_IDLE) => Ok(()),
             _ = self.shutdown.changed() => Err(Interrupted::Shutdown),
         }
     }
