@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use support::cluster::NatsCluster;
-use support::{Setup, SteadySender, assert_counted_once_in_order, types, wait_until};
+use support::{
+    Setup, SteadySender, assert_counted_once_in_order, types, wait_until, wait_until_or_explain,
+};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -164,10 +166,26 @@ fn the_article_goes_on_through_a_leader_kill_a_follower_kill_and_a_paused_leader
     wait_until(WAIT, "every registration is handled", || {
         category(&setup, "user").len() >= users
     });
-    wait_until(
+    wait_until_or_explain(
         WAIT,
         "every welcome email is delivered and recorded",
         || setup.emails_in(&emails_in).len() >= users && category(&setup, "email").len() >= users,
+        || {
+            let consumers = setup.ferry(&["consumers"]);
+            let parked = setup.ferry(&["parked"]);
+            format!(
+                "{users} users, {} emails in the maildir, {} EmailSent\n{}\n{}\n{}",
+                setup.emails_in(&emails_in).len(),
+                category(&setup, "email").len(),
+                String::from_utf8_lossy(&consumers.stdout),
+                String::from_utf8_lossy(&parked.stdout),
+                hosts
+                    .iter()
+                    .map(|host| host.log_tail(40))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        },
     );
     wait_until(WAIT, "the users view holds every user", || {
         setup.ferry_json(&["view", "users", "--limit", "100000"])["rows"]

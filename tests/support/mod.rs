@@ -421,6 +421,14 @@ impl Host {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The last `lines` lines of the host's log, headed by its file name.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = self.log_text();
+        let all: Vec<&str> = text.lines().collect();
+        let tail = all[all.len().saturating_sub(lines)..].join("\n");
+        format!("--- {} (last {lines} lines)\n{tail}", self.log.display())
+    }
 }
 
 impl Drop for Host {
@@ -508,10 +516,23 @@ pub fn types(messages: &[Value]) -> Vec<String> {
 }
 
 /// Polls until `done` holds; panics with `what` after `timeout`.
-pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+pub fn wait_until(timeout: Duration, what: &str, done: impl FnMut() -> bool) {
+    wait_until_or_explain(timeout, what, done, String::new);
+}
+
+/// As `wait_until`, and on a timeout the panic also carries `explain()`: the state that shows
+/// why (log tails, counts), since a flaky wait is only fixable with it.
+pub fn wait_until_or_explain(
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+    explain: impl FnOnce() -> String,
+) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        if start.elapsed() >= timeout {
+            panic!("timed out waiting until {what}\n{}", explain());
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -30,11 +30,16 @@ use crate::store::{
 };
 use crate::wasm::{GuestError, ServiceComponent};
 
-/// How often an outcome is recomputed on fresh state after an expected-version conflict.
 /// How long an idle consumer waits for a wake-up before it reads its category again anyway.
 const RECHECK_IDLE: Duration = Duration::from_secs(2);
 
-const CONFLICT_RETRIES: u32 = 10;
+/// How long an outcome is decided again on fresh state while its commits keep meeting an
+/// expected-version conflict, before the message is parked as undecidable. Time, not a count:
+/// on a replicated namespace a replica catching up after a fail-over can serve the same stale
+/// stream for seconds, and a count of quick retries parked good messages then.
+const CONFLICT_PATIENCE: Duration = Duration::from_secs(30);
+/// The longest pause between two decisions of one message that conflicted.
+const CONFLICT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// The fewest messages of a page worth a decide lane of their own.
 const MESSAGES_PER_LANE: usize = 8;
 /// How far (in global positions) an owned partition with nothing to handle may fall behind what
@@ -638,9 +643,13 @@ impl Consumer {
                                 record(self.service(), 1, 0, started.elapsed());
                                 return Ok(());
                             }
-                            Err(StoreError::Conflict { .. }) if conflicts < CONFLICT_RETRIES => {
+                            Err(StoreError::Conflict { .. })
+                                if started.elapsed() < CONFLICT_PATIENCE =>
+                            {
                                 // Someone wrote to the entity meanwhile: decide again on fresh
-                                // state.
+                                // state, at once the first time (a race), then with a pause
+                                // that grows (a read that lags the leader).
+                                self.sleep(conflict_pause(conflicts)).await?;
                                 conflicts += 1;
                                 deliveries -= 1;
                                 continue;
@@ -764,4 +773,29 @@ pub(super) fn stored_as_carried(writes: &Overlay, committed: &Committed) -> bool
     writes.pending.iter().all(|(stream, (base, carried))| {
         stored.get(stream).copied().unwrap_or((*base, 0)) == (*base, carried.len())
     })
+}
+
+/// The pause before deciding a message again after its `conflicts`-th conflict in a row: none
+/// after the first, then 10 ms doubling up to `CONFLICT_PAUSE_MAX`.
+fn conflict_pause(conflicts: u32) -> Duration {
+    match conflicts {
+        0 => Duration::ZERO,
+        n => Duration::from_millis(10)
+            .saturating_mul(2u32.saturating_pow((n - 1).min(16)))
+            .min(CONFLICT_PAUSE_MAX),
+    }
+}
+
+#[cfg(test)]
+mod conflict_tests {
+    use super::*;
+
+    #[test]
+    fn a_conflict_is_decided_again_at_once_then_with_a_growing_pause() {
+        let pauses: Vec<u64> = (0..10)
+            .map(|n| conflict_pause(n).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [0, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert_eq!(conflict_pause(u32::MAX), CONFLICT_PAUSE_MAX);
+    }
 }
