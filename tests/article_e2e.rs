@@ -95,7 +95,7 @@ fn rejects_a_taken_username_or_email_even_with_a_stale_view() {
     let commands = setup.wait_for_stream("user:command.u1", 2);
     wait_until(WAIT, "the retry is handled", || {
         setup.ferry_json(&["consumers", "user:command"])["consumers"][0]["position"].as_u64()
-            >= commands[1]["global_position"].as_u64()
+            >= commands[1]["globalPosition"].as_u64()
     });
     assert_eq!(types(&setup.read("user.u1")), ["UserRegistered"]);
     wait_until(WAIT, "one welcome email", || setup.emails().len() == 1);
@@ -116,7 +116,7 @@ fn sends_an_email_once_when_send_email_is_delivered_twice() {
     let commands = setup.wait_for_stream("email:command.e1", 2);
     wait_until(WAIT, "both commands are handled", || {
         setup.ferry_json(&["consumers", "email:command"])["consumers"][0]["position"]
-            == commands[1]["global_position"]
+            == commands[1]["globalPosition"]
     });
     host.stop();
     // And the first command redelivered, as after a lost acknowledgement.
@@ -124,7 +124,7 @@ fn sends_an_email_once_when_send_email_is_delivered_twice() {
     let _host = setup.start(&[]);
     wait_until(WAIT, "the commands are handled again", || {
         setup.ferry_json(&["consumers", "email:command"])["consumers"][0]["position"]
-            == commands[1]["global_position"]
+            == commands[1]["globalPosition"]
     });
     assert_eq!(types(&setup.read("email.e1")), ["EmailSent"]);
     assert_eq!(setup.emails().len(), 1);

@@ -101,7 +101,7 @@ fn wait_for_progress(setup: &Setup, since: u64, more: usize, what: &str) {
     wait_until(WAIT, what, || {
         category(setup, "user")
             .iter()
-            .filter(|m| m["time_ms"].as_u64().is_some_and(|t| t >= since))
+            .filter(|m| m["timeMs"].as_u64().is_some_and(|t| t >= since))
             .count()
             >= more
     });
@@ -232,7 +232,7 @@ fn the_article_goes_on_through_a_leader_kill_a_follower_kill_and_a_paused_leader
 
     let times: Vec<u64> = category(&setup, "user")
         .iter()
-        .filter_map(|m| m["time_ms"].as_u64())
+        .filter_map(|m| m["timeMs"].as_u64())
         .collect();
     eprintln!("| fault | handled registrations stood still for |");
     eprintln!("|---|---|");

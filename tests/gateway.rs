@@ -402,3 +402,91 @@ async fn read_event(
         }
     }
 }
+
+/// Where a JSON pointer (`#/components/...`) leads in `doc`.
+fn resolve<'a>(doc: &'a Value, reference: &str) -> Option<&'a Value> {
+    doc.pointer(reference.strip_prefix('#')?)
+}
+
+/// Every `$ref` in `value`.
+fn references(value: &Value, found: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, inner) in map {
+                match (key.as_str(), inner) {
+                    ("$ref", Value::String(reference)) => found.push(reference.clone()),
+                    _ => references(inner, found),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| references(item, found)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_lists_every_route_and_each_listed_route_is_served() {
+    let doc: Value = serde_json::from_str(gateway::OPENAPI).expect("openapi.json is JSON");
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut refs = Vec::new();
+    references(&doc, &mut refs);
+    for reference in refs {
+        assert!(resolve(&doc, &reference).is_some(), "{reference} resolves");
+    }
+
+    const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+    let documented: std::collections::BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(method, _)| METHODS.contains(&method.as_str()))
+                .map(move |(method, operation)| {
+                    assert!(
+                        operation["responses"].is_object(),
+                        "{method} {path} names its answers"
+                    );
+                    (method.to_uppercase(), path.clone())
+                })
+        })
+        .collect();
+    let served: std::collections::BTreeSet<(String, String)> = gateway::routes()
+        .into_iter()
+        .map(|(method, path)| (method.to_string(), path.to_owned()))
+        .collect();
+    assert_eq!(documented, served, "documented routes = served routes");
+
+    // Each documented method and path reaches its handler: not the router's own 404 (an empty
+    // body) or 405.
+    let fixture = Fixture::new(false);
+    for (method, path) in &documented {
+        let uri = path
+            .replace("{stream}", "counter:command.a")
+            .replace("{category}", "counter")
+            .replace("{table}", "totals")
+            .replace("{key}", "a")
+            .replace("{id}", "no-such-message");
+        let request = Request::builder()
+            .method(method.as_str())
+            .uri(&uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{}"))
+            .expect("request");
+        let response = gateway::router(fixture.context.clone(), GatewayConfig::default())
+            .oneshot(request)
+            .await
+            .expect("an answer");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+        assert!(
+            !(status == StatusCode::NOT_FOUND && body.is_empty()),
+            "{method} {uri} is routed"
+        );
+    }
+}

@@ -35,7 +35,7 @@ fn handles_a_command_sent_with_the_cli() {
     let first_command = sent["written"]["id"].as_str().expect("id").to_owned();
     let sent = setup.ferry_json(&["send", "counter:command.a", "Increment", r#"{"by":3}"#]);
     let second_command = sent["written"]["id"].as_str().expect("id").to_owned();
-    let second_global = sent["written"]["global_position"].as_u64().expect("global");
+    let second_global = sent["written"]["globalPosition"].as_u64().expect("global");
 
     let events = stream_of(&setup, "counter.a", 2);
     assert_eq!(events[0]["type"], "Incremented");
@@ -98,7 +98,7 @@ fn writes_events_once_when_a_command_is_redelivered() {
     setup.rewind_consumer("counter:command", "microservice:counter", 0);
     let host = setup.start(&[]);
     let command_global =
-        setup.ferry_json(&["read", "counter:command.r"])["messages"][0]["global_position"]
+        setup.ferry_json(&["read", "counter:command.r"])["messages"][0]["globalPosition"]
             .as_u64()
             .expect("global");
     wait_until(WAIT, "the command is handled again", || {
@@ -239,15 +239,15 @@ fn skips_a_parked_message_and_replays_it_once() {
         parked[0]["attempts"], 1,
         "a permanent failure is not retried"
     );
-    let first_parked_at = parked[0]["parked_at_ms"].as_u64().expect("time");
+    let first_parked_at = parked[0]["parkedAtMs"].as_u64().expect("time");
     let replayed = setup.ferry_json(&["replay", "fails"]);
     assert_eq!(replayed["replayed"], 1);
     // The guest still refuses it, so it comes back to the parked place, handled once more.
     wait_until(WAIT, "the replayed command is parked again", || {
         parked = setup.parked();
-        parked.len() == 1 && parked[0]["parked_at_ms"].as_u64() > Some(first_parked_at)
+        parked.len() == 1 && parked[0]["parkedAtMs"].as_u64() > Some(first_parked_at)
     });
-    let second_parked_at = parked[0]["parked_at_ms"].as_u64();
+    let second_parked_at = parked[0]["parkedAtMs"].as_u64();
     // Everything a consumer parked, at once.
     let replayed = setup.ferry_json(&[
         "replay",
@@ -259,7 +259,7 @@ fn skips_a_parked_message_and_replays_it_once() {
     assert_eq!(replayed["replayed"], 1);
     wait_until(WAIT, "parked again after the consumer's replay", || {
         parked = setup.parked();
-        parked.len() == 1 && parked[0]["parked_at_ms"].as_u64() > second_parked_at
+        parked.len() == 1 && parked[0]["parkedAtMs"].as_u64() > second_parked_at
     });
     host.stop();
     assert_eq!(setup.read("chaos.p").len(), 1, "only the Ok command wrote");
@@ -281,10 +281,10 @@ fn holds_back_a_message_until_its_not_before_time() {
         "Schedule",
         r#"{"by":7,"delayMs":1500}"#,
     ]);
-    let sent_at = sent["written"]["time_ms"].as_u64().expect("time");
+    let sent_at = sent["written"]["timeMs"].as_u64().expect("time");
     let events = stream_of(&setup, "counter.later", 1);
     assert_eq!(events[0]["data"]["total"], 7);
-    let handled_at = events[0]["time_ms"].as_u64().expect("time");
+    let handled_at = events[0]["timeMs"].as_u64().expect("time");
     assert!(
         handled_at >= sent_at + 1500,
         "handled {}ms after the schedule, before its time",
@@ -353,9 +353,18 @@ fn refuses_bad_input_from_the_cli_and_writes_nothing() {
             && stderr.contains("ferry:service/handler@0.1.0"),
         "{stderr}"
     );
-    let output = setup.ferry(&["inspect", support::guest("counter").to_str().expect("path")]);
+    let counter = support::guest("counter");
+    let counter = counter.to_str().expect("path");
+    let output = setup.ferry(&["inspect", counter]);
     assert!(output.status.success());
-    assert!(String::from_utf8_lossy(&output.stdout).contains("\"name\": \"counter\""));
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("service:") && l.ends_with(" counter")),
+        "{shown}"
+    );
+    assert_eq!(setup.ferry_json(&["inspect", counter])["name"], "counter");
 }
 
 #[test]
@@ -438,5 +447,38 @@ fn refuses_zero_decide_lanes_and_keeps_each_entitys_order_on_one_lane() {
             .map(|e| e["data"]["total"].as_u64().unwrap_or_default())
             .collect();
         assert_eq!(totals, [1, 2, 3], "l{entity} counts in order");
+    }
+}
+
+#[test]
+fn every_listing_prints_a_table_and_json_with_the_flag() {
+    let setup = Setup::new(&["counter"]);
+    let _host = setup.start(&[]);
+    setup.ferry_json(&["send", "counter:command.t", "Increment", r#"{"by":4}"#]);
+    stream_of(&setup, "counter.t", 1);
+    let listings: [(&[&str], &str, &str); 7] = [
+        (&["read", "counter.t"], "GLOBAL", "Incremented"),
+        (&["read", "counter"], "GLOBAL", "counter.t"),
+        (&["consumers"], "CONSUMER", "counter:command"),
+        (&["instances"], "INSTANCE", ""),
+        (&["parked"], "ID", ""),
+        (&["services"], "SERVICE", "counter"),
+        (&["view", "totals"], "KEY", "\"total\":4"),
+    ];
+    for (args, first_column, shown) in listings {
+        let output = setup.ferry(args);
+        let table = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "ferry {args:?}");
+        let header = table.lines().next().unwrap_or_default();
+        assert!(
+            header.starts_with(first_column)
+                && header.chars().all(|c| c.is_ascii_uppercase() || c == ' '),
+            "ferry {args:?} starts with a header line:\n{table}"
+        );
+        assert!(
+            table.contains(shown),
+            "ferry {args:?} shows {shown}:\n{table}"
+        );
+        assert!(setup.ferry_json(args).is_object(), "ferry --json {args:?}");
     }
 }

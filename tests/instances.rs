@@ -172,7 +172,7 @@ impl Cluster {
             if commands.len() != events.len() {
                 let ids: Vec<_> = commands
                     .iter()
-                    .map(|c| (c["id"].clone(), c["global_position"].clone()))
+                    .map(|c| (c["id"].clone(), c["globalPosition"].clone()))
                     .collect();
                 let causes: Vec<_> = events
                     .iter()

@@ -368,7 +368,7 @@ impl Setup {
         });
         let by_name = self.view_row("users-by-username", "ann").expect("row");
         assert_eq!(by_name["value"]["userId"], "u1");
-        assert_eq!(by_name["lastUpdateSeq"], registered["global_position"]);
+        assert_eq!(by_name["lastUpdateSeq"], registered["globalPosition"]);
         assert!(self.view_row("users-by-email", "ann@example.com").is_some());
     }
 

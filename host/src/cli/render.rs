@@ -1,4 +1,5 @@
-//! Readable forms of the host's answers for a terminal; `--json` prints the answer as it came.
+//! Readable forms of the host's answers for a terminal: every listing a table with a header
+//! line, other answers a sentence; `--json` prints the answer as it came.
 
 use serde_json::Value;
 
@@ -15,61 +16,125 @@ pub(super) fn print(json: bool, kind: &str, answer: &Value) {
             if let Some(m) = answer.get("written") {
                 println!(
                     "appended {} {} to {} at position {} (global {})",
-                    m["type"].as_str().unwrap_or("?"),
-                    m["id"].as_str().unwrap_or("?"),
-                    m["stream"].as_str().unwrap_or("?"),
+                    text(&m["type"]),
+                    text(&m["id"]),
+                    text(&m["stream"]),
                     m["position"],
-                    m["global_position"]
+                    m["globalPosition"]
                 );
             } else if let Some(m) = answer.get("duplicate") {
                 println!(
                     "already stored: {} (position {}, global {}); nothing written",
-                    m["id"].as_str().unwrap_or("?"),
+                    text(&m["id"]),
                     m["position"],
-                    m["global_position"]
+                    m["globalPosition"]
                 );
             }
         }
-        "read" => {
-            for m in answer["messages"].as_array().into_iter().flatten() {
-                println!(
-                    "{:>8}  {}@{}  {}  {}  {}",
-                    m["global_position"].as_u64().unwrap_or(0),
-                    m["stream"].as_str().unwrap_or("?"),
-                    m["position"],
-                    m["type"].as_str().unwrap_or("?"),
-                    m["data"],
-                    m["metadata"]
-                );
-            }
-        }
+        "read" => table(
+            &[
+                "GLOBAL", "STREAM", "POSITION", "TYPE", "ID", "DATA", "METADATA",
+            ],
+            list(&answer["messages"]).map(|m| {
+                vec![
+                    m["globalPosition"].to_string(),
+                    text(&m["stream"]),
+                    m["position"].to_string(),
+                    text(&m["type"]),
+                    text(&m["id"]),
+                    m["data"].to_string(),
+                    m["metadata"].to_string(),
+                ]
+            }),
+        ),
         "consumers" => consumers(answer),
         "instances" => instances(answer),
-        "parked" => {
-            for p in answer["parked"].as_array().into_iter().flatten() {
+        "parked" => table(
+            &[
+                "ID", "STREAM", "POSITION", "TYPE", "CONSUMER", "CATEGORY", "ATTEMPTS", "REASON",
+            ],
+            list(&answer["parked"]).map(|p| {
                 let m = &p["message"];
-                println!(
-                    "{}  {}@{}  {}  by {} on {}  after {} attempt(s): {}",
-                    m["id"].as_str().unwrap_or("?"),
-                    m["stream"].as_str().unwrap_or("?"),
-                    m["position"],
-                    m["type"].as_str().unwrap_or("?"),
-                    p["consumer"]["name"].as_str().unwrap_or("?"),
-                    p["consumer"]["category"].as_str().unwrap_or("?"),
-                    p["attempts"],
-                    p["reason"].as_str().unwrap_or("?")
-                );
+                vec![
+                    text(&m["id"]),
+                    text(&m["stream"]),
+                    m["position"].to_string(),
+                    text(&m["type"]),
+                    text(&p["consumer"]["name"]),
+                    text(&p["consumer"]["category"]),
+                    p["attempts"].to_string(),
+                    text(&p["reason"]),
+                ]
+            }),
+        ),
+        "view" => table(
+            &["KEY", "LASTUPDATESEQ", "VALUE"],
+            list(&answer["rows"]).map(|r| {
+                vec![
+                    text(&r["key"]),
+                    r["row"]["lastUpdateSeq"].to_string(),
+                    r["row"]["value"].to_string(),
+                ]
+            }),
+        ),
+        "services" => {
+            let now = now_ms();
+            table(
+                &[
+                    "SERVICE",
+                    "VERSION",
+                    "RUNNING FOR",
+                    "HANDLED",
+                    "INSTANCE",
+                    "COMPONENT",
+                ],
+                list(&answer["services"]).map(|s| {
+                    vec![
+                        text(&s["name"]),
+                        text(&s["version"]).chars().take(12).collect(),
+                        age(now, &s["sinceMs"]),
+                        s["handled"].to_string(),
+                        s["instance"].as_str().unwrap_or("-").to_owned(),
+                        text(&s["path"]),
+                    ]
+                }),
+            );
+        }
+        "inspect" => {
+            println!("service:          {}", text(&answer["name"]));
+            println!("version:          {}", text(&answer["version"]));
+            println!(
+                "handles commands: {}",
+                match answer["handlesCommands"].as_bool() {
+                    Some(true) => "yes",
+                    _ => "no",
+                }
+            );
+            for s in list(&answer["subscriptions"]) {
+                match s["originPrefix"].as_str() {
+                    Some(prefix) => println!(
+                        "subscribes to:    {} (originEntity starting {prefix})",
+                        text(&s["category"])
+                    ),
+                    None => println!("subscribes to:    {}", text(&s["category"])),
+                }
+            }
+            for view in list(&answer["views"]) {
+                println!("writes view:      {}", text(view));
             }
         }
-        "view" => {
-            for r in answer["rows"].as_array().into_iter().flatten() {
-                println!(
-                    "{}  {}  (lastUpdateSeq {})",
-                    r["key"].as_str().unwrap_or("?"),
-                    r["row"]["value"],
-                    r["row"]["lastUpdateSeq"]
-                );
-            }
+        "project" => {
+            let from = match answer["snapshotVersion"].as_u64() {
+                Some(version) => format!("from the snapshot at version {version}"),
+                None => "from the first event".to_owned(),
+            };
+            println!(
+                "{} at version {} (folded {from}):",
+                text(&answer["stream"]),
+                answer["version"]
+            );
+            let state = serde_json::to_string_pretty(&answer["state"]);
+            println!("{}", state.unwrap_or_else(|_| answer["state"].to_string()));
         }
         "replay" => println!("replayed {} message(s)", answer["replayed"]),
         "replicas" => println!(
@@ -81,6 +146,63 @@ pub(super) fn print(json: bool, kind: &str, answer: &Value) {
             Ok(text) => println!("{text}"),
             Err(_) => println!("{answer}"),
         },
+    }
+}
+
+/// A string field as it is, anything else as JSON (`?` when missing).
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "?".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// The elements of a JSON array (none for anything else).
+fn list(value: &Value) -> impl Iterator<Item = &Value> {
+    value.as_array().into_iter().flatten()
+}
+
+/// How long ago a time in milliseconds was, as `12.3s` (`-` for none).
+fn age(now: u64, ms: &Value) -> String {
+    match ms.as_u64() {
+        Some(ms) if ms > 0 => format!("{:.1}s", now.saturating_sub(ms) as f64 / 1000.0),
+        _ => "-".to_owned(),
+    }
+}
+
+/// Prints rows under a header, each column as wide as its widest cell; a column of numbers is
+/// aligned right, and the last column is not padded (it may be long JSON).
+fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let columns = header.len();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    let mut numeric = vec![true; columns];
+    for row in &rows {
+        for (column, cell) in row.iter().enumerate().take(columns) {
+            widths[column] = widths[column].max(cell.chars().count());
+            numeric[column] &= cell.parse::<f64>().is_ok();
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut out = String::new();
+        for (column, cell) in cells.iter().enumerate().take(columns) {
+            let width = widths[column];
+            let last = column + 1 == columns;
+            match (last, numeric[column] && !rows.is_empty()) {
+                (true, false) => out.push_str(cell),
+                (_, true) => out.push_str(&format!("{cell:>width$}")),
+                (false, false) => out.push_str(&format!("{cell:<width$}")),
+            }
+            if !last {
+                out.push_str("  ");
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    for row in &rows {
+        line(row);
     }
 }
 
@@ -97,7 +219,7 @@ fn consumers(answer: &Value) {
             c["consumer"]["name"].as_str().unwrap_or("?"),
             c["consumer"]["category"].as_str().unwrap_or("?"),
             c["position"].as_u64().unwrap_or(0),
-            c["category_head"].as_u64().unwrap_or(0),
+            c["categoryHead"].as_u64().unwrap_or(0),
             c["lag"].as_u64().unwrap_or(0),
             c["deferred"].as_u64().unwrap_or(0)
         );
@@ -135,35 +257,33 @@ fn consumers(answer: &Value) {
 
 /// The live instances of every consumer group, with the partitions each holds.
 fn instances(answer: &Value) {
-    println!(
-        "{:<32} {:<32} {:<20} {:>5}  {:<24} {:>9} {:>9}",
-        "INSTANCE", "CONSUMER", "CATEGORY", "COUNT", "PARTITIONS", "HELD FOR", "HEARTBEAT"
-    );
     let now = now_ms();
-    let age = |ms: &Value| match ms.as_u64() {
-        Some(ms) if ms > 0 => format!("{:.1}s", now.saturating_sub(ms) as f64 / 1000.0),
-        _ => "-".to_owned(),
-    };
-    for c in answer["consumers"].as_array().into_iter().flatten() {
-        for i in c["instances"].as_array().into_iter().flatten() {
-            let partitions: Vec<u64> = i["partitions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_u64)
-                .collect();
-            println!(
-                "{:<32} {:<32} {:<20} {:>5}  {:<24} {:>9} {:>9}",
-                i["instance"].as_str().unwrap_or("?"),
-                c["consumer"]["name"].as_str().unwrap_or("?"),
-                c["consumer"]["category"].as_str().unwrap_or("?"),
-                partitions.len(),
+    let rows = list(&answer["consumers"]).flat_map(|c| {
+        list(&c["instances"]).map(move |i| {
+            let partitions: Vec<u64> = list(&i["partitions"]).filter_map(Value::as_u64).collect();
+            vec![
+                text(&i["instance"]),
+                text(&c["consumer"]["name"]),
+                text(&c["consumer"]["category"]),
+                partitions.len().to_string(),
                 ranges(&partitions),
-                age(&i["held_since_ms"]),
-                age(&i["heartbeat_ms"])
-            );
-        }
-    }
+                age(now, &i["heldSinceMs"]),
+                age(now, &i["heartbeatMs"]),
+            ]
+        })
+    });
+    table(
+        &[
+            "INSTANCE",
+            "CONSUMER",
+            "CATEGORY",
+            "COUNT",
+            "PARTITIONS",
+            "HELD FOR",
+            "HEARTBEAT",
+        ],
+        rows,
+    );
 }
 
 /// `0-3,7,9-10` for sorted numbers.

@@ -22,10 +22,10 @@ use axum::extract::{
     ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, Request as HttpRequest, State,
 };
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -63,7 +63,7 @@ struct Gateway {
 type Shared = State<Arc<Gateway>>;
 
 /// The router; `axum::serve` it (with connect info, for per-client limits), or call it
-/// in-process.
+/// in-process. It is built from [`route_table`] alone.
 pub fn router(context: Arc<Context>, config: GatewayConfig) -> Router {
     let limiter = Arc::new(Limiter::new(config.limits));
     let gateway = Arc::new(Gateway {
@@ -71,26 +71,88 @@ pub fn router(context: Arc<Context>, config: GatewayConfig) -> Router {
         config,
         limiter,
     });
-    let timed = Router::new()
-        .route("/", get(page))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/streams/{stream}", post(send).get(read_stream))
-        .route("/categories/{category}", get(read_category))
-        .route("/consumers", get(consumers))
-        .route("/views/{table}", get(view_table))
-        .route("/views/{table}/{key}", get(view_row))
-        .route("/views/{table}/{key}/exists", get(view_row_exists))
-        .route("/parked", get(parked))
-        .route("/parked/{id}/replay", post(replay))
-        .route("/webhooks/email-opened", post(email_opened))
-        .layer(middleware::from_fn_with_state(gateway.clone(), time_limit));
+    let (mut timed, mut lasting) = (Router::new(), Router::new());
+    for route in route_table() {
+        match route.timed {
+            true => timed = timed.route(route.path, route.handler),
+            false => lasting = lasting.route(route.path, route.handler),
+        }
+    }
     Router::new()
-        .merge(timed)
-        // A WebSocket lives as long as it is allowed to; its upgrade is quick.
-        .route("/ws", get(follow::upgrade))
+        .merge(timed.layer(middleware::from_fn_with_state(gateway.clone(), time_limit)))
+        .merge(lasting)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(gateway)
+}
+
+/// The HTTP API described in OpenAPI 3.1, served at `GET /openapi.json`; a test checks that it
+/// documents exactly [`routes`].
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// Every route the gateway serves, by method and path (`{name}` marks a path parameter, as in
+/// OpenAPI).
+pub fn routes() -> Vec<(Method, &'static str)> {
+    route_table()
+        .into_iter()
+        .map(|route| (route.method, route.path))
+        .collect()
+}
+
+/// One route: a method on a path, and its handler for that method alone.
+struct Route {
+    method: Method,
+    path: &'static str,
+    handler: MethodRouter<Arc<Gateway>>,
+    /// Under the request time limit: all but the WebSocket, which lives as long as its right.
+    timed: bool,
+}
+
+/// The one list the router is built from, so that what is served and what is documented can be
+/// compared.
+fn route_table() -> Vec<Route> {
+    let route = |method: Method, path, handler| Route {
+        method,
+        path,
+        handler,
+        timed: true,
+    };
+    vec![
+        route(Method::GET, "/", get(page)),
+        route(Method::GET, "/health", get(health)),
+        route(Method::GET, "/openapi.json", get(openapi)),
+        route(Method::GET, "/metrics", get(metrics)),
+        route(Method::POST, "/streams/{stream}", post(send)),
+        route(Method::GET, "/streams/{stream}", get(read_stream)),
+        route(Method::GET, "/categories/{category}", get(read_category)),
+        route(Method::GET, "/consumers", get(consumers)),
+        route(Method::GET, "/views/{table}", get(view_table)),
+        route(Method::GET, "/views/{table}/{key}", get(view_row)),
+        route(
+            Method::GET,
+            "/views/{table}/{key}/exists",
+            get(view_row_exists),
+        ),
+        route(Method::GET, "/parked", get(parked)),
+        route(Method::POST, "/parked/{id}/replay", post(replay)),
+        route(Method::POST, "/webhooks/email-opened", post(email_opened)),
+        // A WebSocket lives as long as it is allowed to; its upgrade is quick.
+        Route {
+            timed: false,
+            ..route(Method::GET, "/ws", get(follow::upgrade))
+        },
+    ]
+}
+
+/// `GET /openapi.json`: what the API is, for anyone (it names no data).
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI,
+    )
+        .into_response()
 }
 
 /// Serves the router on a bound listener until the task is aborted.
@@ -362,20 +424,26 @@ async fn send(
             sealed: body.sealed,
         })
         .await?;
+    Ok(accepted(&answer))
+}
+
+/// `202` with where a sent message is stored, and whether it was there already (an id sent
+/// before is stored once).
+fn accepted(answer: &Value) -> (StatusCode, Json<Value>) {
     let (message, duplicate) = match answer.get("written") {
-        Some(written) => (written.clone(), false),
-        None => (answer["duplicate"].clone(), true),
+        Some(written) => (written, false),
+        None => (&answer["duplicate"], true),
     };
-    Ok((
+    (
         StatusCode::ACCEPTED,
         Json(json!({
             "id": message["id"],
             "stream": message["stream"],
             "position": message["position"],
-            "globalPosition": message["global_position"],
+            "globalPosition": message["globalPosition"],
             "duplicate": duplicate,
         })),
-    ))
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -591,7 +659,7 @@ async fn email_opened(
             sealed: Vec::new(),
         })
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(answer)))
+    Ok(accepted(&answer))
 }
 
 async fn metrics(State(gateway): Shared, headers: HeaderMap) -> Result<Response, ApiError> {

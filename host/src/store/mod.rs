@@ -26,10 +26,14 @@ pub use self::names::{
     COMMAND_SUFFIX, Category, NameError, StreamName, validate_service_name, validate_table_name,
 };
 pub use self::nats::NatsStore;
-pub use self::sled::{DEFAULT_CACHE_BYTES, KeyAccount, SledStore};
+pub use self::sled::{DEFAULT_CACHE_BYTES, DEFAULT_CACHED_VERSIONS, KeyAccount, SledStore};
 
 /// A stored message. See the WIT `message` record for the meaning of each field.
+///
+/// Every JSON form Ferry shows (HTTP, `--json`) names fields in camelCase, as the article's
+/// metadata does; the aliases read records the embedded store wrote in snake_case before.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Message {
     pub id: String,
     pub stream: StreamName,
@@ -41,10 +45,16 @@ pub struct Message {
     pub position: u64,
     /// Store-wide position, 1-based and increasing in commit order; dense on sled, with gaps on
     /// JetStream (where the same sequence also numbers positions and view rows).
+    #[serde(alias = "global_position")]
     pub global_position: u64,
+    #[serde(alias = "time_ms")]
     pub time_ms: u64,
     /// Consumers hold the message back until this time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "not_before_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub not_before_ms: Option<u64>,
 }
 
@@ -57,6 +67,7 @@ impl Message {
 
 /// A message to append; the store assigns positions and time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct NewMessage {
     pub id: String,
     #[serde(rename = "type")]
@@ -64,7 +75,11 @@ pub struct NewMessage {
     pub data: Value,
     #[serde(default)]
     pub metadata: Map<String, Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "not_before_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub not_before_ms: Option<u64>,
 }
 
@@ -123,6 +138,7 @@ impl std::fmt::Display for ConsumerId {
 
 /// A consumer as listed: its position and how far behind the category it is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ConsumerInfo {
     pub consumer: ConsumerId,
     /// The lowest position of its partitions: every message of the category at or below it is
@@ -143,6 +159,7 @@ pub struct ConsumerInfo {
 
 /// An instance of a consumer's group as listed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct InstanceInfo {
     pub instance: String,
     /// When it joined and when it last renewed, by its own clock.
@@ -169,20 +186,24 @@ pub struct PartitionInfo {
 
 /// A message a consumer gave up on, with the reason. Replaying it hands it back to the consumer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ParkedMessage {
     pub consumer: ConsumerId,
     pub message: Message,
     pub reason: String,
     pub attempts: u32,
+    #[serde(alias = "parked_at_ms")]
     pub parked_at_ms: u64,
 }
 
 /// A message a consumer set aside to handle later: not yet due (`not_before_ms`), or replayed
 /// from the parked place (due at once).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DeferredMessage {
     pub consumer: ConsumerId,
     pub message: Message,
+    #[serde(alias = "due_ms")]
     pub due_ms: u64,
 }
 
@@ -508,4 +529,43 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_shown_in_camel_case_and_read_back_from_either_style() {
+        let message = Message {
+            id: "m-1".into(),
+            stream: StreamName::parse("user.42").expect("name"),
+            message_type: "UserRegistered".into(),
+            data: serde_json::json!({}),
+            metadata: Map::new(),
+            position: 0,
+            global_position: 7,
+            time_ms: 1000,
+            not_before_ms: Some(2000),
+        };
+        let shown = serde_json::to_value(&message).expect("encode");
+        assert_eq!(shown["globalPosition"], 7);
+        assert_eq!(shown["timeMs"], 1000);
+        assert_eq!(shown["notBeforeMs"], 2000);
+        assert!(shown.get("global_position").is_none());
+        assert_eq!(
+            serde_json::from_value::<Message>(shown).expect("camelCase"),
+            message
+        );
+        // A record the embedded store wrote before the names were camelCase.
+        let stored = serde_json::json!({
+            "id": "m-1", "stream": "user.42", "type": "UserRegistered", "data": {},
+            "metadata": {}, "position": 0, "global_position": 7, "time_ms": 1000,
+            "not_before_ms": 2000,
+        });
+        assert_eq!(
+            serde_json::from_value::<Message>(stored).expect("snake_case"),
+            message
+        );
+    }
 }
