@@ -17,6 +17,22 @@ async fn open_sled() -> (Arc<dyn MessageStore>, tempfile::TempDir) {
 
 conformance_suite!(open_sled);
 
+/// The same suite with the store's memory bounds at their smallest: a page cache of 256 KiB and
+/// no stream version remembered past the group that wrote it, so every check reads the tree
+/// again. A bound must cost only time, never serve a stale version.
+mod tiny_bounds {
+    use super::*;
+
+    async fn open_tiny() -> (Arc<dyn MessageStore>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            SledStore::open_with_bounds(dir.path().join("store"), 256 * 1024, 0).expect("open");
+        (Arc::new(store), dir)
+    }
+
+    conformance_suite!(open_tiny);
+}
+
 #[tokio::test]
 async fn keeps_committed_messages_across_a_reopen() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -1,0 +1,803 @@
+//! Commits: each is planned into one atomic batch whose expected-sequence headers carry its
+//! checks, grouped with the commits waiting beside it, published, and on a race or a lost
+//! answer checked again from scratch.
+
+use super::*;
+
+impl NatsStore {
+    /// Sends one atomic batch; returns the sequence of its first message.
+    pub(super) async fn publish(&self, batch: Vec<Outgoing>) -> Result<u64, BatchRefused> {
+        if batch.len() > MAX_BATCH {
+            return Err(BatchRefused::Other(StoreError::TooLarge {
+                entries: batch.len(),
+                limit: MAX_BATCH,
+            }));
+        }
+        let _permit = self
+            .inner
+            .batches
+            .acquire()
+            .await
+            .map_err(|_| BatchRefused::Other(StoreError::Closed))?;
+        let count = batch.len();
+        let batch_id = uuid::Uuid::new_v4().simple().to_string();
+        let client = &self.inner.client;
+        let mut first_seq = 0;
+        for (index, outgoing) in batch.into_iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Batch-Id", batch_id.as_str());
+            headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
+            if let Some(seq) = outgoing.expect {
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    seq.to_string().as_str(),
+                );
+            }
+            if outgoing.rollup {
+                headers.insert("Nats-Rollup", "sub");
+            }
+            if let Some(seq) = outgoing.erases {
+                headers.insert(ERASES, seq.to_string().as_str());
+            }
+            let last = index + 1 == count;
+            if last {
+                headers.insert("Nats-Batch-Commit", "1");
+            }
+            let payload = outgoing.payload.into();
+            if !last {
+                client
+                    .publish_with_headers(outgoing.subject, headers, payload)
+                    .await
+                    .map_err(|e| BatchRefused::Other(backend("publish", e)))?;
+                continue;
+            }
+            // Only the commit is answered. An answer that does not come in time may still have
+            // been stored: checking again from scratch is safe, since the claims, positions and
+            // row sequences it wrote would now refuse or skip a second copy.
+            let reply = match tokio::time::timeout(
+                COMMIT_TIMEOUT,
+                client.request_with_headers(outgoing.subject, headers, payload),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                    return Err(BatchRefused::Raced);
+                }
+                Ok(Err(e)) => return Err(BatchRefused::Other(backend("publish", e))),
+                Err(_) => return Err(BatchRefused::Raced),
+            };
+            let ack: BatchAck = serde_json::from_slice(&reply.payload)
+                .map_err(|e| BatchRefused::Other(backend("publish", e)))?;
+            if let Some(error) = ack.error {
+                // A wrong last sequence: another writer came first. Too many batches in flight
+                // on the server: other processes are busy. Both: check and try again.
+                let again = matches!(error.err_code, 10071 | 10164)
+                    || error.description.contains("too many inflight");
+                return Err(if again {
+                    BatchRefused::Raced
+                } else {
+                    BatchRefused::Other(backend("publish", error.description))
+                });
+            }
+            if ack.count != count as u64 {
+                return Err(BatchRefused::Other(backend(
+                    "publish",
+                    format!("stored {} of {count} messages", ack.count),
+                )));
+            }
+            first_seq = ack.seq + 1 - count as u64;
+        }
+        Ok(first_seq)
+    }
+
+    /// Checks a group of commits against the stored state, in order, and publishes the ones that
+    /// fit as one atomic batch: each commit sees the ones before it, as if committed one by one,
+    /// and one that fails its checks fails alone. Returns the outcomes of the first commits of
+    /// the group (at least one); `Ok(None)`: another writer changed a subject the group read
+    /// (nothing was stored); check again.
+    pub(super) async fn try_commits(
+        &self,
+        commits: &[&Commit],
+    ) -> Result<Option<Vec<Result<Committed, StoreError>>>, StoreError> {
+        // Everything the checks read, fetched at once: one round trip, not one per subject.
+        let mut subjects = Vec::new();
+        let mut positions: HashMap<ConsumerId, Vec<u32>> = HashMap::new();
+        for commit in commits {
+            for append in &commit.appends {
+                subjects.push(self.message_subject(&append.stream));
+                for message in &append.messages {
+                    subjects.push(self.claim_subject(&message.id));
+                }
+            }
+            match &commit.settle {
+                // A page's commit advances most of a consumer's partitions: their records are
+                // read in one request, not one direct get each.
+                Some(Settle::Advance {
+                    consumer,
+                    partitions,
+                    ..
+                }) => {
+                    positions
+                        .entry(consumer.clone())
+                        .or_default()
+                        .extend(partitions.iter().map(|moved| moved.partition));
+                }
+                Some(settle) => subjects.extend(self.settle_subjects(settle)),
+                None => {}
+            }
+            for write in &commit.views {
+                if validate_table_name(&write.table).is_ok() {
+                    subjects.push(self.view_subject(&write.table, &write.key));
+                }
+            }
+            // The sequence of each key shredded, to erase it by once the batch is stored.
+            subjects.extend(commit.shred.iter().map(|id| self.seal_key_subject(id)));
+        }
+        let read_positions = futures_util::future::try_join_all(positions.into_iter().map(
+            |(consumer, partitions)| async move {
+                let stored = self.per_partition("pos", &consumer).await?;
+                Ok::<_, StoreError>((consumer, partitions, stored))
+            },
+        ));
+        let (mut fetched, positions) =
+            futures_util::future::try_join(self.lasts(subjects), read_positions).await?;
+        for (consumer, partitions, stored) in positions {
+            let stored: HashMap<String, Entry> = stored.into_iter().collect();
+            for partition in partitions {
+                let entry = stored.get(&partition.to_string()).cloned();
+                fetched.insert(self.partition_subject(&consumer, partition), entry);
+            }
+        }
+        let mut staged = Staged {
+            fetched,
+            ..Staged::default()
+        };
+        let mut outcomes = Vec::new();
+        let mut written = Vec::new();
+        for commit in commits {
+            let planned = match self.plan_commit(&staged, commit) {
+                Ok(planned) => planned,
+                Err(e) => {
+                    outcomes.push(Err(e));
+                    written.push(Vec::new());
+                    continue;
+                }
+            };
+            let entries = planned.entries(&staged.plan);
+            if staged.plan.outgoing.len() + entries > MAX_BATCH {
+                if !staged.plan.outgoing.is_empty() {
+                    break;
+                }
+                outcomes.push(Err(StoreError::TooLarge {
+                    entries,
+                    limit: MAX_BATCH,
+                }));
+                written.push(Vec::new());
+                continue;
+            }
+            written.push(staged.apply(planned.ops));
+            outcomes.push(Ok(Committed {
+                written: Vec::new(),
+                duplicates: planned.duplicates,
+            }));
+        }
+        if staged.plan.outgoing.is_empty() {
+            return Ok(Some(outcomes));
+        }
+        let erases: Vec<u64> = staged
+            .plan
+            .outgoing
+            .iter()
+            .filter_map(|outgoing| outgoing.erases)
+            .collect();
+        let first = match self.publish(staged.plan.outgoing).await {
+            Ok(first) => {
+                // The commit stands whether or not the erase does: a key not erased now (full
+                // queue, failed request, process gone) is left to the sweep.
+                for seq in erases {
+                    if self.inner.erase.try_send(seq).is_err() {
+                        tracing::warn!(seq, "shredded key left for the sweep to erase");
+                    }
+                }
+                first
+            }
+            Err(BatchRefused::Raced) => return Ok(None),
+            Err(BatchRefused::Other(e)) => {
+                // The commits in the batch fail with it; those refused by their checks keep
+                // their own error, and those that did not fit still wait.
+                for outcome in &mut outcomes {
+                    if outcome.is_ok() {
+                        *outcome = Err(e.clone());
+                    }
+                }
+                return Ok(Some(outcomes));
+            }
+        };
+        for (outcome, written) in outcomes.iter_mut().zip(written) {
+            if let Ok(committed) = outcome {
+                committed.written = written
+                    .into_iter()
+                    .map(|(index, stream, stored)| {
+                        stored.into_message(stream, first + index as u64)
+                    })
+                    .collect();
+            }
+        }
+        Ok(Some(outcomes))
+    }
+
+    /// What one commit adds to a group's batch, checked against what the group sees; nothing of
+    /// it is staged yet, so a commit that fails here leaves the group as it was.
+    pub(super) fn plan_commit(
+        &self,
+        staged: &Staged,
+        commit: &Commit,
+    ) -> Result<PlannedCommit, StoreError> {
+        let mut planned = PlannedCommit::default();
+        let first_index = staged.plan.outgoing.len();
+        let mut seen = HashSet::new();
+        let time_ms = now_ms();
+        // Next version and batch index of the latest message of each stream this commit appends
+        // to, continuing from the group's.
+        let mut streams: HashMap<&str, (u64, Option<usize>)> = HashMap::new();
+        for append in &commit.appends {
+            let mut fresh = Vec::new();
+            for message in &append.messages {
+                let claim = self.claim_subject(&message.id);
+                if staged.claimed(&claim) || !seen.insert(message.id.as_str()) {
+                    if commit.refuse_duplicates {
+                        return Err(StoreError::Duplicate {
+                            id: message.id.clone(),
+                        });
+                    }
+                    planned.duplicates.push(message.id.clone());
+                } else {
+                    fresh.push((message, claim));
+                }
+            }
+            if fresh.is_empty() {
+                continue;
+            }
+            let subject = self.message_subject(&append.stream);
+            // The first message of a stream in the batch expects the stream's stored last
+            // sequence and points back at it; later ones point back into the batch.
+            let mut expect = None;
+            let (version, mut latest) = match streams.get(append.stream.as_str()) {
+                Some(&known) => known,
+                None => match staged.streams.get(&subject) {
+                    Some(&(version, index)) => (version, Some(index)),
+                    None => {
+                        let last = staged.fetched.get(&subject).and_then(Option::as_ref);
+                        expect = Some(last.map_or(0, |e| e.seq));
+                        let version = match last {
+                            Some(entry) => self.decode_message(entry)?.position + 1,
+                            None => 0,
+                        };
+                        (version, None)
+                    }
+                },
+            };
+            if let Some(expected) = append.expected_version
+                && expected != version
+            {
+                return Err(StoreError::Conflict {
+                    stream: append.stream.as_str().to_owned(),
+                    expected,
+                    actual: version,
+                });
+            }
+            let count = fresh.len() as u64;
+            for (offset, (message, claim)) in fresh.into_iter().enumerate() {
+                // The claim goes first, the message right after it.
+                let index = first_index + planned.ops.len() + 1;
+                let (prev_seq, prev_back) = match latest {
+                    Some(earlier) => (None, Some((index - earlier) as u64)),
+                    None => (expect.filter(|&seq| seq > 0), None),
+                };
+                let stored = Stored {
+                    id: message.id.clone(),
+                    message_type: message.message_type.clone(),
+                    data: message.data.clone(),
+                    metadata: message.metadata.clone(),
+                    position: version + offset as u64,
+                    time_ms,
+                    not_before_ms: message.not_before_ms,
+                    prev_seq,
+                    prev_back,
+                };
+                planned.ops.push(Op::Claim(claim));
+                planned.ops.push(Op::Message {
+                    subject: subject.clone(),
+                    payload: to_json(&stored)?,
+                    expect: expect.take(),
+                    stream: append.stream.clone(),
+                    stored,
+                });
+                latest = Some(index);
+            }
+            streams.insert(append.stream.as_str(), (version + count, latest));
+        }
+
+        match &commit.settle {
+            None => {}
+            Some(Settle::Advance {
+                consumer,
+                partitions,
+                to,
+            }) => {
+                // Each partition's record must be as the consumer read it, epoch included: a
+                // take-over rewrote it with a new epoch, so a commit decided under the old lease
+                // fails here, or at the server if the take-over lands after this read.
+                for moved in partitions {
+                    let subject = self.partition_subject(consumer, moved.partition);
+                    let current = staged.current(&subject);
+                    let actual = match &current {
+                        Some(entry) => decode_position(entry)?,
+                        None => PartitionPosition::default(),
+                    };
+                    if actual != moved.from {
+                        return Err(StoreError::ConsumerMoved {
+                            consumer: format!("{consumer} (partition {})", moved.partition),
+                            expected: moved.from.position,
+                            actual: actual.position,
+                        });
+                    }
+                    let next = PartitionPosition {
+                        position: *to,
+                        epoch: actual.epoch,
+                    };
+                    planned.put(subject, to_json(&next)?, Some(current.map_or(0, |e| e.seq)));
+                }
+            }
+            Some(
+                settle @ Settle::ClearDeferred {
+                    consumer,
+                    global_position,
+                },
+            ) => {
+                let subject = self.deferred_subject(consumer, *global_position);
+                debug_assert_eq!(self.settle_subjects(settle), vec![subject.clone()]);
+                match staged.current(&subject) {
+                    Some(entry) if !entry.payload.is_empty() => {
+                        planned.put(subject, Vec::new(), Some(entry.seq));
+                    }
+                    _ => {
+                        return Err(StoreError::ConsumerMoved {
+                            consumer: consumer.to_string(),
+                            expected: *global_position,
+                            actual: 0,
+                        });
+                    }
+                }
+            }
+        }
+
+        // View rows: a change applies when it is past the row's `lastUpdateSeq` before this
+        // commit; of the changes to one row in this commit, the last that applies stands.
+        let mut rows: BTreeMap<(String, String), RowChange> = BTreeMap::new();
+        for write in &commit.views {
+            validate_table_name(&write.table)?;
+            let key = (write.table.clone(), write.key.clone());
+            if !rows.contains_key(&key) {
+                let current = staged.current(&self.view_subject(&write.table, &write.key));
+                let seq = current.as_ref().map_or(0, |e| e.seq);
+                let stored = match current {
+                    Some(entry) => Some(decode_row(&entry)?.last_update_seq),
+                    None => None,
+                };
+                rows.insert(
+                    key.clone(),
+                    RowChange {
+                        seq,
+                        stored,
+                        change: None,
+                    },
+                );
+            }
+            if let Some(row) = rows.get_mut(&key)
+                && row.stored.is_none_or(|stored| write.seq > stored)
+            {
+                row.change = Some(ViewRow {
+                    value: write.value.clone().unwrap_or(Value::Null),
+                    last_update_seq: write.seq,
+                });
+            }
+        }
+        for ((table, key), row) in rows {
+            if let Some(change) = row.change {
+                planned.put(
+                    self.view_subject(&table, &key),
+                    to_json(&change)?,
+                    Some(row.seq),
+                );
+            }
+        }
+
+        for parked in &commit.park {
+            let subject = self.parked_subject(&parked.consumer, parked.message.global_position);
+            planned.put(subject, to_json(parked)?, None);
+        }
+        for deferred in &commit.defer {
+            let subject =
+                self.deferred_subject(&deferred.consumer, deferred.message.global_position);
+            planned.put(subject, to_json(deferred)?, None);
+        }
+        // A key goes in only with its message, in the same batch: the key of a duplicate
+        // skipped above would replace the key of the message stored first.
+        for seal in &commit.seal_keys {
+            let written = planned
+                .ops
+                .iter()
+                .any(|op| matches!(op, Op::Message { stored, .. } if stored.id == seal.message_id));
+            if written {
+                planned.put(
+                    self.seal_key_subject(&seal.message_id),
+                    seal.key.clone(),
+                    None,
+                );
+            }
+        }
+        // Shredding is an empty message on the key's subject, in the same atomic batch, so
+        // `seal_key` answers `None` from the commit on. It is not a rollup: the server's rollup
+        // (like its purge) drops the key from the index but leaves its bytes in the block file.
+        // The key's message is erased by sequence once the batch is stored (see `erase`), which
+        // overwrites it in the file. A key already shredded, or never stored, needs no marker.
+        for message_id in &commit.shred {
+            let subject = self.seal_key_subject(message_id);
+            if staged
+                .current(&subject)
+                .is_some_and(|entry| !entry.payload.is_empty())
+            {
+                let stored = staged
+                    .fetched
+                    .get(&subject)
+                    .and_then(Option::as_ref)
+                    .filter(|entry| !entry.payload.is_empty())
+                    .map(|entry| entry.seq);
+                planned.shred(subject, stored);
+            }
+        }
+        for snapshot in &commit.snapshots {
+            planned.put(
+                self.snapshot_subject(&snapshot.stream, &snapshot.component),
+                to_json(&(snapshot.version, &snapshot.state))?,
+                None,
+            );
+        }
+        // The server refuses a message past its max_payload; found here, it fails this commit
+        // alone instead of the batch it would share.
+        let max_payload = self.inner.client.server_info().max_payload;
+        if max_payload > 0
+            && let Some((name, size)) = planned.largest()
+            && size + HEADROOM > max_payload
+        {
+            return Err(StoreError::InvalidMessage {
+                id: name.to_owned(),
+                reason: format!(
+                    "{size} bytes stored is more than the server takes in one message ({max_payload})"
+                ),
+            });
+        }
+        Ok(planned)
+    }
+
+    /// Commits the first of `waiting` and as many after it as fit into the same batch, and
+    /// answers each; the rest wait for the next group.
+    pub(super) async fn commit_group(&self, waiting: &mut Vec<Queued>) {
+        let commits: Vec<&Commit> = waiting.iter().map(|queued| &queued.commit).collect();
+        let outcomes = match self.try_commits(&commits).await {
+            Ok(Some(outcomes)) => outcomes,
+            // Another process changed a subject the group read: the first commit checks again
+            // on its own, so it cannot be starved by groups that keep racing.
+            Ok(None) => vec![self.commit_alone(commits[0]).await],
+            // The server did not answer the checks' reads: every commit of the group fails alike.
+            Err(e) => commits.iter().map(|_| Err(e.clone())).collect(),
+        };
+        for (queued, outcome) in waiting.drain(..outcomes.len()).zip(outcomes) {
+            // A caller that stopped waiting learns nothing; the commit stands or not as decided.
+            let _ = queued.reply.send(outcome);
+        }
+    }
+
+    pub(super) async fn commit_alone(&self, commit: &Commit) -> Result<Committed, StoreError> {
+        for attempt in 0..RACE_RETRIES {
+            if let Some(outcomes) = self.try_commits(&[commit]).await? {
+                return outcomes
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| Err(backend("commit", "no outcome")));
+            }
+            tokio::time::sleep(Duration::from_millis(attempt as u64 * 2)).await;
+        }
+        Err(backend(
+            "commit",
+            format!("other writers kept changing the same subjects ({RACE_RETRIES} tries)"),
+        ))
+    }
+}
+
+/// A view row a commit changes: its subject's last sequence, the stored `lastUpdateSeq`, and
+/// the new row.
+pub(super) struct RowChange {
+    pub(super) seq: u64,
+    pub(super) stored: Option<u64>,
+    pub(super) change: Option<ViewRow>,
+}
+
+/// A commit waiting for the group committer, and who waits for its outcome.
+pub(super) struct Queued {
+    pub(super) commit: Commit,
+    pub(super) reply: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+/// Commits what waits in the queue in groups, one atomic batch per group. The server stores a
+/// stream's atomic batches one at a time (~1.4 ms each on this machine, whatever their size),
+/// so a batch per commit capped a process at ~650 commits/s however many were sent at once.
+pub(super) async fn commit_queued(
+    store: std::sync::Weak<Inner>,
+    mut queue: mpsc::Receiver<Queued>,
+) {
+    let mut waiting: Vec<Queued> = Vec::new();
+    loop {
+        if waiting.is_empty() {
+            match queue.recv().await {
+                Some(queued) => waiting.push(queued),
+                None => return,
+            }
+        }
+        while waiting.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(queued) => waiting.push(queued),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = store.upgrade() else { return };
+        NatsStore { inner }.commit_group(&mut waiting).await;
+    }
+}
+
+/// What a batch will publish.
+#[derive(Default)]
+pub(super) struct Plan {
+    pub(super) outgoing: Vec<Outgoing>,
+    /// Key-value subjects already in the batch: a later change replaces the earlier one.
+    pub(super) keyed: HashMap<String, usize>,
+}
+
+/// A group's view of the server: the last entry of each subject its commits read, changed by
+/// the commits planned into its batch so far.
+#[derive(Default)]
+pub(super) struct Staged {
+    pub(super) fetched: HashMap<String, Option<Entry>>,
+    pub(super) claimed: HashSet<String>,
+    /// Next version and batch index of the latest planned message, per message subject.
+    pub(super) streams: HashMap<String, (u64, usize)>,
+    /// Key-value subjects set by the batch: positions, deferred entries, view rows.
+    pub(super) values: HashMap<String, Vec<u8>>,
+    pub(super) plan: Plan,
+}
+
+impl Staged {
+    pub(super) fn claimed(&self, claim: &str) -> bool {
+        self.claimed.contains(claim) || self.fetched.get(claim).is_some_and(Option::is_some)
+    }
+
+    /// A key-value subject's current entry: the batch's value (with the stored sequence, which
+    /// only the batch's first change of it expects), or the stored one.
+    pub(super) fn current(&self, subject: &str) -> Option<Entry> {
+        let stored = self.fetched.get(subject).and_then(Option::as_ref);
+        match self.values.get(subject) {
+            Some(payload) => Some(Entry {
+                seq: stored.map_or(0, |e| e.seq),
+                subject: subject.to_owned(),
+                payload: payload.clone().into(),
+                erases: None,
+            }),
+            None => stored.cloned(),
+        }
+    }
+
+    /// Adds a planned commit to the batch; returns the batch index, stream and content of each
+    /// message it writes.
+    pub(super) fn apply(&mut self, ops: Vec<Op>) -> Vec<(usize, StreamName, Stored)> {
+        let mut written = Vec::new();
+        for op in ops {
+            match op {
+                Op::Claim(subject) => {
+                    self.plan.claim(subject.clone());
+                    self.claimed.insert(subject);
+                }
+                Op::Message {
+                    subject,
+                    payload,
+                    expect,
+                    stream,
+                    stored,
+                } => {
+                    let index = self.plan.append(&subject, payload, expect);
+                    self.streams.insert(subject, (stored.position + 1, index));
+                    written.push((index, stream, stored));
+                }
+                Op::Put {
+                    subject,
+                    payload,
+                    expect,
+                    rollup,
+                    erases,
+                } => {
+                    self.plan
+                        .set(&subject, payload.clone(), expect, rollup, erases);
+                    self.values.insert(subject, payload);
+                }
+            }
+        }
+        written
+    }
+}
+
+/// One commit's part of a batch, in batch order, and the ids it skips.
+#[derive(Default)]
+pub(super) struct PlannedCommit {
+    pub(super) ops: Vec<Op>,
+    pub(super) duplicates: Vec<String>,
+}
+
+impl PlannedCommit {
+    /// Entries it adds to a batch: a change to a key-value subject the batch already sets
+    /// replaces that entry.
+    pub(super) fn entries(&self, plan: &Plan) -> usize {
+        let mut puts = HashSet::new();
+        self.ops
+            .iter()
+            .filter(|op| match op {
+                Op::Put { subject, .. } => {
+                    !plan.keyed.contains_key(subject) && puts.insert(subject.as_str())
+                }
+                _ => true,
+            })
+            .count()
+    }
+
+    /// Its largest message (the id, or the subject of a key-value change) with its size.
+    pub(super) fn largest(&self) -> Option<(&str, usize)> {
+        self.ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Claim(_) => None,
+                Op::Message {
+                    subject,
+                    payload,
+                    stored,
+                    ..
+                } => Some((stored.id.as_str(), subject.len() + payload.len())),
+                Op::Put {
+                    subject, payload, ..
+                } => Some((subject.as_str(), subject.len() + payload.len())),
+            })
+            .max_by_key(|(_, size)| *size)
+    }
+
+    pub(super) fn put(&mut self, subject: String, payload: Vec<u8>, expect: Option<u64>) {
+        self.ops.push(Op::Put {
+            subject,
+            payload,
+            expect,
+            rollup: true,
+            erases: None,
+        });
+    }
+
+    /// An empty message on a key's subject, not rolled up: `seal_key` answers `None` from the
+    /// batch on, and the key's own message (`erases`, when stored) is erased once the batch is.
+    pub(super) fn shred(&mut self, subject: String, erases: Option<u64>) {
+        self.ops.push(Op::Put {
+            subject,
+            payload: Vec::new(),
+            expect: None,
+            rollup: false,
+            erases,
+        });
+    }
+}
+
+pub(super) enum Op {
+    Claim(String),
+    Message {
+        subject: String,
+        payload: Vec<u8>,
+        expect: Option<u64>,
+        stream: StreamName,
+        stored: Stored,
+    },
+    Put {
+        subject: String,
+        payload: Vec<u8>,
+        expect: Option<u64>,
+        /// Rolled up (a key-value subject), or added beside the subject's earlier messages (a
+        /// shredding marker, whose key is erased by sequence once the batch is stored).
+        rollup: bool,
+        erases: Option<u64>,
+    },
+}
+
+impl Plan {
+    pub(super) fn claim(&mut self, subject: String) {
+        self.outgoing.push(Outgoing {
+            subject,
+            payload: Vec::new(),
+            expect: Some(0),
+            rollup: false,
+            erases: None,
+        });
+    }
+
+    pub(super) fn append(&mut self, subject: &str, payload: Vec<u8>, expect: Option<u64>) -> usize {
+        self.outgoing.push(Outgoing {
+            subject: subject.to_owned(),
+            payload,
+            expect,
+            rollup: false,
+            erases: None,
+        });
+        self.outgoing.len() - 1
+    }
+
+    /// Sets a key-value subject (rolled up to this one message).
+    pub(super) fn put(&mut self, subject: &str, payload: Vec<u8>, expect: Option<u64>) {
+        self.set(subject, payload, expect, true, None);
+    }
+
+    /// Sets a key-value subject (rolled up, or, for a shredding marker, beside the key it hides
+    /// until the key is erased); a later change in the batch replaces the earlier one (a key
+    /// shredded in the batch that wrote it is never stored).
+    pub(super) fn set(
+        &mut self,
+        subject: &str,
+        payload: Vec<u8>,
+        expect: Option<u64>,
+        rollup: bool,
+        erases: Option<u64>,
+    ) {
+        match self.keyed.get(subject) {
+            Some(&index) => {
+                let earlier = &mut self.outgoing[index];
+                earlier.payload = payload;
+                earlier.expect = earlier.expect.or(expect);
+                earlier.erases = earlier.erases.or(erases);
+            }
+            None => {
+                self.keyed.insert(subject.to_owned(), self.outgoing.len());
+                self.outgoing.push(Outgoing {
+                    subject: subject.to_owned(),
+                    payload,
+                    expect,
+                    rollup,
+                    erases,
+                });
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct BatchAck {
+    #[serde(default)]
+    pub(super) seq: u64,
+    #[serde(default)]
+    pub(super) count: u64,
+    #[serde(default)]
+    pub(super) error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct ApiError {
+    #[serde(default)]
+    pub(super) err_code: u64,
+    #[serde(default)]
+    pub(super) description: String,
+}
+
+pub(super) fn to_json(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| backend("encode", e))
+}

@@ -1,0 +1,514 @@
+//! The writer thread: the only writer of the tree. It takes the requests waiting in its queue as
+//! one group, checks each commit against the tree and the group's earlier commits, writes the
+//! group as one atomic batch with one flush, and only then answers and wakes the consumers.
+
+use super::*;
+
+pub(super) enum WriteRequest {
+    Commit {
+        commit: Box<Commit>,
+        reply: oneshot::Sender<Result<Committed, StoreError>>,
+    },
+    RebuildViews {
+        tables: Vec<String>,
+        consumers: Vec<ConsumerId>,
+        reply: oneshot::Sender<Result<Committed, StoreError>>,
+    },
+    Replay {
+        chosen: Vec<ParkedMessage>,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
+    JoinGroup {
+        consumer: ConsumerId,
+        spec: GroupSpec,
+        reply: oneshot::Sender<Result<Group, StoreError>>,
+    },
+}
+
+/// What the writer did for one request.
+pub(super) enum Applied {
+    Committed(Committed),
+    Moved(usize),
+    Joined(Group),
+}
+
+impl WriteRequest {
+    fn reply(self, result: Result<Applied, StoreError>) {
+        match self {
+            Self::Commit { reply, .. } | Self::RebuildViews { reply, .. } => {
+                let _ = reply.send(result.map(|applied| match applied {
+                    Applied::Committed(committed) => committed,
+                    Applied::Moved(_) | Applied::Joined(_) => Committed::default(),
+                }));
+            }
+            Self::Replay { reply, .. } => {
+                let _ = reply.send(result.map(|applied| match applied {
+                    Applied::Moved(moved) => moved,
+                    Applied::Committed(_) | Applied::Joined(_) => 0,
+                }));
+            }
+            Self::JoinGroup {
+                reply, consumer, ..
+            } => {
+                let _ = reply.send(result.and_then(|applied| match applied {
+                    Applied::Joined(group) => Ok(group),
+                    _ => Err(StoreError::NotFound(format!("consumer group {consumer}"))),
+                }));
+            }
+        }
+    }
+}
+
+/// The writes of the group being built, by key (`None`: removed). A commit reads through them
+/// before the tree, so it sees what the group's earlier commits wrote though none of it is in
+/// sled yet.
+pub(super) type Staged = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// One commit's reads and writes: its own writes first, then the group's, then the tree. Dropped
+/// without a trace when the commit fails.
+pub(super) struct Staging<'a> {
+    tree: &'a Tree,
+    group: &'a Staged,
+    own: Staged,
+}
+
+impl Staging<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.own.get(key).or_else(|| self.group.get(key)) {
+            Some(staged) => Ok(staged.clone()),
+            None => Ok(self.tree.get(key).map_err(backend)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.own.insert(key, Some(value));
+    }
+
+    /// Removes `key`; whether it was there.
+    fn remove(&mut self, key: Vec<u8>) -> Result<bool, StoreError> {
+        let existed = self.get(&key)?.is_some();
+        self.own.insert(key, None);
+        Ok(existed)
+    }
+}
+
+/// The writer thread's state: it is the only writer, so the head and stream versions it keeps
+/// are the truth, and reads it makes cannot race another write.
+pub(super) struct Writer {
+    pub(super) db: sled::Db,
+    pub(super) tree: Tree,
+    pub(super) head: u64,
+    /// Versions of streams written lately (every stream the current group wrote is here).
+    pub(super) versions: HashMap<String, u64>,
+    /// How many streams `versions` may hold before it starts over.
+    pub(super) cached_versions: usize,
+    /// The last global position on disk, moved after each flush.
+    pub(super) durable: Arc<AtomicU64>,
+    pub(super) watchers: Watchers,
+}
+
+impl Writer {
+    pub(super) fn run(mut self, mut queue: mpsc::UnboundedReceiver<WriteRequest>) {
+        while let Some(first) = queue.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match queue.try_recv() {
+                    Ok(request) => group.push(request),
+                    Err(_) => break,
+                }
+            }
+            let mut staged = Staged::new();
+            let mut results = Vec::with_capacity(group.len());
+            let mut touched: BTreeSet<String> = BTreeSet::new();
+            let mut failure = None;
+            for request in &group {
+                let result = match request {
+                    WriteRequest::Commit { commit, .. } => self
+                        .stage(&mut staged, commit)
+                        .map(|(c, t)| (Applied::Committed(c), t)),
+                    // These scan the tree, so what the group staged so far is written first.
+                    WriteRequest::RebuildViews {
+                        tables, consumers, ..
+                    } => match self.write_staged(&mut staged) {
+                        Ok(()) => self
+                            .rebuild(tables, consumers)
+                            .map(|(c, t)| (Applied::Committed(c), t)),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    },
+                    WriteRequest::Replay { chosen, .. } => match self.write_staged(&mut staged) {
+                        Ok(()) => self.replay(chosen).map(|(n, t)| (Applied::Moved(n), t)),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    },
+                    WriteRequest::JoinGroup { consumer, spec, .. } => self
+                        .join_group(&mut staged, consumer, *spec)
+                        .map(|g| (Applied::Joined(g), BTreeSet::new())),
+                };
+                if let Ok((_, categories)) = &result {
+                    touched.extend(categories.iter().cloned());
+                }
+                results.push(result.map(|(applied, _)| applied));
+            }
+            // Group commit: one batch and one fsync for every commit above.
+            let written = match failure {
+                Some(e) => Err(e),
+                None => self
+                    .write_staged(&mut staged)
+                    .and_then(|()| self.db.flush().map_err(backend)),
+            };
+            if let Err(e) = written {
+                // The group may be partly in memory and maybe not on disk: neither "failed" nor
+                // "written" is true, so stop. Every caller learns the store stopped; nothing is
+                // accepted after this point.
+                let reason = format!("write failed, the store stopped (restart to recover): {e}");
+                tracing::error!("{reason}");
+                for request in group {
+                    request.reply(Err(StoreError::Backend(reason.clone())));
+                }
+                return;
+            }
+            self.durable.store(self.head, Ordering::Release);
+            if let Ok(watchers) = self.watchers.lock() {
+                for category in &touched {
+                    if let Some(sender) = watchers.get(category) {
+                        sender.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                }
+            }
+            for (request, result) in group.into_iter().zip(results) {
+                request.reply(result);
+            }
+            if self.versions.len() > self.cached_versions {
+                self.versions.clear();
+            }
+        }
+    }
+
+    /// Writes what the group staged, and the head, as one atomic batch.
+    fn write_staged(&mut self, staged: &mut Staged) -> Result<(), StoreError> {
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (key, value) in std::mem::take(staged) {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch.insert(HEAD_KEY, &self.head.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(backend)
+    }
+
+    fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
+        match self.versions.get(stream) {
+            Some(version) => Ok(*version),
+            None => stored_version(&self.tree, stream),
+        }
+    }
+
+    /// Checks one commit against the store and the group so far, and stages its writes. Returns
+    /// what it wrote and the categories whose consumers should wake; on an error nothing of it is
+    /// staged.
+    fn stage(
+        &mut self,
+        group: &mut Staged,
+        commit: &Commit,
+    ) -> Result<(Committed, BTreeSet<String>), StoreError> {
+        validate_commit(commit)?;
+        let time_ms = now_ms();
+        let mut staging = Staging {
+            tree: &self.tree,
+            group,
+            own: Staged::new(),
+        };
+        let mut committed = Committed::default();
+        let mut touched = BTreeSet::new();
+        let mut head = self.head;
+        let mut versions: Vec<(String, u64)> = Vec::new();
+        for append in &commit.appends {
+            let stream = append.stream.as_str();
+            let mut fresh: Vec<&NewMessage> = Vec::with_capacity(append.messages.len());
+            for message in &append.messages {
+                if staging.get(&id_key(&message.id))?.is_some()
+                    || fresh.iter().any(|m| m.id == message.id)
+                {
+                    if commit.refuse_duplicates {
+                        return Err(StoreError::Duplicate {
+                            id: message.id.clone(),
+                        });
+                    }
+                    committed.duplicates.push(message.id.clone());
+                } else {
+                    fresh.push(message);
+                }
+            }
+            if fresh.is_empty() {
+                continue;
+            }
+            let mut version = match versions.iter().rev().find(|(s, _)| s == stream) {
+                Some((_, version)) => *version,
+                None => self.stream_version(stream)?,
+            };
+            if let Some(expected) = append.expected_version
+                && expected != version
+            {
+                return Err(StoreError::Conflict {
+                    stream: stream.to_owned(),
+                    expected,
+                    actual: version,
+                });
+            }
+            let category = append.stream.category_str();
+            for new in fresh {
+                head += 1;
+                let message = Message {
+                    id: new.id.clone(),
+                    stream: append.stream.clone(),
+                    message_type: new.message_type.clone(),
+                    data: new.data.clone(),
+                    metadata: new.metadata.clone(),
+                    position: version,
+                    global_position: head,
+                    time_ms,
+                    not_before_ms: new.not_before_ms,
+                };
+                let at = message_key(category, head);
+                staging.insert(stream_key(stream, version), head.to_be_bytes().to_vec());
+                staging.insert(id_key(&message.id), at.clone());
+                staging.insert(at, encode(&message));
+                version += 1;
+                committed.written.push(message);
+            }
+            versions.push((stream.to_owned(), version));
+            touched.insert(category.to_owned());
+        }
+        // A key goes in only with its message: the key of a duplicate skipped here would
+        // replace the key of the message stored first, which then could not be opened.
+        for seal in &commit.seal_keys {
+            if committed.written.iter().any(|m| m.id == seal.message_id) {
+                staging.insert(seal_key_key(&seal.message_id), seal.key.clone());
+            }
+        }
+        for message_id in &commit.shred {
+            staging.remove(seal_key_key(message_id))?;
+        }
+        for snapshot in &commit.snapshots {
+            staging.insert(
+                snapshot_key(snapshot.stream.as_str(), &snapshot.component),
+                encode(&(snapshot.version, &snapshot.state)),
+            );
+        }
+
+        // Rows this commit wrote: a later change to the same row in the commit replaces it, even
+        // with the same `seq` (one outcome may upsert a row twice, or delete and upsert it).
+        let mut written_rows: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for write in &commit.views {
+            let key = view_key(&write.table, &write.key);
+            if !written_rows.contains(&key)
+                && let Some(existing) = staging.get(&key)?
+            {
+                let row: ViewRow = decode("view row", &existing)?;
+                if write.seq <= row.last_update_seq {
+                    continue;
+                }
+            }
+            written_rows.insert(key.clone());
+            let row = ViewRow {
+                value: write.value.clone().unwrap_or(Value::Null),
+                last_update_seq: write.seq,
+            };
+            staging.insert(key, encode(&row));
+        }
+
+        match &commit.settle {
+            Some(Settle::Advance {
+                consumer,
+                partitions,
+                to,
+            }) => {
+                let key = consumer_key(consumer);
+                let mut group = match staging.get(&key)? {
+                    Some(bytes) => decode_group(&bytes)?,
+                    None => None,
+                }
+                .ok_or_else(|| StoreError::NotFound(format!("consumer group {consumer}")))?;
+                for moved in partitions {
+                    let stored = group
+                        .positions
+                        .get_mut(moved.partition as usize)
+                        .ok_or_else(|| {
+                            StoreError::NotFound(format!(
+                                "partition {} of {consumer}",
+                                moved.partition
+                            ))
+                        })?;
+                    if *stored != moved.from {
+                        return Err(StoreError::ConsumerMoved {
+                            consumer: format!("{consumer} (partition {})", moved.partition),
+                            expected: moved.from.position,
+                            actual: stored.position,
+                        });
+                    }
+                    stored.position = *to;
+                }
+                staging.insert(key, encode_group(&group));
+            }
+            // Gone means a rebuild cleared it meanwhile: this outcome is stale.
+            Some(Settle::ClearDeferred {
+                consumer,
+                global_position,
+            }) if !staging.remove(set_aside_key(DEFERRED, consumer, *global_position))? => {
+                return Err(StoreError::ConsumerMoved {
+                    consumer: consumer.to_string(),
+                    expected: *global_position,
+                    actual: 0,
+                });
+            }
+            Some(Settle::ClearDeferred { .. }) | None => {}
+        }
+        for park in &commit.park {
+            let key = set_aside_key(PARKED, &park.consumer, park.message.global_position);
+            staging.insert(key, encode(park));
+        }
+        for defer in &commit.defer {
+            let key = set_aside_key(DEFERRED, &defer.consumer, defer.message.global_position);
+            staging.insert(key, encode(defer));
+            touched.insert(defer.consumer.category.as_str().to_owned());
+        }
+
+        // The commit holds: its writes join the group.
+        let own = std::mem::take(&mut staging.own);
+        group.extend(own);
+        self.head = head;
+        self.versions.extend(versions);
+        Ok((committed, touched))
+    }
+
+    /// Empties view tables and resets consumers in one batch. Nothing else writes while the
+    /// writer thread is here, so the keys listed are still the keys removed.
+    fn rebuild(
+        &mut self,
+        tables: &[String],
+        consumers: &[ConsumerId],
+    ) -> Result<(Committed, BTreeSet<String>), StoreError> {
+        let mut batch = sled::Batch::default();
+        for table in tables {
+            for row in self
+                .tree
+                .scan_prefix(key(VIEW, &[table.as_bytes(), &[]]))
+                .keys()
+            {
+                batch.remove(row.map_err(backend)?);
+            }
+        }
+        for consumer in consumers {
+            let key = consumer_key(consumer);
+            let reset = match self.tree.get(&key).map_err(backend)? {
+                Some(bytes) => match decode_group(&bytes)? {
+                    Some(mut group) => {
+                        for partition in &mut group.positions {
+                            partition.position = 0;
+                        }
+                        encode_group(&group)
+                    }
+                    None => 0u64.to_be_bytes().to_vec(),
+                },
+                None => 0u64.to_be_bytes().to_vec(),
+            };
+            batch.insert(key, reset);
+            for tag in [DEFERRED, PARKED] {
+                for record in self
+                    .tree
+                    .scan_prefix(set_aside_prefix(tag, consumer))
+                    .keys()
+                {
+                    batch.remove(record.map_err(backend)?);
+                }
+            }
+        }
+        for snapshot in self.tree.scan_prefix([SNAPSHOT]).keys() {
+            batch.remove(snapshot.map_err(backend)?);
+        }
+        self.tree.apply_batch(batch).map_err(backend)?;
+        let touched = consumers
+            .iter()
+            .map(|c| c.category.as_str().to_owned())
+            .collect();
+        Ok((Committed::default(), touched))
+    }
+
+    /// Creates a consumer's group unless it has one: every partition starts at the position of
+    /// the layout before groups, if there is one.
+    fn join_group(
+        &mut self,
+        group: &mut Staged,
+        consumer: &ConsumerId,
+        spec: GroupSpec,
+    ) -> Result<Group, StoreError> {
+        let mut staging = Staging {
+            tree: &self.tree,
+            group,
+            own: Staged::new(),
+        };
+        let key = consumer_key(consumer);
+        let start = match staging.get(&key)? {
+            Some(bytes) => match decode_group(&bytes)? {
+                Some(existing) => return Ok(existing),
+                None => u64_be(&bytes),
+            },
+            None => 0,
+        };
+        let created = Group {
+            spec,
+            positions: vec![
+                PartitionPosition {
+                    position: start,
+                    epoch: 0,
+                };
+                spec.partitions.max(1) as usize
+            ],
+        };
+        staging.insert(key, encode_group(&created));
+        let own = std::mem::take(&mut staging.own);
+        group.extend(own);
+        Ok(created)
+    }
+
+    /// Moves parked messages to their consumers' deferred sets, due at once. In the writer thread,
+    /// like every write, so it cannot interleave with a rebuild that clears those sets.
+    fn replay(
+        &mut self,
+        chosen: &[ParkedMessage],
+    ) -> Result<(usize, BTreeSet<String>), StoreError> {
+        let now = now_ms();
+        let mut batch = sled::Batch::default();
+        let mut moved = BTreeSet::new();
+        let mut touched = BTreeSet::new();
+        for park in chosen {
+            let global = park.message.global_position;
+            let parked = set_aside_key(PARKED, &park.consumer, global);
+            if self.tree.get(&parked).map_err(backend)?.is_none() || !moved.insert(parked.clone()) {
+                continue;
+            }
+            let defer = DeferredMessage {
+                consumer: park.consumer.clone(),
+                message: park.message.clone(),
+                due_ms: now,
+            };
+            batch.remove(parked);
+            batch.insert(
+                set_aside_key(DEFERRED, &park.consumer, global),
+                encode(&defer),
+            );
+            touched.insert(park.consumer.category.as_str().to_owned());
+        }
+        self.tree.apply_batch(batch).map_err(backend)?;
+        Ok((moved.len(), touched))
+    }
+}
