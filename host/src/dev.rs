@@ -16,8 +16,8 @@ use anyhow::Context as _;
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 
-use crate::scenario;
 use crate::wasm::{Limits, Runtime};
+use crate::{control, scenario};
 
 /// How long a service's sources must be quiet before it is built (an editor's save, a
 /// formatter's rewrite).
@@ -56,7 +56,12 @@ impl Toolchain {
 #[derive(Debug)]
 pub enum Rebuilt {
     /// Built, every scenario passed, copied into the services folder.
-    Installed { scenarios: usize },
+    Installed {
+        scenarios: usize,
+        /// The service's name and the new component's version (content hash).
+        service: String,
+        version: String,
+    },
     /// Built, but a scenario failed: not installed.
     ScenariosFailed(Vec<scenario::ScenarioResult>),
     /// The build failed, with the tool's output.
@@ -169,20 +174,34 @@ pub async fn rebuild(runtime: &Runtime, folder: &Path, services: &Path) -> anyho
         .with_context(|| format!("cannot install into {}", services.display()))?;
     Ok(Rebuilt::Installed {
         scenarios: results.len(),
+        service: name,
+        version: component.hash().to_owned(),
     })
 }
 
-/// Rebuilds one service and prints the line (and, on failure, what failed).
-async fn rebuild_and_tell(runtime: &Runtime, folder: &Path, services: &Path) {
+/// Rebuilds one service and prints the line (and, on failure, what failed). "Running it" is said
+/// only once the host of `data` runs the new version, so a message sent after the line meets it.
+async fn rebuild_and_tell(runtime: &Runtime, folder: &Path, services: &Path, data: &Path) {
     let started = Instant::now();
     let name = name_of(folder);
     let took = || format!("{:.1} s", started.elapsed().as_secs_f64());
     match rebuild(runtime, folder, services).await {
-        Ok(Rebuilt::Installed { scenarios }) => {
-            println!(
-                "{name}: built in {}, {scenarios} scenario(s) passed, running it",
+        Ok(Rebuilt::Installed {
+            scenarios,
+            service,
+            version,
+        }) => {
+            let passed = format!(
+                "{name}: built in {}, {scenarios} scenario(s) passed",
                 took()
             );
+            match runs(data, &service, &version).await {
+                true => println!("{passed}, running it"),
+                false => println!(
+                    "{passed}, installed; the host has not taken it up after {} s (see its log)",
+                    TAKE_UP.as_secs()
+                ),
+            }
         }
         Ok(Rebuilt::ScenariosFailed(results)) => {
             scenario::print(&results, false);
@@ -204,12 +223,35 @@ async fn rebuild_and_tell(runtime: &Runtime, folder: &Path, services: &Path) {
     }
 }
 
+/// How long a rebuild waits for the host to run the version it installed.
+const TAKE_UP: Duration = Duration::from_secs(10);
+
+/// Whether the host of `data` runs `version` of `service`, waiting up to [`TAKE_UP`] for its hot
+/// reload (asked through its control socket).
+async fn runs(data: &Path, service: &str, version: &str) -> bool {
+    let deadline = Instant::now() + TAKE_UP;
+    while Instant::now() < deadline {
+        if let Ok(Some(answer)) = control::try_remote(data, &control::Request::Services).await
+            && answer["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["name"] == service && s["version"] == version)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// Builds every service under `sources` once, then again whenever its sources change, until
-/// the returned task is aborted.
+/// the returned task is aborted. `data` is the folder of the host that runs them.
 pub fn watch(
     runtime: Runtime,
     sources: PathBuf,
     services: PathBuf,
+    data: PathBuf,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     // The watcher reports absolute paths: the folder is compared with them in that form.
     let sources = sources
@@ -234,7 +276,7 @@ pub fn watch(
         let _watcher = watcher;
         if let Ok(folders) = service_folders(&sources) {
             for folder in folders {
-                rebuild_and_tell(&runtime, &folder, &services).await;
+                rebuild_and_tell(&runtime, &folder, &services, &data).await;
             }
         }
         while let Some(first) = changes.recv().await {
@@ -256,7 +298,7 @@ pub fn watch(
             let mut folders: Vec<PathBuf> = folders.into_iter().collect();
             folders.sort();
             for folder in folders {
-                rebuild_and_tell(&runtime, &folder, &services).await;
+                rebuild_and_tell(&runtime, &folder, &services, &data).await;
             }
         }
     }))
@@ -273,7 +315,10 @@ fn service_of(sources: &Path, path: &Path) -> Option<PathBuf> {
     let output = rest
         .iter()
         .any(|part| BUILD_OUTPUT.contains(&part.as_str()))
-        || rest.last().is_some_and(|file| file.ends_with(".wasm"));
+        // The lockfile is written by the first build itself.
+        || rest
+            .last()
+            .is_some_and(|file| file.ends_with(".wasm") || file == "Cargo.lock");
     (!rest.is_empty() && !output && Toolchain::of(&folder).is_some()).then_some(folder)
 }
 
@@ -299,6 +344,7 @@ mod tests {
         for output in [
             "target/x/y.rlib",
             "tally.wasm",
+            "Cargo.lock",
             "node_modules/a.js",
             ".venv/bin/x",
         ] {

@@ -335,7 +335,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 )
             })?;
             let runtime = Runtime::new(Some(cache_dir(&cli.data)))?;
-            let builder = crate::dev::watch(runtime, sources, cli.services.clone())?;
+            let builder =
+                crate::dev::watch(runtime, sources, cli.services.clone(), cli.data.clone())?;
             let ran = run(&cli.data, &cli.services, &settings).await;
             builder.abort();
             ran
