@@ -7,13 +7,13 @@ mod support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use support::cluster::NatsCluster;
 use support::{
-    Setup, SteadySender, assert_counted_once_in_order, types, wait_until, wait_until_or_explain,
+    Sent, Setup, SteadySender, assert_counted_once_in_order, types, wait_until,
+    wait_until_or_explain,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -24,58 +24,21 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Registrations at a steady pace, each sent again with the same id until it is stored (a
-/// send refused during an election is retried as a user would).
-struct Registrations {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicUsize>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Registrations {
-    fn start(setup: Arc<Setup>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicUsize::new(0));
-        let thread = {
-            let (stop, sent) = (stop.clone(), sent.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let user = sent.load(Ordering::Relaxed);
-                    let data = json!({
-                        "username": format!("user{user}"),
-                        "email": format!("user{user}@example.com"),
-                        "password": "correct horse battery staple",
-                        "firstName": "Ann", "lastName": "Lee",
-                    });
-                    let output = setup.ferry(&[
-                        "send",
-                        &format!("user:command.u{user}"),
-                        "RegisterUser",
-                        &data.to_string(),
-                        "--id",
-                        &format!("reg-{user}"),
-                    ]);
-                    if output.status.success() {
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // Ten a second, well below what the user service hashes: a backlog would
-                    // hide the gap a fault leaves.
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            })
-        };
-        Self { stop, sent, thread }
-    }
-
-    fn sent(&self) -> usize {
-        self.sent.load(Ordering::Relaxed)
-    }
-
-    fn stop(self) -> usize {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("sender");
-        self.sent.load(Ordering::Relaxed)
-    }
+/// Registrations at a steady pace, ten a second: well below what the user service hashes, since
+/// a backlog would hide the gap a fault leaves.
+fn registrations(setup: Arc<Setup>) -> SteadySender {
+    SteadySender::sending(setup, Duration::from_millis(100), |user| Sent {
+        stream: format!("user:command.u{user}"),
+        message_type: "RegisterUser",
+        data: json!({
+            "username": format!("user{user}"),
+            "email": format!("user{user}@example.com"),
+            "password": "correct horse battery staple",
+            "firstName": "Ann", "lastName": "Lee",
+        })
+        .to_string(),
+        id: format!("reg-{user}"),
+    })
 }
 
 /// The messages of a category; an empty list while the cluster cannot answer (a read during an
@@ -120,7 +83,7 @@ fn the_article_goes_on_through_a_leader_kill_a_follower_kill_and_a_paused_leader
         setup.start_in(&data("email"), &["--only", "email"]),
         setup.start_in(&data("user-aggregator"), &["--only", "user-aggregator"]),
     ];
-    let registrations = Registrations::start(setup.clone());
+    let registrations = registrations(setup.clone());
     wait_until(WAIT, "the flow is under way", || registrations.sent() >= 5);
     wait_for_progress(&setup, 0, 3, "users are registered before the faults");
 

@@ -438,34 +438,67 @@ impl Drop for Host {
     }
 }
 
-/// A steady flow of `Increment` commands to the counter, one after another: command `cmd-N` goes
-/// to `counter:command.e{N % entities}` and is sent again with the same id until it is stored.
+/// A steady flow of commands, one after another, each sent again with the same id until it is
+/// stored (a refused send, as during an election, is retried as a user would).
 pub struct SteadySender {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicUsize>,
     thread: JoinHandle<()>,
 }
 
+/// One command to send: stream, type, data (JSON) and id.
+pub struct Sent {
+    pub stream: String,
+    pub message_type: &'static str,
+    pub data: String,
+    pub id: String,
+}
+
 impl SteadySender {
+    /// `Increment` commands to the counter: command `cmd-N` goes to
+    /// `counter:command.e{N % entities}`.
     pub fn start(setup: Arc<Setup>, entities: usize) -> Self {
+        Self::sending(setup, Duration::ZERO, move |n| Sent {
+            stream: format!("counter:command.e{}", n % entities),
+            message_type: "Increment",
+            data: r#"{"by":1}"#.to_owned(),
+            id: format!("cmd-{n}"),
+        })
+    }
+
+    /// Command `command(N)` for N = 0, 1, ... (N the count stored so far), with `pause` after
+    /// each try.
+    pub fn sending(
+        setup: Arc<Setup>,
+        pause: Duration,
+        command: impl Fn(usize) -> Sent + Send + 'static,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicUsize::new(0));
         let thread = {
             let (stop, sent) = (stop.clone(), sent.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let n = sent.load(Ordering::Relaxed);
-                    let id = format!("cmd-{n}");
-                    let stream = format!("counter:command.e{}", n % entities);
-                    let output =
-                        setup.ferry(&["send", &stream, "Increment", r#"{"by":1}"#, "--id", &id]);
+                    let Sent {
+                        stream,
+                        message_type,
+                        data,
+                        id,
+                    } = command(sent.load(Ordering::Relaxed));
+                    let output = setup.ferry(&["send", &stream, message_type, &data, "--id", &id]);
                     if output.status.success() {
                         sent.fetch_add(1, Ordering::Relaxed);
                     }
+                    std::thread::sleep(pause);
                 }
             })
         };
         Self { stop, sent, thread }
+    }
+
+    /// How many commands were stored so far.
+    pub fn sent(&self) -> usize {
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// Stops the flow; how many commands were stored.
