@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tracing::Instrument as _;
 
 pub use self::compare::Difference;
 use self::recording::RecordingStore;
@@ -164,7 +165,11 @@ pub async fn run_files(
     for file in files {
         for scenario in read_file(file)? {
             let started = Instant::now();
+            // Its consumers' log lines say which scenario they ran (in `ferry dev` they share
+            // the host's log).
+            let span = tracing::info_span!("scenario", name = %scenario.name);
             let outcome = run(component_path, component, &scenario)
+                .instrument(span)
                 .await
                 .with_context(|| format!("scenario {:?} of {}", scenario.name, file.display()))?;
             let (differences, written) = outcome;

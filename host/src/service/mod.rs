@@ -32,6 +32,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::mail::Maildir;
 use crate::store::{
@@ -457,13 +458,18 @@ impl Running {
             // The assigner releases this instance's leases only once the consumer has stopped,
             // so nothing is committed under a lease after it is given up.
             let (stopped, stopped_changes) = watch::channel(false);
-            tasks.spawn(async move {
-                let consumer = async move {
-                    consumer.run().await;
-                    let _ = stopped.send(true);
-                };
-                tokio::join!(consumer, assigner.run(stopped_changes));
-            });
+            // In the span of whoever started the service (a `ferry test` scenario names
+            // itself in every line its consumers log).
+            tasks.spawn(
+                async move {
+                    let consumer = async move {
+                        consumer.run().await;
+                        let _ = stopped.send(true);
+                    };
+                    tokio::join!(consumer, assigner.run(stopped_changes));
+                }
+                .in_current_span(),
+            );
         }
         self.services
             .insert(manifest.name.clone(), ServiceRun { shutdown, tasks });
