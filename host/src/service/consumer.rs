@@ -8,7 +8,7 @@
 //! the store; its leases on a shared one, see `group`), each past its own stored position, and a
 //! commit advances the partitions of the messages it settles, each from where it was read.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use super::decide::{
     BatchDecline, BatchItem, Decider, Decision, Decline, Overlay, decide, decide_batch,
+    stored_as_carried,
 };
 use super::group::Owned;
 use super::outcome::{check_outcome, group_appends};
@@ -26,7 +27,7 @@ use crate::seal;
 use crate::store::{
     CategoryFilter, Commit, Committed, ConsumerId, DeferredMessage, GroupSpec, Message,
     MessageStore, ParkedMessage, PartitionFilter, PartitionFrom, PartitionPosition, Settle,
-    StoreError, StreamName, now_ms,
+    StoreError, now_ms,
 };
 use crate::wasm::{GuestError, ServiceComponent};
 
@@ -754,25 +755,6 @@ impl Consumer {
             ..Commit::default()
         })
     }
-}
-
-/// True when a page's commit stored its writes where the next page, decided on top of them,
-/// expected them: each stream's messages at the carried base, none dropped as a duplicate.
-pub(super) fn stored_as_carried(writes: &Overlay, committed: &Committed) -> bool {
-    if !committed.duplicates.is_empty() {
-        return false;
-    }
-    // One pass over what was written: each stream's first position and count.
-    let mut stored: HashMap<&StreamName, (u64, usize)> = HashMap::new();
-    for message in &committed.written {
-        stored
-            .entry(&message.stream)
-            .or_insert((message.position, 0))
-            .1 += 1;
-    }
-    writes.pending.iter().all(|(stream, (base, carried))| {
-        stored.get(stream).copied().unwrap_or((*base, 0)) == (*base, carried.len())
-    })
 }
 
 /// The pause before deciding a message again after its `conflicts`-th conflict in a row: none

@@ -14,7 +14,7 @@ use super::host_imports::StoreHost;
 use super::outcome::{CheckedOutcome, check_outcome};
 use super::projection::{Folded, ProjectionCache, fold, prefetch_entities};
 use crate::mail::Maildir;
-use crate::store::{Message, MessageStore, StoreError, StreamName, now_ms};
+use crate::store::{Committed, Message, MessageStore, StoreError, StreamName, now_ms};
 use crate::wasm::{GuestError, Outcome, ServiceComponent};
 
 /// A handler's decision and the entity version it was made on.
@@ -600,3 +600,22 @@ pub(super) fn merge_pending(
 
 #[cfg(test)]
 mod tests;
+
+/// True when a page's commit stored its writes where the next page, decided on top of them,
+/// expected them: each stream's messages at the carried base, none dropped as a duplicate.
+pub(super) fn stored_as_carried(writes: &Overlay, committed: &Committed) -> bool {
+    if !committed.duplicates.is_empty() {
+        return false;
+    }
+    // One pass over what was written: each stream's first position and count.
+    let mut stored: HashMap<&StreamName, (u64, usize)> = HashMap::new();
+    for message in &committed.written {
+        stored
+            .entry(&message.stream)
+            .or_insert((message.position, 0))
+            .1 += 1;
+    }
+    writes.pending.iter().all(|(stream, (base, carried))| {
+        stored.get(stream).copied().unwrap_or((*base, 0)) == (*base, carried.len())
+    })
+}

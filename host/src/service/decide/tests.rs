@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::*;
-use crate::service::consumer::stored_as_carried;
+use crate::service::decide::stored_as_carried;
 use crate::store::{Commit, Committed, Message, MessageStore, NewMessage, StreamName};
 use crate::wasm::{GuestError, GuestHost, Outcome, ServiceComponent};
 

@@ -797,7 +797,3 @@ pub(super) struct ApiError {
     #[serde(default)]
     pub(super) description: String,
 }
-
-pub(super) fn to_json(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| backend("encode", e))
-}

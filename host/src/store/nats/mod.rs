@@ -218,6 +218,10 @@ fn backend(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("JetStream {what}: {e}"))
 }
 
+fn to_json(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| backend("encode", e))
+}
+
 impl NatsStore {
     /// Changes how many servers keep the namespace of `url` (its `?replicas` is not needed);
     /// returns the count it had. The servers copy it to new replicas in the background.
