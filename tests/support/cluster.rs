@@ -89,19 +89,38 @@ impl NatsCluster {
         })
     }
 
-    /// Waits until the members agree on a JetStream meta leader (a stream can be made then).
+    /// Waits until the members agree on a JetStream meta leader and the leader sees every other
+    /// member current: a leader elected by two of three can still refuse a stream of three
+    /// replicas ("no suitable peers for placement, peer offline") until the third has caught up.
     pub fn wait_for_meta_leader(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let others = self.servers.len() - 1;
+        let everyone_current = |jsz: &Value| {
+            let meta = &jsz["meta_cluster"];
+            let leader = meta["leader"].as_str().unwrap_or_default();
+            let replicas = meta["replicas"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            !leader.is_empty()
+                && replicas.len() >= others
+                && replicas.iter().all(|replica| {
+                    replica["current"].as_bool() == Some(true)
+                        && replica["offline"].as_bool() != Some(true)
+                })
+        };
         loop {
-            let leader = self
-                .monitor("/jsz")
-                .and_then(|jsz| jsz["meta_cluster"]["leader"].as_str().map(str::to_owned));
-            if leader.is_some_and(|l| !l.is_empty()) {
+            let ready = self.monitors.iter().any(|port| {
+                http_get(*port, "/jsz")
+                    .and_then(|body| serde_json::from_str::<Value>(&body).ok())
+                    .is_some_and(|jsz| everyone_current(&jsz))
+            });
+            if ready {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "the cluster elects a meta leader"
+                "the cluster elects a meta leader that sees every member current"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
