@@ -134,29 +134,45 @@ fn new_command(id: String, message_type: &str, data: serde_json::Value) -> NewMe
     }
 }
 
+/// `count` commands, 50 to a commit: `command(n)` is the `n`th command's stream and message.
+fn commands_in_commits(
+    count: usize,
+    command: impl Fn(usize) -> anyhow::Result<(StreamName, NewMessage)>,
+) -> anyhow::Result<Vec<Commit>> {
+    (0..count.div_ceil(50))
+        .map(|chunk| {
+            let appends = (chunk * 50..((chunk + 1) * 50).min(count))
+                .map(|n| {
+                    let (stream, message) = command(n)?;
+                    Ok(StreamAppend {
+                        stream,
+                        expected_version: None,
+                        messages: vec![message],
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?;
+            Ok(Commit {
+                appends,
+                ..Commit::default()
+            })
+        })
+        .collect()
+}
+
 /// Registrations of as many users, 50 to a commit: written one at a time, the commits took
 /// nats-server ~40% of a core for the first two seconds of a run, CPU the instances measured
 /// would otherwise have had (with one instance the other core was idle, so it cost nothing there).
 fn registrations(count: usize) -> anyhow::Result<Flow> {
-    let mut commits = Vec::new();
-    for chunk in 0..count.div_ceil(50) {
-        let mut appends = Vec::new();
-        for n in chunk * 50..((chunk + 1) * 50).min(count) {
-            let data = serde_json::json!({
-                "username": format!("user{n}"), "email": format!("user{n}@example.com"),
-                "password": "correct horse battery staple", "firstName": "Ann", "lastName": "Lee",
-            });
-            appends.push(StreamAppend {
-                stream: StreamName::parse(&format!("user:command.u{n}"))?,
-                expected_version: None,
-                messages: vec![new_command(format!("register-{n}"), "RegisterUser", data)],
-            });
-        }
-        commits.push(Commit {
-            appends,
-            ..Commit::default()
+    let commits = commands_in_commits(count, |n| {
+        let data = serde_json::json!({
+            "username": format!("user{n}"), "email": format!("user{n}@example.com"),
+            "password": "correct horse battery staple", "firstName": "Ann", "lastName": "Lee",
         });
-    }
+        Ok((
+            StreamName::parse(&format!("user:command.u{n}"))?,
+            new_command(format!("register-{n}"), "RegisterUser", data),
+        ))
+    })?;
     let done = (0..count)
         .map(|n| Ok((StreamName::parse(&format!("user.u{n}"))?, 1)))
         .collect::<anyhow::Result<_>>()?;
@@ -170,25 +186,16 @@ fn registrations(count: usize) -> anyhow::Result<Flow> {
 
 /// Increments over 64 counters, 50 to a commit.
 fn increments(count: usize) -> anyhow::Result<Flow> {
-    let mut commits = Vec::new();
-    for chunk in 0..count.div_ceil(50) {
-        let mut appends = Vec::new();
-        for n in chunk * 50..((chunk + 1) * 50).min(count) {
-            appends.push(StreamAppend {
-                stream: StreamName::parse(&format!("counter:command.c{}", n % 64))?,
-                expected_version: None,
-                messages: vec![new_command(
-                    format!("inc-{n}"),
-                    "Increment",
-                    serde_json::json!({"by": 1}),
-                )],
-            });
-        }
-        commits.push(Commit {
-            appends,
-            ..Commit::default()
-        });
-    }
+    let commits = commands_in_commits(count, |n| {
+        Ok((
+            StreamName::parse(&format!("counter:command.c{}", n % 64))?,
+            new_command(
+                format!("inc-{n}"),
+                "Increment",
+                serde_json::json!({"by": 1}),
+            ),
+        ))
+    })?;
     let done = (0..64.min(count))
         .map(|c| {
             let increments = (0..count).filter(|n| n % 64 == c).count() as u64;

@@ -23,7 +23,7 @@ pub fn member_name(index: usize) -> String {
 }
 
 impl NatsCluster {
-    /// Starts `size` clustered servers and waits until JetStream has a meta leader.
+    /// Starts `size` clustered servers and waits until JetStream's meta leader sees every member.
     pub fn start(size: usize) -> Self {
         // A free port found by binding it may be taken by a parallel test before its server
         // binds it: start again on other ports.
@@ -31,7 +31,7 @@ impl NatsCluster {
         loop {
             match Self::try_start(size) {
                 Ok(cluster) => {
-                    cluster.wait_for_meta_leader();
+                    cluster.wait_until_formed();
                     return cluster;
                 }
                 Err(e) if tries < 5 => {
@@ -92,7 +92,7 @@ impl NatsCluster {
     /// Waits until the members agree on a JetStream meta leader and the leader sees every other
     /// member current: a leader elected by two of three can still refuse a stream of three
     /// replicas ("no suitable peers for placement, peer offline") until the third has caught up.
-    pub fn wait_for_meta_leader(&self) {
+    pub fn wait_until_formed(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let others = self.servers.len() - 1;
         let everyone_current = |jsz: &Value| {
