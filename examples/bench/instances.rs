@@ -3,6 +3,10 @@
 //! rounds) and so is CPU-bound; the counter's increments, which cost next to nothing in the guest,
 //! so the namespace's one stream is the limit; and the time from `SIGKILL` of one instance to its
 //! partitions being owned again.
+//!
+//! Each instance decides on one thread (`--decide-lanes 1`), one core's worth: with a lane per
+//! core, one instance already uses both cores of a 2-core machine, and a second could only add
+//! what a second machine would. A last row shows one instance with its default lanes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,6 +47,7 @@ impl Instance {
         services: &Path,
         store: &str,
         service: &str,
+        lanes: Option<usize>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data)?;
         let child = Command::new(binary)
@@ -51,6 +56,7 @@ impl Instance {
             .arg("--services")
             .arg(services)
             .args(["--store", store, "run", "--only", service])
+            .args(lanes.map(|lanes| format!("--decide-lanes={lanes}")))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -210,26 +216,29 @@ fn increments(count: usize) -> anyhow::Result<Flow> {
     })
 }
 
-/// Commands handled per second by `count` instances, from the first write to no lag; and with
-/// two or more, how long a killed instance's partitions took to be owned again.
+/// Commands handled per second by `count` instances (deciding on `lanes` threads each, or their
+/// default), from the first write to no lag; and with two or more, how long a killed instance's
+/// partitions took to be owned again.
 async fn run(
     url: &str,
     work: &Path,
-    count: usize,
+    (count, lanes): (usize, Option<usize>),
     flow: Flow,
 ) -> anyhow::Result<(f64, Option<Duration>)> {
     let binary = ferry_binary()?;
     let services = work.join("services");
-    let store_url = format!("{url}/{}{count}", flow.service);
+    let lanes_name = lanes.map_or("default".into(), |lanes| lanes.to_string());
+    let store_url = format!("{url}/{}{count}-{lanes_name}", flow.service);
     let store = NatsStore::connect(&store_url).await?;
     let instances = (0..count)
         .map(|i| {
             Instance::start(
                 &binary,
-                &work.join(format!("data-{}-{count}-{i}", flow.service)),
+                &work.join(format!("data-{}-{count}-{lanes_name}-{i}", flow.service)),
                 &services,
                 &store_url,
                 flow.service,
+                lanes,
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -291,23 +300,29 @@ pub async fn rows(
         ("user registrations/s (CPU-bound: PBKDF2)", 0),
         ("counter increments/s (the stream is the limit)", 1),
     ] {
+        let new_flow = || match flow {
+            0 => registrations(users),
+            _ => increments(increments_count),
+        };
         let mut rates = Vec::new();
         for count in 1..=3 {
-            let flow = match flow {
-                0 => registrations(users)?,
-                _ => increments(increments_count)?,
-            };
-            let (rate, takeover) = run(url, work.path(), count, flow).await?;
+            let (rate, takeover) = run(url, work.path(), (count, Some(1)), new_flow()?).await?;
             rates.push(rate);
             takeovers.extend(takeover);
         }
         for (count, rate) in (1..).zip(&rates) {
             table.row(
-                &format!("6. {what} on JetStream, {count} instance(s) (processes)"),
+                &format!("6. {what} on JetStream, {count} instance(s) (processes, 1 lane each)"),
                 format!("{rate:.0}"),
                 format!("{:.2}x one instance", rate / rates[0]),
             );
         }
+        let (rate, _) = run(url, work.path(), (1, None), new_flow()?).await?;
+        table.row(
+            &format!("6. {what} on JetStream, 1 instance, a lane per core"),
+            format!("{rate:.0}"),
+            format!("{:.2}x one instance on 1 lane", rate / rates[0]),
+        );
     }
     let slowest = takeovers.iter().max().copied().unwrap_or_default();
     table.row(

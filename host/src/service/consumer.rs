@@ -20,6 +20,7 @@ use super::decide::{
 };
 use super::group::Owned;
 use super::outcome::{check_outcome, group_appends};
+use super::pace::Pace;
 use super::projection::ProjectionCache;
 use super::{RunnerConfig, record};
 use crate::mail::Maildir;
@@ -41,8 +42,6 @@ const RECHECK_IDLE: Duration = Duration::from_secs(2);
 const CONFLICT_PATIENCE: Duration = Duration::from_secs(30);
 /// The longest pause between two decisions of one message that conflicted.
 const CONFLICT_PAUSE_MAX: Duration = Duration::from_secs(1);
-/// The fewest messages of a page worth a decide lane of their own.
-const MESSAGES_PER_LANE: usize = 8;
 /// How far (in global positions) an owned partition with nothing to handle may fall behind what
 /// was scanned before it is advanced on its own: on a shared store each partition is a record
 /// of its own, and a restart rescans at most this much.
@@ -76,9 +75,8 @@ pub(super) struct Consumer {
     pub(super) projections: Arc<ProjectionCache>,
     pub(super) store: Arc<dyn MessageStore>,
     pub(super) config: RunnerConfig,
-    /// Threads a page's entities are decided on; drops to 1 when this service's handlers are
-    /// seen to read or write across entities.
-    pub(super) lanes: usize,
+    /// How big a page is and over how many threads its entities are decided.
+    pub(super) pace: Pace,
     pub(super) shutdown: watch::Receiver<bool>,
 }
 
@@ -110,6 +108,9 @@ struct DecidedPage {
     /// What it writes, for the next page to be decided on top of.
     writes: Arc<Overlay>,
     lanes_met: bool,
+    /// The lanes it was decided on (the last try), and how long deciding took.
+    lanes: usize,
+    decided_in: Duration,
     started: std::time::Instant,
 }
 
@@ -409,8 +410,10 @@ impl Consumer {
                 Some(NextPage::Decided(page)) => {
                     if page.lanes_met {
                         tracing::debug!(consumer = %self.id, "handlers read or wrote across entities: deciding pages on one thread");
-                        self.lanes = 1;
+                        self.pace.one_lane();
                     }
+                    self.pace
+                        .decided(page.messages.len(), page.lanes, page.decided_in);
                     in_flight = Some(page);
                 }
             }
@@ -446,7 +449,7 @@ impl Consumer {
                 &self.id.category,
                 from,
                 &self.filter(from),
-                self.store.batch_size(),
+                self.pace.page_limit(),
             )
             .await?;
         let Some(last) = page.messages.last().map(|m| m.global_position) else {
@@ -470,9 +473,7 @@ impl Consumer {
             mail: self.mail.clone(),
             reuse_instances: self.config.reuse_instances,
         };
-        // A lane costs a thread hand-off and reads of its own: a small page (a consumer keeping
-        // up with a steady load) is decided faster on fewer lanes.
-        let lanes = self.lanes.min(messages.len() / MESSAGES_PER_LANE).max(1);
+        let lanes = self.pace.lanes_for(messages.len());
         let decision = match decide_batch(decider, messages.clone(), carry, lanes).await {
             Ok(decision) => decision,
             Err(BatchDecline::OneByOne) => return Ok(NextPage::OneByOne(messages)),
@@ -521,6 +522,8 @@ impl Consumer {
             parked,
             writes: Arc::new(decision.writes),
             lanes_met: decision.lanes_met,
+            lanes: if decision.lanes_met { 1 } else { lanes },
+            decided_in: started.elapsed(),
             started,
         })))
     }

@@ -160,8 +160,8 @@ pub(super) enum BatchDecline {
 ///
 /// The page's entities are spread over `lanes` blocking threads, each deciding its messages in
 /// page order. That is only the same as deciding the whole page in order when the lanes did not
-/// meet: no handler read through the host (a view, another stream) and no stream or view row was
-/// touched by two lanes. When they met, the lanes' work is dropped and the page is decided again
+/// meet: no stream was projected or written by two lanes, no view row written by two, and no
+/// handler read through the host (a view row, another stream) what another lane wrote. When they met, the lanes' work is dropped and the page is decided again
 /// on one thread (and `lanes_met` tells the consumer to stop trying). A service with the mail
 /// capability always uses one thread, so no email is sent by work that is dropped.
 pub(super) async fn decide_batch(
@@ -242,21 +242,44 @@ struct LaneDecision {
     streams: HashSet<StreamName>,
     /// View rows written.
     views: HashSet<(String, String)>,
-    /// Reads handlers made through the host.
-    host_reads: usize,
+    /// What handlers read through the host.
+    host_reads: HostReads,
 }
 
-/// True when no two lanes could have seen each other's decisions.
+/// True when no two lanes could have seen each other's decisions: each stream projected or
+/// written in one lane only, each view row written in one only, and nothing a handler read
+/// through the host written by another lane. (Reading what no lane writes is the same on any
+/// thread: a username claim read and written by its own registration keeps lanes apart.)
 fn lanes_apart(lanes: &[LaneDecision]) -> bool {
-    if lanes.iter().any(|lane| lane.host_reads > 0) {
-        return false;
-    }
     let mut streams = HashSet::new();
     let mut views = HashSet::new();
-    lanes.iter().all(|lane| {
+    let touched_once = lanes.iter().all(|lane| {
         lane.streams.iter().all(|stream| streams.insert(stream))
             && lane.views.iter().all(|row| views.insert(row))
-    })
+    });
+    touched_once
+        && lanes.iter().enumerate().all(|(i, lane)| {
+            lanes
+                .iter()
+                .enumerate()
+                .all(|(j, other)| i == j || !lane.read_what_was_written_by(other))
+        })
+}
+
+impl LaneDecision {
+    /// True when a handler of this lane read through the host a stream or view row that `other`
+    /// wrote: on one thread it might have seen that write.
+    fn read_what_was_written_by(&self, other: &LaneDecision) -> bool {
+        self.host_reads
+            .streams
+            .iter()
+            .any(|stream| other.decision.writes.pending.contains_key(stream))
+            || self
+                .host_reads
+                .views
+                .iter()
+                .any(|row| other.views.contains(row))
+    }
 }
 
 fn merge_lanes(lanes: Vec<LaneDecision>) -> BatchDecision {
@@ -524,7 +547,7 @@ fn decide_lane<'a>(
     let mut streams: HashSet<StreamName> = states.into_keys().collect();
     streams.extend(decision.writes.pending.keys().cloned());
     Ok(LaneDecision {
-        host_reads: overlay.host_reads,
+        host_reads: overlay.host_reads.clone(),
         decision,
         streams,
         views: own_views,
@@ -540,11 +563,18 @@ pub(super) struct Overlay {
     /// stored version when the batch first wrote to it, or where the page in flight's go.
     pub(super) pending: HashMap<StreamName, (u64, Vec<Message>)>,
     pub(super) views: HashMap<(String, String), Option<Value>>,
-    /// Reads handlers made through the host (streams, views), which may see other entities.
-    pub(super) host_reads: usize,
+    /// What handlers read through the host, which may be other entities' streams and rows.
+    pub(super) host_reads: HostReads,
     /// Streams read through the host to their end with nothing pending, at the version first
     /// seen: what a write to them expects.
     pub(super) read_versions: HashMap<StreamName, u64>,
+}
+
+/// Streams and view rows handlers read through the host (`read-stream`, `view-get`).
+#[derive(Debug, Default, Clone)]
+pub(super) struct HostReads {
+    pub(super) streams: HashSet<StreamName>,
+    pub(super) views: HashSet<(String, String)>,
 }
 
 pub(super) type SharedOverlay = Arc<std::sync::Mutex<Overlay>>;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio::runtime::Handle;
 
-use super::decide::{SharedOverlay, read_merged};
+use super::decide::{HostReads, SharedOverlay, read_merged};
 use super::outcome::derived_id;
 use crate::mail::Maildir;
 use crate::store::{Message, MessageStore, StreamName, validate_table_name};
@@ -25,19 +25,22 @@ pub(super) struct StoreHost {
 }
 
 impl StoreHost {
-    fn count_read(&self) {
+    /// Records what a handler read, for lanes to tell whether it saw another lane's writes.
+    fn record_read(&self, read: impl FnOnce(&mut HostReads)) {
         if let Some(overlay) = &self.overlay
             && let Ok(mut overlay) = overlay.lock()
         {
-            overlay.host_reads += 1;
+            read(&mut overlay.host_reads);
         }
     }
 }
 
 impl GuestHost for StoreHost {
     fn read_stream(&mut self, stream: &str, from_position: u64) -> Result<Vec<Message>, String> {
-        self.count_read();
         let stream = StreamName::parse(stream).map_err(|e| e.to_string())?;
+        self.record_read(|reads| {
+            reads.streams.insert(stream.clone());
+        });
         read_merged(
             &self.runtime,
             Some(self.store.as_ref()),
@@ -50,8 +53,10 @@ impl GuestHost for StoreHost {
     }
 
     fn view_get(&mut self, table: &str, key: &str) -> Result<Option<String>, String> {
-        self.count_read();
         validate_table_name(table).map_err(|e| e.to_string())?;
+        self.record_read(|reads| {
+            reads.views.insert((table.to_owned(), key.to_owned()));
+        });
         if let Some(overlay) = &self.overlay
             && let Ok(overlay) = overlay.lock()
             && let Some(row) = overlay.views.get(&(table.to_owned(), key.to_owned()))

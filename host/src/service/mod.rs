@@ -12,7 +12,8 @@
 //!
 //! The runner's parts, one file each: this one holds the running set (`Running`, `ServiceTable`),
 //! loading and admitting services, their configuration and metrics; `consumer` the consumer loop;
-//! `decide` deciding a message or a page (lanes, overlay); `outcome` checking an outcome;
+//! `decide` deciding a message or a page (lanes, overlay); `pace` how big a page is and over how
+//! many lanes it is decided, from how long handlers take; `outcome` checking an outcome;
 //! `projection` folding streams and the projection cache; `host_imports` what the guest's host
 //! calls reach; `group` sharing a consumer's partitions with other instances (membership and
 //! leases on a shared store).
@@ -22,6 +23,7 @@ mod decide;
 mod group;
 mod host_imports;
 mod outcome;
+mod pace;
 mod projection;
 
 use std::collections::HashMap;
@@ -42,6 +44,7 @@ use crate::store::{
 use crate::wasm::ServiceComponent;
 use consumer::Consumer;
 use group::{Assigner, Owned};
+use pace::Pace;
 
 pub use decide::entity_of;
 pub use outcome::derived_id;
@@ -452,7 +455,7 @@ impl Running {
                 projections: projections.clone(),
                 store: self.store.clone(),
                 config: self.config,
-                lanes: self.config.decide_lanes.max(1),
+                pace: Pace::new(self.store.batch_size(), self.config.decide_lanes),
                 shutdown: shutdown.subscribe(),
             };
             // The assigner releases this instance's leases only once the consumer has stopped,

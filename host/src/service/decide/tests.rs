@@ -1,6 +1,7 @@
 //! Unit tests of deciding a page: the split by entity, lanes meeting, and a page decided on top
 //! of what the page in flight writes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -24,18 +25,42 @@ fn command(entity: &str, n: u64) -> Message {
     }
 }
 
-fn lane(streams: &[&str], views: &[&str], host_reads: usize) -> LaneDecision {
+fn streams(names: &[&str]) -> Vec<StreamName> {
+    names
+        .iter()
+        .map(|s| StreamName::parse(s).expect("stream"))
+        .collect()
+}
+
+fn totals_rows(keys: &[&str]) -> HashSet<(String, String)> {
+    keys.iter()
+        .map(|key| ("totals".to_owned(), (*key).to_owned()))
+        .collect()
+}
+
+/// A lane that projected `projected`, wrote to the streams `wrote` and the `totals` rows `rows`,
+/// and read through the host the streams `read` and the `totals` rows `read_rows`.
+fn lane(
+    projected: &[&str],
+    wrote: &[&str],
+    rows: &[&str],
+    (read, read_rows): (&[&str], &[&str]),
+) -> LaneDecision {
+    let mut decision = BatchDecision::default();
+    for stream in streams(wrote) {
+        decision.writes.pending.insert(stream, (0, Vec::new()));
+    }
     LaneDecision {
-        decision: BatchDecision::default(),
-        streams: streams
-            .iter()
-            .map(|s| StreamName::parse(s).expect("stream"))
+        streams: streams(projected)
+            .into_iter()
+            .chain(streams(wrote))
             .collect(),
-        views: views
-            .iter()
-            .map(|key| ("totals".to_owned(), (*key).to_owned()))
-            .collect(),
-        host_reads,
+        views: totals_rows(rows),
+        host_reads: HostReads {
+            streams: streams(read).into_iter().collect(),
+            views: totals_rows(read_rows),
+        },
+        decision,
     }
 }
 
@@ -74,25 +99,58 @@ fn one_entity_or_one_lane_is_not_split() {
     assert!(split_by_entity("counter", &page, 1).is_empty());
 }
 
+const NO_READS: (&[&str], &[&str]) = (&[], &[]);
+
 #[test]
-fn lanes_meet_on_host_reads_shared_streams_or_shared_view_rows() {
+fn lanes_meet_on_shared_streams_or_shared_view_rows() {
     let apart = [
-        lane(&["counter.a"], &["a"], 0),
-        lane(&["counter.b"], &["b"], 0),
+        lane(&["counter.a"], &[], &["a"], NO_READS),
+        lane(&["counter.b"], &[], &["b"], NO_READS),
     ];
     assert!(lanes_apart(&apart));
-    let read = [lane(&["counter.a"], &[], 1), lane(&["counter.b"], &[], 0)];
-    assert!(!lanes_apart(&read), "a handler read through the host");
     let stream = [
-        lane(&["counter.a", "counter.shared"], &[], 0),
-        lane(&["counter.b", "counter.shared"], &[], 0),
+        lane(&["counter.a", "counter.shared"], &[], &[], NO_READS),
+        lane(&["counter.b", "counter.shared"], &[], &[], NO_READS),
     ];
     assert!(!lanes_apart(&stream), "two lanes touched one stream");
     let view = [
-        lane(&["counter.a"], &["x"], 0),
-        lane(&["counter.b"], &["x"], 0),
+        lane(&["counter.a"], &[], &["x"], NO_READS),
+        lane(&["counter.b"], &[], &["x"], NO_READS),
     ];
     assert!(!lanes_apart(&view), "two lanes wrote one view row");
+}
+
+#[test]
+fn lanes_meet_only_when_a_host_read_saw_another_lanes_write() {
+    // Each registration reads and writes its own claim, and peeks at rows nobody writes.
+    let own_claims = [
+        lane(
+            &["user.a"],
+            &["claim.a"],
+            &[],
+            (&["claim.a", "other.z"], &["z"]),
+        ),
+        lane(
+            &["user.b"],
+            &["claim.b"],
+            &[],
+            (&["claim.b", "other.z"], &["z"]),
+        ),
+    ];
+    assert!(
+        lanes_apart(&own_claims),
+        "reads of what no other lane wrote"
+    );
+    let same_claim = [
+        lane(&["user.a"], &["claim.x"], &[], (&["claim.x"], &[])),
+        lane(&["user.b"], &[], &[], (&["claim.x"], &[])),
+    ];
+    assert!(!lanes_apart(&same_claim), "a read of another lane's stream");
+    let row = [
+        lane(&["counter.a"], &[], &["x"], NO_READS),
+        lane(&["counter.b"], &[], &[], (&[], &["x"])),
+    ];
+    assert!(!lanes_apart(&row), "a read of another lane's view row");
 }
 
 /// A counter whose commands may also peek at the `totals` view through the host.
@@ -132,11 +190,17 @@ impl crate::wasm::NativeService for PeekingCounter {
         state: Option<&str>,
     ) -> Result<Outcome, GuestError> {
         let entity = command.stream.id();
-        let seen = match command.data["peek"].as_bool() {
-            Some(true) => host
-                .view_get("totals", entity)
-                .map_err(GuestError::Transient)?,
+        // `peek: true` reads the entity's own row, `peek: "b"` another entity's.
+        let peeked = match &command.data["peek"] {
+            Value::Bool(true) => Some(entity),
+            Value::String(other) => Some(other.as_str()),
             _ => None,
+        };
+        let seen = match peeked {
+            Some(key) => host
+                .view_get("totals", key)
+                .map_err(GuestError::Transient)?,
+            None => None,
         };
         let by = command.data["by"].as_i64().unwrap_or(1);
         let total = total_of(state) + by;
@@ -311,4 +375,28 @@ async fn decides_a_page_on_top_of_what_the_page_in_flight_writes() {
         .collect();
     totals.sort();
     assert_eq!(totals, [4, 5], "a on top of the carry, b alone");
+
+    // A peek at a row only its own lane writes keeps the lanes apart; a peek at the row the
+    // other lane writes makes them meet, and the page is decided again on one thread.
+    let own_row = vec![
+        increment("a", 10, serde_json::json!({ "by": 1, "peek": true })),
+        increment("b", 11, serde_json::json!({ "by": 5 })),
+    ];
+    let Ok(decision) = decide(own_row, 2).await else {
+        panic!("the page was declined");
+    };
+    assert!(!decision.lanes_met, "a's read saw nothing b's lane wrote");
+    let other_row = vec![
+        increment("b", 10, serde_json::json!({ "by": 5 })),
+        increment("a", 11, serde_json::json!({ "by": 1, "peek": "b" })),
+    ];
+    let Ok(decision) = decide(other_row, 2).await else {
+        panic!("the page was declined");
+    };
+    assert!(decision.lanes_met, "a read the row b's lane wrote");
+    assert_eq!(
+        outcome_data(&decision)[1]["seen"],
+        serde_json::json!(r#"{"total":5}"#),
+        "decided in page order, a saw b's row"
+    );
 }

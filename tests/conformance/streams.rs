@@ -1,0 +1,416 @@
+//! Streams: appends with positions and expected versions, ids stored once, atomic commits over
+//! several streams, and one global order under concurrent and racing commits.
+
+use super::*;
+
+pub async fn appends_and_reads_a_stream_with_positions(store: Store) {
+    append(
+        &store,
+        "account.123",
+        vec![msg("a", "Deposited", json!({"amount": 50}))],
+    )
+    .await;
+    append(
+        &store,
+        "account.9",
+        vec![msg("b", "Deposited", json!({"amount": 10}))],
+    )
+    .await;
+    append(
+        &store,
+        "account.123",
+        vec![msg("c", "Deposited", json!({"amount": 200}))],
+    )
+    .await;
+    let read = store
+        .read_stream(&stream("account.123"), 0, 100)
+        .await
+        .expect("read");
+    let ids: Vec<_> = read.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["a", "c"]);
+    assert_eq!(read[0].position, 0);
+    assert_eq!(read[1].position, 1);
+    assert!(read[0].global_position >= 1);
+    assert!(read[1].global_position > read[0].global_position);
+    assert_eq!(read[1].data["amount"], 200);
+    assert_eq!(
+        store
+            .stream_version(&stream("account.123"))
+            .await
+            .expect("version"),
+        2
+    );
+    assert_eq!(
+        store
+            .stream_version(&stream("account.404"))
+            .await
+            .expect("version"),
+        0
+    );
+    let from_one = store
+        .read_stream(&stream("account.123"), 1, 100)
+        .await
+        .expect("read");
+    assert_eq!(from_one.len(), 1);
+    assert_eq!(from_one[0].id, "c");
+    assert_eq!(store.head().await.expect("head"), read[1].global_position);
+}
+
+pub async fn reads_a_stream_from_every_position(store: Store) {
+    append(
+        &store,
+        "tail.1",
+        vec![
+            msg("t0", "A", json!({})),
+            msg("t1", "A", json!({})),
+            msg("t2", "A", json!({})),
+        ],
+    )
+    .await;
+    append(&store, "other.1", vec![msg("o0", "A", json!({}))]).await;
+    append(&store, "tail.1", vec![msg("t3", "A", json!({}))]).await;
+    // Two appends to the stream in one commit.
+    store
+        .commit(Commit {
+            appends: vec![
+                StreamAppend {
+                    stream: stream("tail.1"),
+                    expected_version: Some(4),
+                    messages: vec![msg("t4", "A", json!({}))],
+                },
+                StreamAppend {
+                    stream: stream("other.1"),
+                    expected_version: None,
+                    messages: vec![msg("o1", "A", json!({}))],
+                },
+                StreamAppend {
+                    stream: stream("tail.1"),
+                    expected_version: Some(5),
+                    messages: vec![msg("t5", "A", json!({})), msg("t6", "A", json!({}))],
+                },
+            ],
+            ..Commit::default()
+        })
+        .await
+        .expect("commit");
+    let all = ["t0", "t1", "t2", "t3", "t4", "t5", "t6"];
+    for from in 0..=8u64 {
+        let read = store
+            .read_stream(&stream("tail.1"), from, 100)
+            .await
+            .expect("read");
+        let ids: Vec<_> = read.iter().map(|m| m.id.as_str()).collect();
+        let expected: Vec<_> = all.iter().skip(from as usize).copied().collect();
+        assert_eq!(ids, expected, "from {from}");
+        let positions: Vec<_> = read.iter().map(|m| m.position).collect();
+        assert_eq!(positions, (from..7).collect::<Vec<_>>());
+    }
+    let limited = store
+        .read_stream(&stream("tail.1"), 5, 1)
+        .await
+        .expect("read");
+    assert_eq!(limited.len(), 1);
+    assert_eq!(limited[0].id, "t5");
+}
+
+pub async fn appends_to_several_streams_atomically(store: Store) {
+    append(
+        &store,
+        "order.1",
+        vec![msg("existing", "Placed", json!({}))],
+    )
+    .await;
+    let commit = Commit {
+        appends: vec![
+            StreamAppend {
+                stream: stream("order.2"),
+                expected_version: Some(0),
+                messages: vec![msg("x1", "Placed", json!({}))],
+            },
+            StreamAppend {
+                stream: stream("order.1"),
+                // Wrong on purpose: the stream holds one message.
+                expected_version: Some(0),
+                messages: vec![msg("x2", "Shipped", json!({}))],
+            },
+        ],
+        ..Commit::default()
+    };
+    let error = store
+        .commit(commit)
+        .await
+        .expect_err("the second append conflicts");
+    assert!(
+        matches!(
+            error,
+            StoreError::Conflict {
+                expected: 0,
+                actual: 1,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    // Nothing of the failed commit was written, not even the part that was fine.
+    assert!(
+        store
+            .read_stream(&stream("order.2"), 0, 10)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    assert!(store.message("x1").await.expect("lookup").is_none());
+
+    let commit = Commit {
+        appends: vec![
+            StreamAppend {
+                stream: stream("order.2"),
+                expected_version: Some(0),
+                messages: vec![msg("y1", "Placed", json!({}))],
+            },
+            StreamAppend {
+                stream: stream("order:command.1"),
+                expected_version: None,
+                messages: vec![msg("y2", "Ship", json!({})), msg("y3", "Bill", json!({}))],
+            },
+        ],
+        ..Commit::default()
+    };
+    let committed = store.commit(commit).await.expect("commit");
+    assert_eq!(committed.written.len(), 3);
+    assert_eq!(
+        store.stream_version(&stream("order.2")).await.expect("v"),
+        1
+    );
+    assert_eq!(
+        store
+            .stream_version(&stream("order:command.1"))
+            .await
+            .expect("v"),
+        2
+    );
+}
+
+pub async fn refuses_a_stale_expected_version(store: Store) {
+    let s = stream("account.7");
+    store
+        .commit(Commit::append(
+            s.clone(),
+            Some(0),
+            vec![msg("1", "Opened", json!({}))],
+        ))
+        .await
+        .expect("first write on an empty stream");
+    let error = store
+        .commit(Commit::append(
+            s.clone(),
+            Some(0),
+            vec![msg("2", "Opened", json!({}))],
+        ))
+        .await
+        .expect_err("stale");
+    assert!(matches!(error, StoreError::Conflict { .. }));
+    store
+        .commit(Commit::append(
+            s.clone(),
+            Some(1),
+            vec![msg("3", "Closed", json!({}))],
+        ))
+        .await
+        .expect("current version");
+    assert_eq!(store.stream_version(&s).await.expect("v"), 2);
+}
+
+pub async fn skips_a_message_whose_id_is_stored(store: Store) {
+    append(
+        &store,
+        "email.1",
+        vec![msg("same", "EmailSent", json!({"n": 1}))],
+    )
+    .await;
+    let committed = store
+        .commit(Commit::append(
+            stream("email.1"),
+            None,
+            vec![
+                msg("same", "EmailSent", json!({"n": 2})),
+                msg("other", "EmailOpened", json!({})),
+            ],
+        ))
+        .await
+        .expect("commit");
+    assert_eq!(committed.duplicates, ["same"]);
+    assert_eq!(committed.written.len(), 1);
+    let read = store
+        .read_stream(&stream("email.1"), 0, 10)
+        .await
+        .expect("read");
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[0].data["n"], 1, "the first write wins");
+    // A retried append whose messages are all stored is a no-op, even with a now stale version.
+    let committed = store
+        .commit(Commit::append(
+            stream("email.1"),
+            Some(0),
+            vec![msg("same", "EmailSent", json!({}))],
+        ))
+        .await
+        .expect("duplicate only");
+    assert!(committed.written.is_empty());
+    assert_eq!(
+        store.stream_version(&stream("email.1")).await.expect("v"),
+        2
+    );
+}
+
+pub async fn refuses_a_commit_with_a_stored_id_when_asked(store: Store) {
+    append(
+        &store,
+        "email.1",
+        vec![msg("same", "EmailSent", json!({"n": 1}))],
+    )
+    .await;
+    let refusing = |messages| Commit {
+        refuse_duplicates: true,
+        ..Commit::append(stream("email.1"), None, messages)
+    };
+    let error = store
+        .commit(refusing(vec![
+            msg("other", "EmailOpened", json!({})),
+            msg("same", "EmailSent", json!({"n": 2})),
+        ]))
+        .await
+        .expect_err("a stored id");
+    assert!(
+        matches!(&error, StoreError::Duplicate { id } if id == "same"),
+        "{error}"
+    );
+    let error = store
+        .commit(refusing(vec![
+            msg("twice", "EmailOpened", json!({})),
+            msg("twice", "EmailOpened", json!({})),
+        ]))
+        .await
+        .expect_err("an id twice in the commit");
+    assert!(
+        matches!(&error, StoreError::Duplicate { id } if id == "twice"),
+        "{error}"
+    );
+    assert!(store.message("other").await.expect("lookup").is_none());
+    assert!(store.message("twice").await.expect("lookup").is_none());
+    assert_eq!(
+        store.stream_version(&stream("email.1")).await.expect("v"),
+        1,
+        "nothing of the refused commits was written"
+    );
+}
+
+pub async fn refuses_data_that_is_not_an_object(store: Store) {
+    let error = store
+        .commit(Commit::append(
+            stream("email.1"),
+            None,
+            vec![msg("n", "X", json!([1, 2]))],
+        ))
+        .await
+        .expect_err("array data");
+    assert!(matches!(error, StoreError::InvalidMessage { .. }));
+    assert_eq!(store.head().await.expect("head"), 0);
+}
+
+/// Concurrent commits (which sled shares flushes between, and JetStream races on) all land,
+/// each once, in one global order that `head` ends.
+pub async fn orders_concurrent_appends_globally(store: Store) {
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .commit(Commit::append(
+                    stream(&format!("load.{}", i % 10)),
+                    None,
+                    vec![msg(&format!("m{i}"), "X", json!({}))],
+                ))
+                .await
+        }));
+    }
+    for task in tasks {
+        task.await.expect("join").expect("commit");
+    }
+    let page = store
+        .read_category(&category("load"), 0, &CategoryFilter::default(), 1000)
+        .await
+        .expect("read");
+    assert_eq!(page.messages.len(), 200);
+    let globals: Vec<_> = page.messages.iter().map(|m| m.global_position).collect();
+    assert!(
+        globals.windows(2).all(|w| w[0] < w[1]),
+        "strictly increasing global positions"
+    );
+    assert_eq!(store.head().await.expect("head"), globals[199]);
+    for i in 0..10 {
+        let read = store
+            .read_stream(&stream(&format!("load.{i}")), 0, 100)
+            .await
+            .expect("read");
+        let positions: Vec<_> = read.iter().map(|m| m.position).collect();
+        assert_eq!(
+            positions,
+            (0..20).collect::<Vec<_>>(),
+            "dense stream positions"
+        );
+    }
+}
+
+/// Commits that race (sent at once, so a backend may take them together) still see each other:
+/// one wins an expected version, one writes a message id, one moves a consumer from a position.
+pub async fn lets_one_of_racing_commits_win(store: Store) {
+    append(&store, "race.1", vec![msg("first", "X", json!({}))]).await;
+    let consumer = ConsumerId::new(category("race"), "c");
+    join(&store, &consumer).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = store.clone();
+        let consumer = consumer.clone();
+        tasks.push(tokio::spawn(async move {
+            let versioned = store.commit(Commit::append(
+                stream("race.1"),
+                Some(1),
+                vec![msg(&format!("v{i}"), "X", json!({}))],
+            ));
+            let same_id = store.commit(Commit::append(
+                stream(&format!("race.other{i}")),
+                None,
+                vec![msg("shared", "X", json!({}))],
+            ));
+            let settle = store.commit(Commit {
+                settle: Some(advance(&consumer, 0, i + 1)),
+                ..Commit::default()
+            });
+            let (versioned, same_id, settle) = tokio::join!(versioned, same_id, settle);
+            (
+                versioned.is_ok(),
+                same_id.map(|c| c.written.len()),
+                settle.is_ok(),
+            )
+        }));
+    }
+    let (mut versioned, mut written, mut settled) = (0, 0, 0);
+    for task in tasks {
+        let (won_version, same_id, won_settle) = task.await.expect("join");
+        versioned += usize::from(won_version);
+        written += same_id.expect("a duplicate id is skipped, not an error");
+        settled += usize::from(won_settle);
+    }
+    assert_eq!(versioned, 1, "one commit wins expected version 1");
+    assert_eq!(written, 1, "one message with the id is stored");
+    assert_eq!(settled, 1, "one commit moves the consumer from 0");
+    assert_eq!(
+        store
+            .stream_version(&stream("race.1"))
+            .await
+            .expect("version"),
+        2
+    );
+    assert_ne!(store.settled(&consumer).await.expect("settled"), 0);
+}
