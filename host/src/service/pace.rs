@@ -6,23 +6,26 @@
 //! handover waited for it, and of two instances sharing a flow one sat idle while the other
 //! finished its last page. A fast handler's page stays the store's whole batch.
 //!
-//! A lane is given at least [`LANE_WORK`] of deciding: a thread hand-off and a lane's own reads
-//! cost more than a few fast handlers, while two slow ones are already worth two threads.
+//! A page gets a lane per [`MESSAGES_PER_LANE`] messages, or per [`LANE_WORK`] of deciding when
+//! that gives more: a thread hand-off and a lane's own reads cost more than a few fast handlers
+//! (pages of ~6 of the counter's took ~0.35 ms on one lane, 0.47-1.0 ms on two), while two slow
+//! ones are already worth two threads. Lanes by measured time alone gave the counter's pages of
+//! 8-15 two lanes and cost a quarter of its throughput: a lane's own overhead counts as handler
+//! time, which asked for more lanes.
 
 use std::time::Duration;
 
 /// About how long deciding one page may take.
 pub(super) const PAGE_BUDGET: Duration = Duration::from_millis(250);
-/// The least deciding worth a lane (a thread) of its own.
-/// (About 8 messages of the counter: pages of ~6 took ~0.35 ms on one lane and more on two.)
-pub(super) const LANE_WORK: Duration = Duration::from_micros(500);
-/// What a message is assumed to take before any is measured: a fast handler, whose page is
-/// the store's whole batch, with a lane per 8 messages.
-const FIRST_GUESS: Duration = Duration::from_micros(63);
+/// The fewest messages worth a decide lane (a thread) of their own.
+pub(super) const MESSAGES_PER_LANE: usize = 8;
+/// Deciding that is worth a lane of its own however few messages it takes.
+pub(super) const LANE_WORK: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone)]
 pub(super) struct Pace {
-    /// Deciding time per message (wall time × lanes used), smoothed over pages.
+    /// Deciding time per message (wall time × lanes used), smoothed over pages; zero until a
+    /// page is decided, taken as a fast handler.
     per_message: Duration,
     /// The store's batch: the most a page holds.
     most_per_page: usize,
@@ -33,7 +36,7 @@ pub(super) struct Pace {
 impl Pace {
     pub(super) fn new(most_per_page: usize, lanes: usize) -> Self {
         Self {
-            per_message: FIRST_GUESS,
+            per_message: Duration::ZERO,
             most_per_page: most_per_page.max(1),
             lanes: lanes.max(1),
         }
@@ -50,8 +53,9 @@ impl Pace {
     /// How many lanes a page of `messages` is decided on.
     pub(super) fn lanes_for(&self, messages: usize) -> usize {
         let work = self.per_message.as_nanos() * messages as u128;
-        usize::try_from(work / LANE_WORK.as_nanos())
-            .unwrap_or(usize::MAX)
+        let by_work = usize::try_from(work / LANE_WORK.as_nanos()).unwrap_or(usize::MAX);
+        (messages / MESSAGES_PER_LANE)
+            .max(by_work)
             .clamp(1, self.lanes)
     }
 
@@ -61,7 +65,10 @@ impl Pace {
             return;
         }
         let measured = took * lanes.max(1) as u32 / messages as u32;
-        self.per_message = (self.per_message + measured) / 2;
+        self.per_message = match self.per_message {
+            Duration::ZERO => measured,
+            before => (before + measured) / 2,
+        };
     }
 
     /// This service's handlers read or wrote across entities: its pages go on one thread.
@@ -78,18 +85,18 @@ mod tests {
     fn a_fast_handler_reads_whole_batches_with_a_lane_per_eight_messages() {
         let mut pace = Pace::new(64, 2);
         assert_eq!((pace.page_limit(), pace.lanes_for(64)), (64, 2));
-        assert_eq!(pace.lanes_for(7), 1, "too little for a second thread");
-        pace.decided(64, 2, Duration::from_micros(64 * 20 / 2));
+        // ~90 µs a message, a lane's overhead included.
+        pace.decided(16, 2, Duration::from_micros(16 * 90 / 2));
         assert_eq!((pace.page_limit(), pace.lanes_for(64)), (64, 2));
+        assert_eq!(pace.lanes_for(16), 2);
+        assert_eq!(pace.lanes_for(15), 1, "too little for a second thread");
     }
 
     #[test]
     fn a_slow_handler_reads_pages_of_about_the_budget_on_every_lane() {
         let mut pace = Pace::new(64, 2);
         // Password hashes: 23 ms each, a page of 64 on two lanes in 0.74 s.
-        for _ in 0..8 {
-            pace.decided(64, 2, Duration::from_millis(64 * 23 / 2));
-        }
+        pace.decided(64, 2, Duration::from_millis(64 * 23 / 2));
         let limit = pace.page_limit();
         assert!(
             (20..=22).contains(&limit),
@@ -111,9 +118,7 @@ mod tests {
     #[test]
     fn a_handler_slower_than_the_budget_reads_one_message_at_a_time() {
         let mut pace = Pace::new(64, 1);
-        for _ in 0..8 {
-            pace.decided(4, 1, Duration::from_secs(4));
-        }
+        pace.decided(4, 1, Duration::from_secs(4));
         assert_eq!(pace.page_limit(), 1);
     }
 }
