@@ -6,7 +6,8 @@
 //!
 //! Each instance decides on one thread (`--decide-lanes 1`), one core's worth: with a lane per
 //! core, one instance already uses both cores of a 2-core machine, and a second could only add
-//! what a second machine would. A last row shows one instance with its default lanes.
+//! what a second machine would. A last row shows one instance with its default lanes. Each
+//! figure is the median of 3 rounds.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -222,19 +223,20 @@ fn increments(count: usize) -> anyhow::Result<Flow> {
 async fn run(
     url: &str,
     work: &Path,
-    (count, lanes): (usize, Option<usize>),
+    (count, lanes, round): (usize, Option<usize>, usize),
     flow: Flow,
 ) -> anyhow::Result<(f64, Option<Duration>)> {
     let binary = ferry_binary()?;
     let services = work.join("services");
     let lanes_name = lanes.map_or("default".into(), |lanes| lanes.to_string());
-    let store_url = format!("{url}/{}{count}-{lanes_name}", flow.service);
+    let run_name = format!("{}{count}-{lanes_name}-{round}", flow.service);
+    let store_url = format!("{url}/{run_name}");
     let store = NatsStore::connect(&store_url).await?;
     let instances = (0..count)
         .map(|i| {
             Instance::start(
                 &binary,
-                &work.join(format!("data-{}-{count}-{lanes_name}-{i}", flow.service)),
+                &work.join(format!("data-{run_name}-{i}")),
                 &services,
                 &store_url,
                 flow.service,
@@ -294,7 +296,8 @@ pub async fn rows(
             work.path().join(format!("services/{name}.wasm")),
         )?;
     }
-    let (users, increments_count) = if quick { (20, 200) } else { (400, 6000) };
+    // Rounds alternate the instance counts, so that the machine's drift falls on each alike.
+    let (users, increments_count, rounds) = if quick { (20, 200, 1) } else { (400, 6000, 3) };
     let mut takeovers = Vec::new();
     for (what, flow) in [
         ("user registrations/s (CPU-bound: PBKDF2)", 0),
@@ -304,24 +307,45 @@ pub async fn rows(
             0 => registrations(users),
             _ => increments(increments_count),
         };
-        let mut rates = Vec::new();
-        for count in 1..=3 {
-            let (rate, takeover) = run(url, work.path(), (count, Some(1)), new_flow()?).await?;
-            rates.push(rate);
-            takeovers.extend(takeover);
+        // Per round: 1, 2 and 3 instances on one lane each, then 1 on a lane per core.
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); 4];
+        for round in 0..rounds {
+            for (rates_index, count, lanes) in [
+                (0, 1, Some(1)),
+                (1, 2, Some(1)),
+                (2, 3, Some(1)),
+                (3, 1, None),
+            ] {
+                let (rate, takeover) =
+                    run(url, work.path(), (count, lanes, round), new_flow()?).await?;
+                rates[rates_index].push(rate);
+                takeovers.extend(takeover);
+            }
         }
-        for (count, rate) in (1..).zip(&rates) {
+        let per_round = |i: usize| {
+            (0..rounds)
+                .map(|r| format!("{:.2}x", rates[i][r] / rates[0][r]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let one = super::median(rates[0].clone());
+        for (i, count) in [(0, 1), (1, 2), (2, 3)] {
+            let rate = super::median(rates[i].clone());
             table.row(
                 &format!("6. {what} on JetStream, {count} instance(s) (processes, 1 lane each)"),
                 format!("{rate:.0}"),
-                format!("{:.2}x one instance", rate / rates[0]),
+                format!("{:.2}x one instance (rounds: {})", rate / one, per_round(i)),
             );
         }
-        let (rate, _) = run(url, work.path(), (1, None), new_flow()?).await?;
+        let rate = super::median(rates[3].clone());
         table.row(
             &format!("6. {what} on JetStream, 1 instance, a lane per core"),
             format!("{rate:.0}"),
-            format!("{:.2}x one instance on 1 lane", rate / rates[0]),
+            format!(
+                "{:.2}x one instance on 1 lane (rounds: {})",
+                rate / one,
+                per_round(3)
+            ),
         );
     }
     let slowest = takeovers.iter().max().copied().unwrap_or_default();
