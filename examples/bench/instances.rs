@@ -78,6 +78,46 @@ impl Drop for Instance {
     }
 }
 
+/// CPU time in clock ticks, from `/proc` (Linux): the machine's busy time (every core), and
+/// the given processes' own. `None` where there is no `/proc`. Time the hypervisor stole is not
+/// busy: on a shared host it is what makes one run slower than the next.
+fn cpu_ticks(pids: &[u32]) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq: busy is all but idle and iowait.
+    let busy = fields.iter().take(7).sum::<u64>() - fields.get(3)? - fields.get(4)?;
+    let mut own = 0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command name in parentheses: state is field 3, utime and stime 14 and 15.
+        let after_name = stat.rsplit_once(')')?.1;
+        let fields: Vec<u64> = after_name
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        own += fields.iter().sum::<u64>();
+    }
+    Some((busy, own))
+}
+
+/// What one run measured.
+struct Measured {
+    rate: f64,
+    /// With two or more instances: how long a killed one's partitions took to be owned again.
+    takeover: Option<Duration>,
+    /// While the commands were handled: the share of the machine's CPU in use, and the share
+    /// of that the instances used (the rest: nats-server, this program, the system).
+    busy: Option<(f64, f64)>,
+}
+
 /// A service and the commands of one run.
 struct Flow {
     service: &'static str,
@@ -218,14 +258,14 @@ fn increments(count: usize) -> anyhow::Result<Flow> {
 }
 
 /// Commands handled per second by `count` instances (deciding on `lanes` threads each, or their
-/// default), from the first write to no lag; and with two or more, how long a killed instance's
-/// partitions took to be owned again.
+/// default), from the first write to no lag, and where the CPU went meanwhile; with two or more,
+/// how long a killed instance's partitions took to be owned again.
 async fn run(
     url: &str,
     work: &Path,
     (count, lanes, round): (usize, Option<usize>, usize),
     flow: Flow,
-) -> anyhow::Result<(f64, Option<Duration>)> {
+) -> anyhow::Result<Measured> {
     let binary = ferry_binary()?;
     let services = work.join("services");
     let lanes_name = lanes.map_or("default".into(), |lanes| lanes.to_string());
@@ -246,6 +286,8 @@ async fn run(
         .collect::<anyhow::Result<Vec<_>>>()?;
     wait_owned(&store, flow.service, &instances.iter().collect::<Vec<_>>()).await?;
 
+    let pids: Vec<u32> = instances.iter().map(|i| i.child.id()).collect();
+    let cpu_before = cpu_ticks(&pids);
     let start = Instant::now();
     for commit in flow.commits {
         store.commit(commit).await?;
@@ -266,7 +308,15 @@ async fn run(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let rate = flow.commands as f64 / start.elapsed().as_secs_f64();
+    let elapsed = start.elapsed().as_secs_f64();
+    let rate = flow.commands as f64 / elapsed;
+    let busy = cpu_before.zip(cpu_ticks(&pids)).map(|(before, after)| {
+        let busy = after.0.saturating_sub(before.0) as f64;
+        let own = after.1.saturating_sub(before.1) as f64;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // Clock ticks are 100 a second on Linux.
+        (busy / (elapsed * 100.0 * cores), own / busy.max(1.0))
+    });
 
     let mut instances = instances;
     let takeover = match instances.len() {
@@ -279,7 +329,11 @@ async fn run(
             Some(wait_owned(&store, flow.service, &live).await?)
         }
     };
-    Ok((rate, takeover))
+    Ok(Measured {
+        rate,
+        takeover,
+        busy,
+    })
 }
 
 pub async fn rows(
@@ -309,6 +363,7 @@ pub async fn rows(
         };
         // Per round: 1, 2 and 3 instances on one lane each, then 1 on a lane per core.
         let mut rates: Vec<Vec<f64>> = vec![Vec::new(); 4];
+        let mut busy: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 4];
         for round in 0..rounds {
             for (rates_index, count, lanes) in [
                 (0, 1, Some(1)),
@@ -316,10 +371,10 @@ pub async fn rows(
                 (2, 3, Some(1)),
                 (3, 1, None),
             ] {
-                let (rate, takeover) =
-                    run(url, work.path(), (count, lanes, round), new_flow()?).await?;
-                rates[rates_index].push(rate);
-                takeovers.extend(takeover);
+                let measured = run(url, work.path(), (count, lanes, round), new_flow()?).await?;
+                rates[rates_index].push(measured.rate);
+                busy[rates_index].extend(measured.busy);
+                takeovers.extend(measured.takeover);
             }
         }
         let per_round = |i: usize| {
@@ -328,13 +383,31 @@ pub async fn rows(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        // Where the CPU went: the median round's machine use and the instances' part of it.
+        let cpu = |i: usize| {
+            let machine = super::median(busy[i].iter().map(|b| b.0).collect());
+            let instances = super::median(busy[i].iter().map(|b| b.1).collect());
+            match busy[i].is_empty() {
+                true => String::new(),
+                false => format!(
+                    "; CPU {:.0}% busy, {:.0}% of it the instances'",
+                    machine * 100.0,
+                    instances * 100.0
+                ),
+            }
+        };
         let one = super::median(rates[0].clone());
         for (i, count) in [(0, 1), (1, 2), (2, 3)] {
             let rate = super::median(rates[i].clone());
             table.row(
                 &format!("6. {what} on JetStream, {count} instance(s) (processes, 1 lane each)"),
                 format!("{rate:.0}"),
-                format!("{:.2}x one instance (rounds: {})", rate / one, per_round(i)),
+                format!(
+                    "{:.2}x one instance (rounds: {}){}",
+                    rate / one,
+                    per_round(i),
+                    cpu(i)
+                ),
             );
         }
         let rate = super::median(rates[3].clone());
@@ -342,9 +415,10 @@ pub async fn rows(
             &format!("6. {what} on JetStream, 1 instance, a lane per core"),
             format!("{rate:.0}"),
             format!(
-                "{:.2}x one instance on 1 lane (rounds: {})",
+                "{:.2}x one instance on 1 lane (rounds: {}){}",
                 rate / one,
-                per_round(3)
+                per_round(3),
+                cpu(3)
             ),
         );
     }
