@@ -89,20 +89,21 @@ impl NatsCluster {
         })
     }
 
-    /// Waits until the members agree on a JetStream meta leader and the leader sees every other
+    /// Waits until the JetStream meta leader, by its own monitoring endpoint, sees every other
     /// member current: a leader elected by two of three can still refuse a stream of three
     /// replicas ("no suitable peers for placement, peer offline") until the third has caught up.
+    /// Only the leader's view counts: a follower's list of the members was seen current while
+    /// the leader still counted one offline (a CI run of the benchmark).
     pub fn wait_until_formed(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let others = self.servers.len() - 1;
-        let everyone_current = |jsz: &Value| {
+        let leader_sees_everyone = |index: usize, jsz: &Value| {
             let meta = &jsz["meta_cluster"];
-            let leader = meta["leader"].as_str().unwrap_or_default();
             let replicas = meta["replicas"]
                 .as_array()
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
-            !leader.is_empty()
+            meta["leader"].as_str() == Some(member_name(index).as_str())
                 && replicas.len() >= others
                 && replicas.iter().all(|replica| {
                     replica["current"].as_bool() == Some(true)
@@ -110,10 +111,10 @@ impl NatsCluster {
                 })
         };
         loop {
-            let ready = self.monitors.iter().any(|port| {
+            let ready = self.monitors.iter().enumerate().any(|(index, port)| {
                 http_get(*port, "/jsz")
                     .and_then(|body| serde_json::from_str::<Value>(&body).ok())
-                    .is_some_and(|jsz| everyone_current(&jsz))
+                    .is_some_and(|jsz| leader_sees_everyone(index, &jsz))
             });
             if ready {
                 return;
