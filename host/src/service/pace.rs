@@ -1,10 +1,12 @@
 //! `Pace`: how many messages a consumer reads as one page and over how many lanes it decides
 //! them, from how long its handlers have been taking.
 //!
-//! A page is cut to about [`PAGE_BUDGET`] of deciding. A page holds its partitions until it is
-//! stored, and a slow handler (a password hash, ~20 ms) filled a page of 64 in 1.5 s: a graceful
-//! handover waited for it, and of two instances sharing a flow one sat idle while the other
-//! finished its last page. A fast handler's page stays the store's whole batch.
+//! A page is cut to about [`PAGE_BUDGET`] of deciding. Its outcomes are committed only once the
+//! whole page is decided, so a page of 64 password hashes (~23 ms each) kept the first command's
+//! outcome back for 1.5 s, and a page dropped unfinished (a graceful stop, a lost lease) or sent
+//! one by one after a conflict threw that much work away. A fast handler's page stays the
+//! store's whole batch. (Measured, it moved neither the ratio of two instances to one nor a
+//! graceful handover, which drops the page being decided rather than finishing it.)
 //!
 //! A page gets a lane per [`MESSAGES_PER_LANE`] messages, or per [`LANE_WORK`] of deciding when
 //! that gives more: a thread hand-off and a lane's own reads cost more than a few fast handlers
