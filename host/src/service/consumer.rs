@@ -108,7 +108,7 @@ struct DecidedPage {
     /// What it writes, for the next page to be decided on top of.
     writes: Arc<Overlay>,
     lanes_met: bool,
-    /// The lanes it was decided on (the last try), and how long deciding took.
+    /// The lanes its decisions were made on, and how long that took (the kept attempt).
     lanes: usize,
     decided_in: Duration,
     started: std::time::Instant,
@@ -522,8 +522,8 @@ impl Consumer {
             parked,
             writes: Arc::new(decision.writes),
             lanes_met: decision.lanes_met,
-            lanes: if decision.lanes_met { 1 } else { lanes },
-            decided_in: started.elapsed(),
+            lanes: decision.lanes,
+            decided_in: decision.took,
             started,
         })))
     }

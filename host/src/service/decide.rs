@@ -134,6 +134,10 @@ pub(super) struct BatchDecision {
     pub(super) expected: HashMap<StreamName, u64>,
     /// The page was tried in lanes, which met; it was decided on one thread instead.
     pub(super) lanes_met: bool,
+    /// The lanes the kept decisions were made on, and how long that attempt took: what the
+    /// consumer's pace learns from.
+    pub(super) lanes: usize,
+    pub(super) took: std::time::Duration,
     /// The messages and view rows it writes, as the next page's overlay starts.
     pub(super) writes: Overlay,
 }
@@ -178,6 +182,7 @@ pub(super) async fn decide_batch(
     };
     let mut lanes_met = false;
     if split.len() > 1 {
+        let tried = std::time::Instant::now();
         let mut deciding = Vec::with_capacity(split.len());
         for lane in split {
             let (runtime, decider, messages, carry) = (
@@ -200,16 +205,24 @@ pub(super) async fn decide_batch(
             decided.push(lane.await.map_err(|_| BatchDecline::OneByOne)??);
         }
         if lanes_apart(&decided) {
-            return Ok(merge_lanes(decided));
+            let lanes = decided.len();
+            return Ok(BatchDecision {
+                lanes,
+                took: tried.elapsed(),
+                ..merge_lanes(decided)
+            });
         }
         lanes_met = true;
     }
+    let tried = std::time::Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
         decide_lane(&runtime, &decider, carry.as_deref(), messages.iter())
     })
     .await;
     let mut decision = joined.map_err(|_| BatchDecline::OneByOne)??.decision;
     decision.lanes_met = lanes_met;
+    decision.lanes = 1;
+    decision.took = tried.elapsed();
     Ok(decision)
 }
 

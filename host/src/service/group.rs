@@ -8,7 +8,8 @@
 //! takes free ones (no owner, or an owner no longer alive) up to its quota. Only the partitions
 //! that must move do: a joining instance takes about `P / n`, a leaving one's are taken by the
 //! others. Liveness is judged by this process's clock: a member is alive while its heartbeat's
-//! revision changed within the lease time, so two machines' clocks are never compared.
+//! revision changed within the lease time less two rounds (`silence_allowed`), so two machines'
+//! clocks are never compared.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -56,18 +57,24 @@ struct Liveness(HashMap<String, (u64, Instant)>);
 impl Liveness {
     /// The members alive now (sorted; `me` always among them), and those judged dead.
     ///
-    /// A member seen for the first time is judged by the time its last heartbeat carries, the
-    /// one place two clocks meet: a record older than the lease time is a process that died
-    /// without leaving, and its partitions are free at once rather than after waiting out the
-    /// lease again. A clock skewed past the lease time costs a live member its leases (the fence
-    /// keeps that safe) until its next heartbeat, whose new revision marks it alive again.
-    fn judge(&mut self, state: &GroupState, me: &str, ttl: Duration) -> (Vec<String>, Vec<Member>) {
+    /// A member is dead once its heartbeat has not changed for `silence`. One seen for the first
+    /// time is judged by the time its last heartbeat carries, the one place two clocks meet: a
+    /// record older than `silence` is a process that died without leaving, and its partitions
+    /// are free at once rather than after waiting out the lease again. A clock skewed past it
+    /// costs a live member its leases (the fence keeps that safe) until its next heartbeat, whose
+    /// new revision marks it alive again.
+    fn judge(
+        &mut self,
+        state: &GroupState,
+        me: &str,
+        silence: Duration,
+    ) -> (Vec<String>, Vec<Member>) {
         let now = Instant::now();
         for member in &state.members {
             let first_seen = || {
                 let silent_ms = now_ms().saturating_sub(member.heartbeat_ms);
-                match silent_ms >= ttl.as_millis() as u64 {
-                    true => now.checked_sub(ttl).unwrap_or(now),
+                match silent_ms >= silence.as_millis() as u64 {
+                    true => now.checked_sub(silence).unwrap_or(now),
                     false => now,
                 }
             };
@@ -87,7 +94,7 @@ impl Liveness {
                 || self
                     .0
                     .get(instance)
-                    .is_some_and(|(_, at)| now.duration_since(*at) < ttl)
+                    .is_some_and(|(_, at)| now.duration_since(*at) < silence)
         };
         let mut alive: Vec<String> = self.0.keys().filter(|i| is_alive(i)).cloned().collect();
         if !alive.iter().any(|i| i == me) {
@@ -137,7 +144,10 @@ impl Assigner {
     /// silence with the default 5 s, four heartbeats missed). Judged by the whole lease time,
     /// takeovers measured from `SIGKILL` took 4.8-5.5 s.
     fn silence_allowed(&self) -> Duration {
-        self.ttl.saturating_sub(self.tick() * 2)
+        // Never under four heartbeats' worth, whatever the lease time a caller sets.
+        self.ttl
+            .saturating_sub(self.tick() * 2)
+            .max(self.ttl * 4 / 5)
     }
 
     /// Keeps this instance's share until `stopped` says the consumer has finished (its last

@@ -1,5 +1,5 @@
 //! `StoreHost`: what the guest's imported `host` and `mail` calls reach while it handles a
-//! message: `read-stream` and `view-get` (through the page's overlay, counted as host reads),
+//! message: `read-stream` and `view-get` (through the page's overlay, which records what each read),
 //! `new-id` (derived from the handled message) and `deliver-email` (when granted).
 
 use std::sync::Arc;
