@@ -147,7 +147,8 @@ async fn wait_done(
 
 /// Two instances handling a flow; once a quarter of it is done, one stops gracefully (SIGTERM)
 /// while it has pages in hand: how long until the other owns every partition. The stopping
-/// instance finishes its page in flight first, so a page's length is in this figure.
+/// instance lets its commit in flight land and drops the page it is deciding (the other
+/// handles it), so a page's length is not in this figure.
 async fn graceful_handover(url: &str, work: &Path, flow: Flow) -> anyhow::Result<Duration> {
     let binary = ferry_binary()?;
     let run_name = format!("{}-graceful", flow.service);
@@ -487,7 +488,7 @@ pub async fn rows(
     table.row(
         "6. graceful stop of one of 2 instances mid-flow (registrations) → the other owns every partition",
         format!("{:.2} s", handover.as_secs_f64()),
-        "SIGTERM to owned by the other; the page in flight is finished first".into(),
+        "SIGTERM to owned by the other; the commit in flight lands, the page being decided is dropped".into(),
     );
     let slowest = takeovers.iter().max().copied().unwrap_or_default();
     table.row(

@@ -432,18 +432,12 @@ impl MessageStore for NatsStore {
             scanned_to: after,
         };
         let mut scanned = 0;
-        let mut fetches = 0;
         while page.messages.len() < limit && scanned < MAX_SCAN {
-            // A filter keeps a share of what is fetched: twice what is missing, doubling while
-            // that falls short. (Always a whole `PAGE` fetched 256 entries for a page of ten
-            // slow handlers' messages, and the rest was fetched again for the next page.)
-            let missing = limit - page.messages.len();
-            let want = match keep.keeps_all() {
-                true => missing,
-                false => missing.saturating_mul(2 << fetches.min(8)),
-            }
-            .min(PAGE);
-            fetches += 1;
+            let want = if !keep.keeps_all() {
+                PAGE
+            } else {
+                (limit - page.messages.len()).min(PAGE)
+            };
             let (entries, pending) = self.page(&filter, page.scanned_to + 1, want).await?;
             if entries.is_empty() {
                 break;
