@@ -538,7 +538,7 @@ fn decide_lane<'a>(
         drop(pending);
         decision.items.push(BatchItem::Decided(checked));
     }
-    let Ok(overlay) = overlay.lock() else {
+    let Ok(mut overlay) = overlay.lock() else {
         return Err(BatchDecline::OneByOne);
     };
     // What this lane adds, without what it was carried: the next page's carry, and what lanes
@@ -560,7 +560,7 @@ fn decide_lane<'a>(
     let mut streams: HashSet<StreamName> = states.into_keys().collect();
     streams.extend(decision.writes.pending.keys().cloned());
     Ok(LaneDecision {
-        host_reads: overlay.host_reads.clone(),
+        host_reads: std::mem::take(&mut overlay.host_reads),
         decision,
         streams,
         views: own_views,

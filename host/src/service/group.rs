@@ -132,22 +132,25 @@ fn free<'a>(state: &'a GroupState, alive: &[String], index: usize) -> Vec<&'a Le
         .collect()
 }
 
+/// How often an instance looks at the members and leases: a twentieth of the lease time,
+/// within 50-250 ms.
+fn tick(ttl: Duration) -> Duration {
+    (ttl / 20).clamp(Duration::from_millis(50), Duration::from_millis(250))
+}
+
+/// How long a member's heartbeat may stay unchanged before it is judged dead: the lease time
+/// less two rounds, since a round sees a new heartbeat up to a round after it was written and
+/// takes a dead member's partitions up to a round after it expired. So a killed instance's
+/// share moves within the lease time of its last heartbeat (4.5 s of silence with the default
+/// 5 s, four heartbeats missed). Judged by the whole lease time, takeovers measured from
+/// `SIGKILL` took 4.8-5.5 s. Never under four heartbeats' worth, whatever the lease time.
+fn silence_allowed(ttl: Duration) -> Duration {
+    ttl.saturating_sub(tick(ttl) * 2).max(ttl * 4 / 5)
+}
+
 impl Assigner {
     fn tick(&self) -> Duration {
-        (self.ttl / 20).clamp(Duration::from_millis(50), Duration::from_millis(250))
-    }
-
-    /// How long a member's heartbeat may stay unchanged before it is judged dead: the lease
-    /// time less two rounds, since a round sees a new heartbeat up to a round after it was
-    /// written and takes a dead member's partitions up to a round after it expired. So a
-    /// killed instance's share moves within the lease time of its last heartbeat (4.5 s of
-    /// silence with the default 5 s, four heartbeats missed). Judged by the whole lease time,
-    /// takeovers measured from `SIGKILL` took 4.8-5.5 s.
-    fn silence_allowed(&self) -> Duration {
-        // Never under four heartbeats' worth, whatever the lease time a caller sets.
-        self.ttl
-            .saturating_sub(self.tick() * 2)
-            .max(self.ttl * 4 / 5)
+        tick(self.ttl)
     }
 
     /// Keeps this instance's share until `stopped` says the consumer has finished (its last
@@ -234,7 +237,7 @@ impl Assigner {
             return Ok(());
         };
         let state = self.state().await?;
-        let (alive, dead) = liveness.judge(&state, &self.instance, self.silence_allowed());
+        let (alive, dead) = liveness.judge(&state, &self.instance, silence_allowed(self.ttl));
         for member in &dead {
             // Its leases are free either way; the record goes so listings show the living.
             match leases.forget(&self.consumer, member).await {
@@ -319,6 +322,17 @@ impl Assigner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_member_is_dead_two_rounds_before_its_lease_runs_out() {
+        let ms = Duration::from_millis;
+        // Rounds of 250 ms: the share moves within the lease time of the last heartbeat.
+        assert_eq!(silence_allowed(ms(5000)), ms(4500));
+        assert_eq!(silence_allowed(ms(2000)), ms(1800));
+        // Rounds of 50 ms at the shortest lease; never under four heartbeats (ttl / 5 each).
+        assert_eq!(silence_allowed(ms(500)), ms(400));
+        assert_eq!(silence_allowed(ms(100)), ms(80));
+    }
 
     fn member(instance: &str, revision: u64, heartbeat_ms: u64) -> Member {
         Member {
