@@ -279,10 +279,23 @@ async fn main() -> anyhow::Result<()> {
                 (kind.key_bytes + kind.value_bytes) as f64 / kind.records.max(1) as f64
             );
         }
+        println!("| all sled records | | | {logical} | |",);
+        let log = host.sled.log_account()?;
         println!(
-            "| all records | | | {logical} | files: {file_bytes} bytes, {:.2}x the records |",
-            file_bytes as f64 / logical.max(1) as f64
+            "| message log: {} segment(s) | {stored} messages | | {} | {:.0} |",
+            log.segments,
+            log.segment_bytes,
+            log.segment_bytes as f64 / stored.max(1) as f64
         );
+        println!(
+            "| message index: {} run(s), {} in memory | {} entries | | {} | {:.0} |",
+            log.runs,
+            log.entries_in_memory,
+            log.run_entries,
+            log.run_bytes,
+            log.run_bytes as f64 / log.run_entries.max(1) as f64
+        );
+        println!("| all files | | | {file_bytes} | |");
     }
     let Host {
         store,

@@ -52,7 +52,7 @@ async fn keeps_committed_messages_across_a_reopen() {
             .await
             .expect("append");
     }
-    let store = SledStore::open(&path).expect("reopen");
+    let store = open_when_free(&path).expect("reopen");
     let read = store
         .read_stream(&conformance::stream("user.1"), 0, 10)
         .await
@@ -62,7 +62,9 @@ async fn keeps_committed_messages_across_a_reopen() {
     assert_eq!(store.head().await.expect("head"), 1);
 }
 
-/// Opens `path`, waiting while sled's background flusher of a database just dropped still holds it.
+/// Opens `path`, waiting while something else holds its lock for a moment: sled's background
+/// flusher of a database just dropped, or a child process of another test, forked while the
+/// folder was open and not yet past its `exec` (sled's lock is a `flock`, which the child shares).
 fn open_when_free(path: &std::path::Path) -> Result<SledStore, StoreError> {
     let mut opened = SledStore::open(path);
     for _ in 0..100 {
@@ -197,6 +199,204 @@ async fn copies_a_folder_of_the_first_format_without_losing_anything() {
     }
     let reopened = open_when_free(&path).expect("reopens in the new format");
     assert_eq!(reopened.head().await.expect("head"), 4);
+}
+
+/// Writes a folder the way the second format (`ferry-sled/2`, messages in the one tree) did:
+/// `messages` messages taking turns over `user.0..7` and `email.0..3` (so the categories
+/// interleave in global order), a consumer position and a view row.
+fn write_second_format(path: &std::path::Path, messages: u64) {
+    let db = sled::open(path).expect("sled");
+    let tree = db.open_tree("ferry").expect("tree");
+    let key = |tag: u8, a: &str, b: &[u8]| [&[tag][..], a.as_bytes(), &[0], b].concat();
+    let mut versions = std::collections::HashMap::new();
+    let mut batch = sled::Batch::default();
+    for global in 1..=messages {
+        let stream = if global % 3 == 0 {
+            format!("email.{}", global % 4)
+        } else {
+            format!("user.{}", global % 8)
+        };
+        let version = versions.entry(stream.clone()).or_insert(0u64);
+        let message = Message {
+            id: format!("m{global}"),
+            stream: conformance::stream(&stream),
+            message_type: "Happened".into(),
+            data: json!({"n": global}),
+            metadata: serde_json::Map::new(),
+            position: *version,
+            global_position: global,
+            time_ms: 1,
+            not_before_ms: None,
+        };
+        *version += 1;
+        let at = key(b'm', message.stream.category_str(), &global.to_be_bytes());
+        batch.insert(
+            key(b's', &stream, &message.position.to_be_bytes()),
+            &global.to_be_bytes(),
+        );
+        batch.insert([&b"i"[..], message.id.as_bytes()].concat(), at.as_slice());
+        batch.insert(at, serde_json::to_vec(&message).expect("json"));
+        if global % 10_000 == 0 {
+            tree.apply_batch(std::mem::take(&mut batch)).expect("batch");
+        }
+    }
+    batch.insert(
+        key(b'v', "users", b"1"),
+        &br#"{"value":{"name":"Ann"},"lastUpdateSeq":1}"#[..],
+    );
+    batch.insert(
+        key(b'c', "user", b"microservice:users"),
+        &2u64.to_be_bytes(),
+    );
+    batch.insert(&b"=head"[..], &messages.to_be_bytes());
+    batch.insert(&b"=format"[..], &b"ferry-sled/2"[..]);
+    tree.apply_batch(batch).expect("batch");
+    db.flush().expect("flush");
+}
+
+/// Checks a store converted from [`write_second_format`] with `messages` messages.
+async fn check_second_format(store: &SledStore, messages: u64) {
+    assert_eq!(store.head().await.expect("head"), messages);
+    let user_1 = store
+        .read_stream(&conformance::stream("user.1"), 0, usize::MAX)
+        .await
+        .expect("read");
+    let expected: Vec<u64> = (1..=messages)
+        .filter(|g| g % 3 != 0 && g % 8 == 1)
+        .collect();
+    assert_eq!(
+        user_1.iter().map(|m| m.global_position).collect::<Vec<_>>(),
+        expected
+    );
+    assert!(
+        user_1
+            .iter()
+            .enumerate()
+            .all(|(n, m)| m.position == n as u64)
+    );
+    let page = store
+        .read_category(
+            &conformance::category("email"),
+            0,
+            &ferry::store::CategoryFilter::default(),
+            100,
+        )
+        .await
+        .expect("category");
+    let emails: Vec<u64> = (3..=messages).step_by(3).take(100).collect();
+    assert_eq!(
+        page.messages
+            .iter()
+            .map(|m| m.global_position)
+            .collect::<Vec<_>>(),
+        emails
+    );
+    let last = store
+        .message(&format!("m{messages}"))
+        .await
+        .expect("by id")
+        .expect("the last message");
+    assert_eq!(last.data["n"], messages);
+    let row = store.view_get("users", "1").await.expect("row");
+    assert_eq!(row.expect("row").value["name"], "Ann");
+    let tags: Vec<char> = store
+        .account()
+        .expect("account")
+        .iter()
+        .map(|a| a.tag)
+        .collect();
+    assert!(
+        !tags.iter().any(|t| matches!(t, 'm' | 's' | 'i')),
+        "the old message records are gone: {tags:?}"
+    );
+}
+
+#[tokio::test]
+async fn moves_the_messages_of_a_second_format_folder_into_the_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("store");
+    write_second_format(&path, 5_000);
+    {
+        let store = open_when_free(&path).expect("opens and converts the second format");
+        check_second_format(&store, 5_000).await;
+        let next = store
+            .commit(Commit::append(
+                conformance::stream("user.1"),
+                None,
+                vec![
+                    conformance::msg("m1", "Happened", json!({})),
+                    conformance::msg("m5001", "Happened", json!({})),
+                ],
+            ))
+            .await
+            .expect("append after the conversion");
+        assert_eq!(next.duplicates, ["m1"]);
+        assert_eq!(next.written[0].global_position, 5_001);
+    }
+    let reopened = open_when_free(&path).expect("reopens");
+    assert_eq!(reopened.head().await.expect("head"), 5_001);
+}
+
+/// Not a test on its own: `a_conversion_killed_midway_leaves_the_old_data_whole` runs this
+/// test binary again with `FERRY_TEST_OPEN` set, to open (and so convert) a store in a process
+/// it can kill.
+#[test]
+fn opens_the_store_named_by_the_environment() {
+    if let Some(path) = std::env::var_os("FERRY_TEST_OPEN") {
+        SledStore::open(path).expect("open");
+    }
+}
+
+#[tokio::test]
+async fn a_conversion_killed_midway_leaves_the_old_data_whole() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("store");
+    let messages = 60_000;
+    write_second_format(&path, messages);
+    let mut killed_while_running = 0;
+    let mut still_old = 0;
+    for delay_ms in [5u64, 40, 120, 250, 400, 700, 1000, 1500] {
+        let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "opens_the_store_named_by_the_environment",
+                "--test-threads",
+                "1",
+            ])
+            .env("FERRY_TEST_OPEN", &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("child");
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().expect("child").is_none() {
+            killed_while_running += 1;
+        }
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+        // Either the old layout, whole, or the new one with the log in place.
+        // Without sled's background flusher, which would hold the folder after the drop.
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(None)
+            .open()
+            .expect("sled opens after the kill");
+        let tree = db.open_tree("ferry").expect("tree");
+        let tag = tree.get("=format").expect("tag").expect("a format tag");
+        if tag.as_ref() == b"ferry-sled/2" {
+            still_old += 1;
+            assert_eq!(tree.scan_prefix("m").count() as u64, messages);
+            assert_eq!(tree.scan_prefix("i").count() as u64, messages);
+        } else {
+            assert_eq!(tag.as_ref(), b"ferry-sled/3");
+            assert!(path.join("log").is_dir());
+        }
+        drop((tree, db));
+    }
+    assert!(killed_while_running > 0, "no kill caught the conversion");
+    assert!(still_old > 0, "no kill came before the format flipped");
+    let store = open_when_free(&path).expect("opens after the kills");
+    check_second_format(&store, messages).await;
 }
 
 #[tokio::test]

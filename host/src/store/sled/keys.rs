@@ -26,26 +26,6 @@ pub(super) fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     key
 }
 
-pub(super) fn message_key(category: &str, global: u64) -> Vec<u8> {
-    key(MESSAGE, &[category.as_bytes(), &global.to_be_bytes()])
-}
-
-pub(super) fn category_prefix(category: &str) -> Vec<u8> {
-    key(MESSAGE, &[category.as_bytes(), &[]])
-}
-
-pub(super) fn stream_key(stream: &str, position: u64) -> Vec<u8> {
-    key(STREAM, &[stream.as_bytes(), &position.to_be_bytes()])
-}
-
-pub(super) fn stream_prefix(stream: &str) -> Vec<u8> {
-    key(STREAM, &[stream.as_bytes(), &[]])
-}
-
-pub(super) fn id_key(id: &str) -> Vec<u8> {
-    key(ID, &[id.as_bytes()])
-}
-
 pub(super) fn seal_key_key(message_id: &str) -> Vec<u8> {
     key(SEAL_KEY, &[message_id.as_bytes()])
 }
@@ -145,17 +125,4 @@ pub(super) fn decode<T: for<'de> Deserialize<'de>>(
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing these plain data types cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
-}
-
-/// The version of `stream` as the tree holds it: its last position + 1.
-pub(super) fn stored_version(tree: &Tree, stream: &str) -> Result<u64, StoreError> {
-    let prefix = stream_prefix(stream);
-    Ok(tree
-        .scan_prefix(&prefix)
-        .keys()
-        .next_back()
-        .transpose()
-        .map_err(backend)?
-        .map(|k| u64_be(&k[prefix.len()..]) + 1)
-        .unwrap_or(0))
 }

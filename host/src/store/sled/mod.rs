@@ -1,20 +1,19 @@
-//! The embedded store on sled 0.34: one data folder, one process.
+//! The embedded store: one data folder, one process. Messages go to an append-only log of our
+//! own (`log/`, see [`log`]); everything that changes (positions, view rows, parked and deferred
+//! messages, seal keys, snapshots) and the store's head go to sled 0.34.
 //!
 //! One writer thread owns every write. It takes all requests waiting in its queue (a group),
 //! checks each commit against what the store and the group's earlier commits hold (so a conflict
-//! fails only that commit), writes the whole group as one atomic sled batch, makes it durable with
-//! one `flush`, and only then answers the callers, moves the durable head and wakes the consumers.
-//! Readers go to the tree directly; a category read stops at the durable head, so no consumer is
-//! handed a message that is written but not yet on disk.
+//! fails only that commit), appends the group's messages to the log and makes them durable, then
+//! writes the rest and the new head as one atomic sled batch with one `flush`. The head is the
+//! commit point: a message in the log past the head was never acknowledged, and opening cuts it
+//! off. Only after the flush does the writer publish the messages to readers, answer the callers,
+//! move the durable head and wake the consumers, so no consumer is handed a message a crash could
+//! still take back.
 //!
-//! Everything lives in one tree, `ferry`, because a sled batch is atomic on one tree only (a
-//! transaction over several trees cost twice as much per message). Keys start with a tag byte;
-//! `\0` separates parts; numbers are big-endian u64:
+//! Everything in sled lives in one tree, `ferry`, because a sled batch is atomic on one tree only.
+//! Keys start with a tag byte; `\0` separates parts; numbers are big-endian u64:
 //! - `=format` → format tag, `=head` → last global position
-//! - `m` category `\0` global → message JSON: a category read is one range scan
-//! - `s` stream `\0` position → global (the category comes from the stream's name); a stream's
-//!   version is its last position + 1
-//! - `i` message id → the message's `m` key
 //! - `c` category `\0` name → the consumer's group: `G`, partitions (u32), partition key (u8:
 //!   0 entity, 1 origin entity), then each partition's position and epoch (u64 each). Written
 //!   whole by every commit that advances the consumer: one process owns a sled store, so no two
@@ -25,10 +24,10 @@
 //!   that writes the message, removed in the batch that settles it (see `seal`)
 //! - `n` stream `\0` component hash → the stream's latest snapshot JSON `[version, state]`
 //!
-//! A folder of the first layout (`ferry-sled/1`, one tree per kind of record) is copied into
-//! this one when it is opened; see [`migrate_v1`].
+//! Folders of earlier layouts are converted when opened (see [`migrate`]): `ferry-sled/1` kept
+//! one tree per kind of record; `ferry-sled/2` kept the messages in sled too (`m`, `s`, `i`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,35 +47,34 @@ use super::{
 };
 
 mod keys;
+mod log;
 mod migrate;
 mod writer;
 
 use self::keys::*;
-use self::migrate::{legacy_format, migrate_v1};
+pub use self::log::LogAccount;
+use self::log::{LogWriter, MessageLog};
 use self::writer::{WriteRequest, Writer};
 
-const FORMAT: &[u8] = b"ferry-sled/2";
-const FORMAT_V1: &[u8] = b"ferry-sled/1";
+const FORMAT: &[u8] = b"ferry-sled/3";
 const FORMAT_KEY: &[u8] = b"=format";
 const HEAD_KEY: &[u8] = b"=head";
-const MESSAGE: u8 = b'm';
-const STREAM: u8 = b's';
-const ID: u8 = b'i';
+/// The message log's folder inside the store's.
+const LOG_DIR: &str = "log";
 const CONSUMER: u8 = b'c';
 const VIEW: u8 = b'v';
 const PARKED: u8 = b'p';
 const DEFERRED: u8 = b'd';
 const SEAL_KEY: u8 = b'k';
 const SNAPSHOT: u8 = b'n';
-/// Upper bound of category entries one `read_category` call scans when a filter drops messages.
+/// Upper bound of category entries one `read_category` call looks at when a filter drops messages.
 const MAX_SCAN: usize = 10_000;
 /// sled's page cache unless told otherwise. sled counts it by the pages' serialised size and holds
-/// them larger in memory; filling a store with 5M messages, 64 MiB kept the process at 681 MiB
-/// against 1194 MiB with 256, at the same throughput (RELIABILITY.md).
+/// them larger in memory; sled now holds only what changes, so a small cache serves it.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Upper bound of requests written as one group.
 const MAX_GROUP: usize = 512;
-/// The writer remembers stream versions up to this many streams, then starts over (the tree is
+/// The writer remembers stream versions up to this many streams, then starts over (the log is
 /// the truth behind them).
 pub const DEFAULT_CACHED_VERSIONS: usize = 100_000;
 
@@ -95,6 +93,7 @@ type Watchers = Arc<Mutex<HashMap<String, watch::Sender<u64>>>>;
 struct Inner {
     path: PathBuf,
     tree: Tree,
+    log: Arc<MessageLog>,
     writer: Option<mpsc::UnboundedSender<WriteRequest>>,
     writer_thread: Option<JoinHandle<()>>,
     /// The last global position on disk: category reads stop there (see `read_category`).
@@ -105,7 +104,8 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the queue lets the writer finish what it holds; joining it releases its handle
-        // on the database, so the folder's lock is free once the store is dropped.
+        // on the database, so the folder's lock is free once the store is dropped (the log's
+        // merging thread stops when the last handle on the log goes, right after).
         self.writer.take();
         if let Some(thread) = self.writer_thread.take() {
             let _ = thread.join();
@@ -178,18 +178,19 @@ impl SledStore {
                 }
             })?;
         let tree = db.open_tree("ferry").map_err(backend)?;
-        match tree.get(FORMAT_KEY).map_err(backend)? {
-            Some(tag) if tag.as_ref() == FORMAT => {}
+        let log_dir = path.join(LOG_DIR);
+        match migrate::format(&db, &tree)? {
+            Some(tag) if tag == FORMAT => migrate::finish(&db, &tree)?,
+            Some(tag) if tag == migrate::FORMAT_V2 => migrate::migrate_v2(&db, &tree, &log_dir)?,
+            Some(tag) if tag == migrate::FORMAT_V1 => migrate::migrate_v1(&db, &tree, &log_dir)?,
             Some(tag) => return Err(other_format(&tag)),
-            None => match legacy_format(&db)? {
-                Some(tag) if tag == FORMAT_V1 => migrate_v1(&db, &tree)?,
-                Some(tag) => return Err(other_format(&tag)),
-                None if tree.is_empty() => {
-                    tree.insert(FORMAT_KEY, FORMAT).map_err(backend)?;
-                    db.flush().map_err(backend)?;
-                }
-                None => return Err(unusable("it holds data without a format tag".into())),
-            },
+            None if tree.is_empty() => {
+                // A log left by a store created and never committed to is empty or cut off
+                // below: a fresh store's head is 0.
+                tree.insert(FORMAT_KEY, FORMAT).map_err(backend)?;
+                db.flush().map_err(backend)?;
+            }
+            None => return Err(unusable("it holds data without a format tag".into())),
         }
 
         let watchers: Watchers = Arc::default();
@@ -199,11 +200,17 @@ impl SledStore {
             .map_err(backend)?
             .map(|v| u64_be(&v))
             .unwrap_or(0);
+        let (log, log_writer) = MessageLog::open(&log_dir, head)?;
+        let log = Arc::new(log);
         let durable = Arc::new(AtomicU64::new(head));
         let state = Writer {
             db,
             tree: tree.clone(),
+            log: log.clone(),
+            log_writer,
             head,
+            messages: Vec::new(),
+            ids: HashSet::new(),
             versions: HashMap::new(),
             cached_versions,
             durable: durable.clone(),
@@ -217,12 +224,18 @@ impl SledStore {
             inner: Arc::new(Inner {
                 path,
                 tree,
+                log,
                 writer: Some(writer),
                 writer_thread: Some(writer_thread),
                 durable,
                 watchers,
             }),
         })
+    }
+
+    /// What the message log holds: its segments, index runs and entries in memory.
+    pub fn log_account(&self) -> Result<LogAccount, StoreError> {
+        self.inner.log.account()
     }
 
     /// What the tree holds by kind of record (the tag byte of its keys): records, key bytes and
@@ -256,27 +269,8 @@ impl SledStore {
         &self.inner.tree
     }
 
-    fn category_head(&self, category: &str) -> Result<u64, StoreError> {
-        let prefix = category_prefix(category);
-        Ok(self
-            .tree()
-            .scan_prefix(&prefix)
-            .keys()
-            .next_back()
-            .transpose()
-            .map_err(backend)?
-            .map(|k| u64_be(&k[prefix.len()..]))
-            .unwrap_or(0))
-    }
-
-    fn message_at(&self, key: &[u8]) -> Result<Message, StoreError> {
-        let bytes = self.tree().get(key).map_err(backend)?.ok_or_else(|| {
-            backend(format!(
-                "index points at missing message {}",
-                String::from_utf8_lossy(key)
-            ))
-        })?;
-        decode("message", &bytes)
+    fn log(&self) -> &MessageLog {
+        &self.inner.log
     }
 }
 
@@ -304,15 +298,11 @@ impl MessageStore for SledStore {
         })?;
         answer.await.map_err(|_| StoreError::Closed)??;
         let categories: BTreeSet<&str> = consumers.iter().map(|c| c.category.as_str()).collect();
-        Ok(categories
-            .into_iter()
-            .map(|category| {
-                self.tree()
-                    .scan_prefix(category_prefix(category))
-                    .keys()
-                    .count() as u64
-            })
-            .sum())
+        let mut count = 0;
+        for category in categories {
+            count += self.log().category_count(category, 0)?;
+        }
+        Ok(count)
     }
 
     async fn read_stream(
@@ -321,21 +311,12 @@ impl MessageStore for SledStore {
         from_position: u64,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let start = stream_key(stream.as_str(), from_position);
-        let end = stream_key(stream.as_str(), u64::MAX);
-        let category = stream.category_str();
-        self.tree()
-            .range(start..=end)
-            .values()
-            .take(limit)
-            .map(|global| {
-                self.message_at(&message_key(category, u64_be(&global.map_err(backend)?)))
-            })
-            .collect()
+        self.log()
+            .read_stream(stream.as_str(), from_position, limit)
     }
 
     async fn stream_version(&self, stream: &StreamName) -> Result<u64, StoreError> {
-        stored_version(self.tree(), stream.as_str())
+        self.log().stream_version(stream.as_str())
     }
 
     async fn read_category(
@@ -355,17 +336,20 @@ impl MessageStore for SledStore {
         if durable <= after {
             return Ok(page);
         }
-        let start = message_key(category.as_str(), after.saturating_add(1));
-        let end = message_key(category.as_str(), durable);
-        for entry in self.tree().range(start..=end).values().take(MAX_SCAN) {
-            if page.messages.len() >= limit {
+        // Never more entries than messages still wanted, so the page cannot overshoot `limit`.
+        let mut looked_at = 0;
+        while page.messages.len() < limit && looked_at < MAX_SCAN {
+            let most = (limit - page.messages.len()).min(MAX_SCAN - looked_at);
+            let (messages, scanned_to) =
+                self.log()
+                    .read_category(category.as_str(), page.scanned_to, durable, most)?;
+            if scanned_to == page.scanned_to {
                 break;
             }
-            let message: Message = decode("message", &entry.map_err(backend)?)?;
-            page.scanned_to = message.global_position;
-            if filter.keeps(&message) {
-                page.messages.push(message);
-            }
+            looked_at += most;
+            page.scanned_to = scanned_to;
+            page.messages
+                .extend(messages.into_iter().filter(|m| filter.keeps(m)));
         }
         Ok(page)
     }
@@ -381,10 +365,7 @@ impl MessageStore for SledStore {
     }
 
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError> {
-        match self.tree().get(id_key(id)).map_err(backend)? {
-            Some(at) => Ok(Some(self.message_at(&at)?)),
-            None => Ok(None),
-        }
+        self.log().by_id(id)
     }
 
     async fn seal_key(&self, message_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -469,8 +450,6 @@ impl MessageStore for SledStore {
                 Some(group) => group.low(),
                 None => u64_be(&value),
             };
-            let start = message_key(category.as_str(), position.saturating_add(1));
-            let end = message_key(category.as_str(), u64::MAX);
             let mut partitions: Vec<PartitionInfo> = group
                 .iter()
                 .flat_map(|g| g.positions.iter().enumerate())
@@ -485,16 +464,28 @@ impl MessageStore for SledStore {
             let lag = match &group {
                 // Counting per partition needs each message's entity.
                 Some(group) => {
-                    for entry in self.tree().range(start..=end).values() {
-                        let message: Message = decode("message", &entry.map_err(backend)?)?;
-                        let info = &mut partitions[group.spec.partition_of(&message) as usize];
-                        if message.global_position > info.position {
-                            info.lag += 1;
+                    let mut after = position;
+                    loop {
+                        let (messages, scanned_to) = self.log().read_category(
+                            category.as_str(),
+                            after,
+                            u64::MAX,
+                            MAX_SCAN,
+                        )?;
+                        for message in &messages {
+                            let info = &mut partitions[group.spec.partition_of(message) as usize];
+                            if message.global_position > info.position {
+                                info.lag += 1;
+                            }
                         }
+                        if scanned_to == after {
+                            break;
+                        }
+                        after = scanned_to;
                     }
                     partitions.iter().map(|p| p.lag).sum()
                 }
-                None => self.tree().range(start..=end).keys().count() as u64,
+                None => self.log().category_count(category.as_str(), position)?,
             };
             let consumer = ConsumerId::new(category, name);
             let deferred = self
@@ -503,7 +494,7 @@ impl MessageStore for SledStore {
                 .keys()
                 .count() as u64;
             listed.push(ConsumerInfo {
-                category_head: self.category_head(consumer.category.as_str())?,
+                category_head: self.log().category_head(consumer.category.as_str())?,
                 consumer,
                 position,
                 lag,

@@ -1,6 +1,7 @@
-//! The writer thread: the only writer of the tree. It takes the requests waiting in its queue as
-//! one group, checks each commit against the tree and the group's earlier commits, writes the
-//! group as one atomic batch with one flush, and only then answers and wakes the consumers.
+//! The writer thread: the only writer of the log and the tree. It takes the requests waiting in its
+//! queue as one group, checks each commit against the store and the group's earlier commits,
+//! appends the group's messages to the log and syncs it, writes the rest as one atomic batch with
+//! one flush, and only then publishes the messages, answers and wakes the consumers.
 
 use super::*;
 
@@ -97,7 +98,13 @@ impl Staging<'_> {
 pub(super) struct Writer {
     pub(super) db: sled::Db,
     pub(super) tree: Tree,
+    pub(super) log: Arc<MessageLog>,
+    pub(super) log_writer: LogWriter,
     pub(super) head: u64,
+    /// Messages of the group not yet in the log, in global order.
+    pub(super) messages: Vec<Message>,
+    /// Ids of the group's messages: the log's index learns them only when the group is durable.
+    pub(super) ids: HashSet<String>,
     /// Versions of streams written lately (every stream the current group wrote is here).
     pub(super) versions: HashMap<String, u64>,
     /// How many streams `versions` may hold before it starts over.
@@ -154,12 +161,14 @@ impl Writer {
                 }
                 results.push(result.map(|(applied, _)| applied));
             }
-            // Group commit: one batch and one fsync for every commit above.
+            // Group commit: one append and one batch, each made durable once, for every commit
+            // above; then readers may see its messages.
             let written = match failure {
                 Some(e) => Err(e),
                 None => self
                     .write_staged(&mut staged)
-                    .and_then(|()| self.db.flush().map_err(backend)),
+                    .and_then(|()| self.db.flush().map_err(backend))
+                    .and_then(|_| self.log_writer.publish()),
             };
             if let Err(e) = written {
                 // The group may be partly in memory and maybe not on disk: neither "failed" nor
@@ -183,16 +192,25 @@ impl Writer {
             for (request, result) in group.into_iter().zip(results) {
                 request.reply(result);
             }
+            self.ids.clear();
             if self.versions.len() > self.cached_versions {
                 self.versions.clear();
             }
         }
     }
 
-    /// Writes what the group staged, and the head, as one atomic batch.
+    /// Appends the group's messages to the log and makes them durable, then writes what the
+    /// group staged and the head as one atomic batch. In this order: sled may write the batch
+    /// out before it is flushed, and a head on disk must never vouch for a message that is not.
     fn write_staged(&mut self, staged: &mut Staged) -> Result<(), StoreError> {
-        if staged.is_empty() {
+        if staged.is_empty() && self.messages.is_empty() {
             return Ok(());
+        }
+        if !self.messages.is_empty() {
+            for message in self.messages.drain(..) {
+                self.log_writer.append(&message)?;
+            }
+            self.log_writer.sync()?;
         }
         let mut batch = sled::Batch::default();
         for (key, value) in std::mem::take(staged) {
@@ -208,7 +226,7 @@ impl Writer {
     fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         match self.versions.get(stream) {
             Some(version) => Ok(*version),
-            None => stored_version(&self.tree, stream),
+            None => self.log.stream_version(stream),
         }
     }
 
@@ -235,8 +253,9 @@ impl Writer {
             let stream = append.stream.as_str();
             let mut fresh: Vec<&NewMessage> = Vec::with_capacity(append.messages.len());
             for message in &append.messages {
-                if staging.get(&id_key(&message.id))?.is_some()
+                if self.ids.contains(&message.id)
                     || fresh.iter().any(|m| m.id == message.id)
+                    || self.log.holds_id(&message.id)?
                 {
                     if commit.refuse_duplicates {
                         return Err(StoreError::Duplicate {
@@ -264,7 +283,6 @@ impl Writer {
                     actual: version,
                 });
             }
-            let category = append.stream.category_str();
             for new in fresh {
                 head += 1;
                 let message = Message {
@@ -278,15 +296,11 @@ impl Writer {
                     time_ms,
                     not_before_ms: new.not_before_ms,
                 };
-                let at = message_key(category, head);
-                staging.insert(stream_key(stream, version), head.to_be_bytes().to_vec());
-                staging.insert(id_key(&message.id), at.clone());
-                staging.insert(at, encode(&message));
                 version += 1;
                 committed.written.push(message);
             }
             versions.push((stream.to_owned(), version));
-            touched.insert(category.to_owned());
+            touched.insert(append.stream.category_str().to_owned());
         }
         // A key goes in only with its message: the key of a duplicate skipped here would
         // replace the key of the message stored first, which then could not be opened.
@@ -387,6 +401,9 @@ impl Writer {
         group.extend(own);
         self.head = head;
         self.versions.extend(versions);
+        self.ids
+            .extend(committed.written.iter().map(|m| m.id.clone()));
+        self.messages.extend(committed.written.iter().cloned());
         Ok((committed, touched))
     }
 

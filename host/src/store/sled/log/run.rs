@@ -1,0 +1,358 @@
+//! One immutable run of the index: entries sorted by (key, seq, location), written once and
+//! never changed, then merged into larger runs (see `index`). The file is the sorted entries
+//! (24 bytes each), a Bloom filter over their keys, the first entry of every block (its fences),
+//! and a footer; the filter and the fences are read into memory when the run is opened, so a
+//! lookup is a few probes of memory and one read of a block.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::segment::Location;
+use crate::store::StoreError;
+
+/// Entries per block: one read of 4 KB fetches a block.
+const BLOCK: usize = 170;
+const ENTRY: usize = 24;
+const MAGIC: &[u8; 8] = b"FERRYIX1";
+const FOOTER: usize = 8 * 8;
+/// Bloom filter bits per key and probes: about 1% false positives.
+const BITS_PER_KEY: u64 = 10;
+const PROBES: u64 = 7;
+
+/// One index entry: a hashed name (`key`), an order within it (`seq`: the stream position, the
+/// global position for a category, 0 for an id) and where the message is in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct Entry {
+    pub key: u64,
+    pub seq: u64,
+    pub at: Location,
+}
+
+impl Entry {
+    fn encode(&self, out: &mut [u8]) {
+        out[..8].copy_from_slice(&self.key.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        out[16..24].copy_from_slice(&self.at.to_le_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Self {
+        let word = |n: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[n * 8..n * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        Self {
+            key: word(0),
+            seq: word(1),
+            at: word(2),
+        }
+    }
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Backend(format!("message index {}: {what}: {e}", path.display()))
+}
+
+/// A Bloom filter over keys that are already uniform hashes: its probes are derived from the key
+/// itself (double hashing), so it needs no hasher of its own and its bits are stable on disk.
+#[derive(Debug)]
+struct Bloom {
+    words: Vec<u64>,
+}
+
+impl Bloom {
+    fn with_keys(keys: u64) -> Self {
+        let bits = (keys.max(1) * BITS_PER_KEY).div_ceil(64) * 64;
+        Self {
+            words: vec![0; (bits / 64) as usize],
+        }
+    }
+
+    fn probes(&self, key: u64) -> impl Iterator<Item = (usize, u64)> {
+        let bits = self.words.len() as u64 * 64;
+        let step = key.rotate_left(32) | 1;
+        (0..PROBES).map(move |i| {
+            let bit = key.wrapping_add(i.wrapping_mul(step)) % bits;
+            ((bit / 64) as usize, 1u64 << (bit % 64))
+        })
+    }
+
+    fn insert(&mut self, key: u64) {
+        let probes: Vec<_> = self.probes(key).collect();
+        for (word, mask) in probes {
+            self.words[word] |= mask;
+        }
+    }
+
+    fn may_hold(&self, key: u64) -> bool {
+        self.probes(key)
+            .all(|(word, mask)| self.words[word] & mask != 0)
+    }
+}
+
+/// An open run.
+#[derive(Debug)]
+pub(super) struct Run {
+    path: PathBuf,
+    file: File,
+    entries: u64,
+    /// Distinct keys, an upper bound once runs are merged (it sizes the merged run's filter).
+    keys: u64,
+    bloom: Bloom,
+    fences: Vec<Entry>,
+    /// The largest global position of a message the run indexes.
+    pub last_global: u64,
+}
+
+impl Run {
+    pub(super) fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(super) fn bytes(&self) -> u64 {
+        self.entries * ENTRY as u64
+            + self.bloom.words.len() as u64 * 8
+            + self.fences.len() as u64 * ENTRY as u64
+            + FOOTER as u64
+    }
+
+    /// Writes `entries` (sorted, at most `keys` distinct keys) as a run at `path`, durably.
+    pub(super) fn write(
+        path: &Path,
+        entries: impl Iterator<Item = Result<Entry, StoreError>>,
+        keys: u64,
+        last_global: u64,
+    ) -> Result<Self, StoreError> {
+        // Read and write: the run is searched through this handle once written.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| io("creating", path, e))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut bloom = Bloom::with_keys(keys);
+        let mut fences = Vec::new();
+        let mut count = 0u64;
+        let mut previous: Option<Entry> = None;
+        let mut distinct = 0u64;
+        let mut bytes = [0u8; ENTRY];
+        for entry in entries {
+            let entry = entry?;
+            if previous.is_some_and(|p| p >= entry) {
+                return Err(StoreError::Backend(format!(
+                    "message index {}: entries out of order",
+                    path.display()
+                )));
+            }
+            if previous.is_none_or(|p| p.key != entry.key) {
+                bloom.insert(entry.key);
+                distinct += 1;
+            }
+            if count.is_multiple_of(BLOCK as u64) {
+                fences.push(entry);
+            }
+            entry.encode(&mut bytes);
+            out.write_all(&bytes).map_err(|e| io("writing", path, e))?;
+            count += 1;
+            previous = Some(entry);
+        }
+        let mut tail = Vec::with_capacity(bloom.words.len() * 8 + fences.len() * ENTRY + FOOTER);
+        for word in &bloom.words {
+            tail.extend_from_slice(&word.to_le_bytes());
+        }
+        for fence in &fences {
+            let at = tail.len();
+            tail.resize(at + ENTRY, 0);
+            fence.encode(&mut tail[at..]);
+        }
+        let footer_at = tail.len();
+        tail.extend_from_slice(MAGIC);
+        for word in [
+            count,
+            bloom.words.len() as u64,
+            fences.len() as u64,
+            distinct,
+            last_global,
+            // Reserved.
+            0,
+        ] {
+            tail.extend_from_slice(&word.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&tail);
+        tail.extend_from_slice(&u64::from(crc).to_le_bytes());
+        debug_assert_eq!(tail.len() - footer_at, FOOTER);
+        out.write_all(&tail).map_err(|e| io("writing", path, e))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| io("writing", path, e.into_error()))?;
+        file.sync_all().map_err(|e| io("syncing", path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            entries: count,
+            keys: distinct,
+            bloom,
+            fences,
+            last_global,
+        })
+    }
+
+    /// Opens a run written by [`Run::write`]; its filter, fences and footer are checked.
+    pub(super) fn open(path: &Path) -> Result<Self, StoreError> {
+        let damaged = |why: &str| {
+            StoreError::Backend(format!(
+                "message index {} is damaged: {why}",
+                path.display()
+            ))
+        };
+        let file = File::open(path).map_err(|e| io("opening", path, e))?;
+        let len = file.metadata().map_err(|e| io("opening", path, e))?.len();
+        if len < FOOTER as u64 {
+            return Err(damaged("it is shorter than its footer"));
+        }
+        let mut footer = [0u8; FOOTER];
+        file.read_exact_at(&mut footer, len - FOOTER as u64)
+            .map_err(|e| io("reading", path, e))?;
+        if &footer[..8] != MAGIC {
+            return Err(damaged("it does not start its footer with the run's mark"));
+        }
+        let word = |n: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&footer[8 + n * 8..16 + n * 8]);
+            u64::from_le_bytes(w)
+        };
+        let (entries, words, fence_count, keys, last_global, crc) =
+            (word(0), word(1), word(2), word(3), word(4), word(6));
+        let tail_len = words * 8 + fence_count * ENTRY as u64;
+        if entries * ENTRY as u64 + tail_len + FOOTER as u64 != len
+            || fence_count != entries.div_ceil(BLOCK as u64)
+        {
+            return Err(damaged("its length does not match its footer"));
+        }
+        let mut tail = vec![0u8; tail_len as usize];
+        file.read_exact_at(&mut tail, entries * ENTRY as u64)
+            .map_err(|e| io("reading", path, e))?;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&tail);
+        hasher.update(&footer[..FOOTER - 8]);
+        if u64::from(hasher.finalize()) != crc {
+            return Err(damaged("its checksum does not match"));
+        }
+        let (bloom_bytes, fence_bytes) = tail.split_at(words as usize * 8);
+        let bloom = Bloom {
+            words: bloom_bytes
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+                .collect(),
+        };
+        if bloom.words.is_empty() {
+            return Err(damaged("its filter is empty"));
+        }
+        let fences = fence_bytes.chunks_exact(ENTRY).map(Entry::decode).collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            entries,
+            keys,
+            bloom,
+            fences,
+            last_global,
+        })
+    }
+
+    pub(super) fn keys(&self) -> u64 {
+        self.keys
+    }
+
+    fn block(&self, number: usize) -> Result<Vec<Entry>, StoreError> {
+        let first = number * BLOCK;
+        let count = BLOCK.min(self.entries as usize - first);
+        let mut bytes = vec![0u8; count * ENTRY];
+        self.file
+            .read_exact_at(&mut bytes, (first * ENTRY) as u64)
+            .map_err(|e| io("reading", &self.path, e))?;
+        Ok(bytes.chunks_exact(ENTRY).map(Entry::decode).collect())
+    }
+
+    /// Appends to `out` the entries of `key` with `seq >= from`, in order, until `out` holds
+    /// `limit`.
+    pub(super) fn scan(
+        &self,
+        key: u64,
+        from: u64,
+        limit: usize,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), StoreError> {
+        if !self.bloom.may_hold(key) || self.fences.is_empty() {
+            return Ok(());
+        }
+        let start = Entry {
+            key,
+            seq: from,
+            at: 0,
+        };
+        // The block holding the first entry at or after `start`: the last one whose first entry
+        // is before it.
+        let mut block = self
+            .fences
+            .partition_point(|f| *f < start)
+            .saturating_sub(1);
+        while block < self.fences.len() && out.len() < limit {
+            for entry in self.block(block)? {
+                if entry < start {
+                    continue;
+                }
+                if entry.key != key || out.len() >= limit {
+                    return Ok(());
+                }
+                out.push(entry);
+            }
+            block += 1;
+        }
+        Ok(())
+    }
+
+    /// The last entry of `key`, if the run has one.
+    pub(super) fn last(&self, key: u64) -> Result<Option<Entry>, StoreError> {
+        if !self.bloom.may_hold(key) {
+            return Ok(None);
+        }
+        let end = Entry {
+            key,
+            seq: u64::MAX,
+            at: u64::MAX,
+        };
+        let Some(block) = self.fences.partition_point(|f| *f <= end).checked_sub(1) else {
+            return Ok(None);
+        };
+        Ok(self
+            .block(block)?
+            .into_iter()
+            .rev()
+            .find(|e| *e <= end)
+            .filter(|e| e.key == key))
+    }
+
+    /// Every entry, in order, read a block at a time (for merging).
+    pub(super) fn iter(&self) -> impl Iterator<Item = Result<Entry, StoreError>> + '_ {
+        (0..self.fences.len())
+            .map(|block| self.block(block))
+            .flat_map(|block| match block {
+                Ok(entries) => entries.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            })
+    }
+
+    /// Removes the run's file (readers holding it open keep reading it).
+    pub(super) fn remove(&self) -> Result<(), StoreError> {
+        fs::remove_file(&self.path).map_err(|e| io("removing", &self.path, e))
+    }
+}
