@@ -19,6 +19,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// Only some of the shared measures are used here.
+#[allow(dead_code)]
 #[path = "measure/mod.rs"]
 mod measure;
 // The tests' nats-server launcher; the benchmark only starts a server.

@@ -28,7 +28,7 @@ use anyhow::Context as _;
 use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
 use ferry::store::{Category, Commit, ConsumerId, MessageStore, NewMessage, SledStore, StreamName};
 use ferry::wasm::{Limits, Runtime};
-use measure::resident_mib;
+use measure::{folder_bytes, resident_mib};
 
 #[cfg(feature = "heap-profile")]
 #[global_allocator]
@@ -46,21 +46,6 @@ fn arg(name: &str, default: u64) -> u64 {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Bytes of every file under `path`.
-fn store_bytes(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|entry| match entry.metadata() {
-            Ok(meta) if meta.is_dir() => store_bytes(&entry.path()),
-            Ok(meta) => meta.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 fn live_heap_mib() -> Option<f64> {
@@ -252,7 +237,7 @@ async fn main() -> anyhow::Result<()> {
         let rate = want as f64 / started.elapsed().as_secs_f64();
         // Let the writer's last flush and the consumers settle before measuring.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let bytes = store_bytes(&dir.join("store"));
+        let bytes = folder_bytes(&dir.join("store"));
         println!(
             "| {stored} | {rate:.0} | {:.1} | {} | {:.1} | {:.0} |",
             resident_mib(),
@@ -263,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // `--account`: where the logical bytes are, by kind of record (a full scan of the store).
     if std::env::args().any(|a| a == "--account") {
-        let file_bytes = store_bytes(&dir.join("store"));
+        let file_bytes = folder_bytes(&dir.join("store"));
         let account = host.sled.account()?;
         let logical: u64 = account.iter().map(|a| a.key_bytes + a.value_bytes).sum();
         println!();

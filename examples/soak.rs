@@ -29,7 +29,7 @@ use ferry::store::{
     Category, Commit, ConsumerId, MessageStore, NatsStore, NewMessage, SledStore, StreamName,
 };
 use ferry::wasm::{Limits, Runtime};
-use measure::{percentile, resident_mib};
+use measure::{folder_bytes, percentile, resident_mib};
 
 /// Where the tests' nats-server helper looks for the binary.
 fn repo_root() -> std::path::PathBuf {
@@ -43,20 +43,6 @@ fn arg(name: &str, default: u64) -> u64 {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Bytes sled keeps on disk, for comparing memory growth with data growth.
-fn store_mib(path: &std::path::Path) -> f64 {
-    std::fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum::<u64>()
-        })
-        .unwrap_or(0) as f64
-        / (1024.0 * 1024.0)
 }
 
 #[tokio::main]
@@ -206,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
                     .as_secs_f64()
                     * 1e3,
                 resident_mib(),
-                store_mib(&dir.path().join("store"))
+                folder_bytes(&dir.path().join("store")) as f64 / (1024.0 * 1024.0)
             );
             next_report += window;
         }

@@ -22,3 +22,18 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
+
+/// Bytes of every file under `path`, folders included (the store keeps its message log in one).
+pub fn folder_bytes(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => folder_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
