@@ -1,8 +1,9 @@
 //! One immutable run of the index: entries sorted by (key, seq, location), written once and
 //! never changed, then merged into larger runs (see `index`). The file is the sorted entries
 //! (24 bytes each), a Bloom filter over their keys, the first entry of every block (its fences),
-//! and a footer; the filter and the fences are read into memory when the run is opened, so a
-//! lookup is a few probes of memory and one read of a block.
+//! and a footer. The fences are read into memory when the run is opened, and so is the filter of
+//! a small run; a large run's filter is read from the file, 64 bytes per lookup, so that memory
+//! does not grow with the history. A lookup is a probe of the filter and one read of a block.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -20,6 +21,12 @@ const FOOTER: usize = 8 * 8;
 /// Bloom filter bits per key and probes: about 1% false positives.
 const BITS_PER_KEY: u64 = 10;
 const PROBES: u64 = 7;
+/// A filter block: one key's probes all fall in one block of this many 64-bit words (64 bytes,
+/// one read from the file).
+const FILTER_BLOCK_WORDS: usize = 8;
+/// Filters up to this size stay in memory (runs of up to ~200 000 distinct keys: the two smallest
+/// levels of the merge, so a bounded number of them); larger ones are read from the file.
+const FILTER_IN_MEMORY_BYTES: usize = 256 << 10;
 
 /// One index entry: a hashed name (`key`), an order within it (`seq`: the stream position, the
 /// global position for a category, 0 for an id) and where the message is in the log.
@@ -55,8 +62,10 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Backend(format!("message index {}: {what}: {e}", path.display()))
 }
 
-/// A Bloom filter over keys that are already uniform hashes: its probes are derived from the key
-/// itself (double hashing), so it needs no hasher of its own and its bits are stable on disk.
+/// A blocked Bloom filter over keys that are already uniform hashes: the key picks a block of
+/// [`FILTER_BLOCK_WORDS`] words and its probes, derived from the key itself (double hashing),
+/// fall in that block. So it needs no hasher of its own, its bits are stable on disk, and a
+/// filter left on disk answers with one read.
 #[derive(Debug)]
 struct Bloom {
     words: Vec<u64>,
@@ -64,31 +73,73 @@ struct Bloom {
 
 impl Bloom {
     fn with_keys(keys: u64) -> Self {
-        let bits = (keys.max(1) * BITS_PER_KEY).div_ceil(64) * 64;
+        let block_bits = (FILTER_BLOCK_WORDS * 64) as u64;
+        let blocks = (keys.max(1) * BITS_PER_KEY).div_ceil(block_bits);
         Self {
-            words: vec![0; (bits / 64) as usize],
+            words: vec![0; blocks as usize * FILTER_BLOCK_WORDS],
         }
     }
 
-    fn probes(&self, key: u64) -> impl Iterator<Item = (usize, u64)> {
-        let bits = self.words.len() as u64 * 64;
-        let step = key.rotate_left(32) | 1;
+    /// The block of `key` in a filter of `blocks` blocks.
+    fn block_of(key: u64, blocks: u64) -> u64 {
+        ((u128::from(key) * u128::from(blocks)) >> 64) as u64
+    }
+
+    /// The probes of `key` within its block: (word in the block, bit mask).
+    fn probes(key: u64) -> impl Iterator<Item = (usize, u64)> {
+        let first = key.rotate_left(21);
+        let step = key.rotate_left(42) | 1;
         (0..PROBES).map(move |i| {
-            let bit = key.wrapping_add(i.wrapping_mul(step)) % bits;
+            let bit = first.wrapping_add(i.wrapping_mul(step)) % (FILTER_BLOCK_WORDS as u64 * 64);
             ((bit / 64) as usize, 1u64 << (bit % 64))
         })
     }
 
+    fn blocks(&self) -> u64 {
+        (self.words.len() / FILTER_BLOCK_WORDS) as u64
+    }
+
     fn insert(&mut self, key: u64) {
-        let probes: Vec<_> = self.probes(key).collect();
-        for (word, mask) in probes {
-            self.words[word] |= mask;
+        let start = Self::block_of(key, self.blocks()) as usize * FILTER_BLOCK_WORDS;
+        for (word, mask) in Self::probes(key) {
+            self.words[start + word] |= mask;
         }
     }
 
+    fn block_may_hold(block: &[u64], key: u64) -> bool {
+        Self::probes(key).all(|(word, mask)| block[word] & mask != 0)
+    }
+
     fn may_hold(&self, key: u64) -> bool {
-        self.probes(key)
-            .all(|(word, mask)| self.words[word] & mask != 0)
+        let start = Self::block_of(key, self.blocks()) as usize * FILTER_BLOCK_WORDS;
+        Self::block_may_hold(&self.words[start..start + FILTER_BLOCK_WORDS], key)
+    }
+}
+
+/// Where a run's filter is: in memory, or in its file at `offset` with `blocks` blocks.
+#[derive(Debug)]
+enum Filter {
+    InMemory(Bloom),
+    InFile { offset: u64, blocks: u64 },
+}
+
+impl Filter {
+    fn keep(bloom: Bloom, offset: u64) -> Self {
+        if bloom.words.len() * 8 <= FILTER_IN_MEMORY_BYTES {
+            Self::InMemory(bloom)
+        } else {
+            Self::InFile {
+                offset,
+                blocks: bloom.blocks(),
+            }
+        }
+    }
+
+    fn words(&self) -> u64 {
+        match self {
+            Self::InMemory(bloom) => bloom.words.len() as u64,
+            Self::InFile { blocks, .. } => blocks * FILTER_BLOCK_WORDS as u64,
+        }
     }
 }
 
@@ -100,7 +151,7 @@ pub(super) struct Run {
     entries: u64,
     /// Distinct keys, an upper bound once runs are merged (it sizes the merged run's filter).
     keys: u64,
-    bloom: Bloom,
+    filter: Filter,
     fences: Vec<Entry>,
     /// The largest global position of a message the run indexes.
     pub last_global: u64,
@@ -117,7 +168,7 @@ impl Run {
 
     pub(super) fn bytes(&self) -> u64 {
         self.entries * ENTRY as u64
-            + self.bloom.words.len() as u64 * 8
+            + self.filter.words() * 8
             + self.fences.len() as u64 * ENTRY as u64
             + FOOTER as u64
     }
@@ -199,7 +250,7 @@ impl Run {
             file,
             entries: count,
             keys: distinct,
-            bloom,
+            filter: Filter::keep(bloom, count * ENTRY as u64),
             fences,
             last_global,
         })
@@ -253,8 +304,8 @@ impl Run {
                 .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
                 .collect(),
         };
-        if bloom.words.is_empty() {
-            return Err(damaged("its filter is empty"));
+        if bloom.words.is_empty() || !bloom.words.len().is_multiple_of(FILTER_BLOCK_WORDS) {
+            return Err(damaged("its filter is not whole blocks"));
         }
         let fences = fence_bytes.chunks_exact(ENTRY).map(Entry::decode).collect();
         Ok(Self {
@@ -262,7 +313,7 @@ impl Run {
             file,
             entries,
             keys,
-            bloom,
+            filter: Filter::keep(bloom, entries * ENTRY as u64),
             fences,
             last_global,
         })
@@ -270,6 +321,27 @@ impl Run {
 
     pub(super) fn keys(&self) -> u64 {
         self.keys
+    }
+
+    /// Whether the run may hold `key` (false: it surely does not).
+    fn may_hold(&self, key: u64) -> Result<bool, StoreError> {
+        match &self.filter {
+            Filter::InMemory(bloom) => Ok(bloom.may_hold(key)),
+            Filter::InFile { offset, blocks } => {
+                let mut bytes = [0u8; FILTER_BLOCK_WORDS * 8];
+                let at = offset + Bloom::block_of(key, *blocks) * bytes.len() as u64;
+                self.file
+                    .read_exact_at(&mut bytes, at)
+                    .map_err(|e| io("reading", &self.path, e))?;
+                let mut block = [0u64; FILTER_BLOCK_WORDS];
+                for (word, chunk) in block.iter_mut().zip(bytes.chunks_exact(8)) {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(chunk);
+                    *word = u64::from_le_bytes(w);
+                }
+                Ok(Bloom::block_may_hold(&block, key))
+            }
+        }
     }
 
     fn block(&self, number: usize) -> Result<Vec<Entry>, StoreError> {
@@ -291,7 +363,7 @@ impl Run {
         limit: usize,
         out: &mut Vec<Entry>,
     ) -> Result<(), StoreError> {
-        if !self.bloom.may_hold(key) || self.fences.is_empty() {
+        if self.fences.is_empty() || !self.may_hold(key)? {
             return Ok(());
         }
         let start = Entry {
@@ -322,7 +394,7 @@ impl Run {
 
     /// The last entry of `key`, if the run has one.
     pub(super) fn last(&self, key: u64) -> Result<Option<Entry>, StoreError> {
-        if !self.bloom.may_hold(key) {
+        if !self.may_hold(key)? {
             return Ok(None);
         }
         let end = Entry {
@@ -354,5 +426,51 @@ impl Run {
     /// Removes the run's file (readers holding it open keep reading it).
     pub(super) fn remove(&self) -> Result<(), StoreError> {
         fs::remove_file(&self.path).map_err(|e| io("removing", &self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run of `keys` keys with two entries each, written and opened again.
+    fn written(dir: &Path, keys: u64) -> Result<(Run, Run), StoreError> {
+        let path = dir.join(format!("{keys}.run"));
+        let entries = (0..keys).flat_map(|k| {
+            let key = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            [Entry { key, seq: 1, at: k }, Entry { key, seq: 2, at: k }]
+        });
+        let mut sorted: Vec<Entry> = entries.collect();
+        sorted.sort_unstable();
+        let run = Run::write(&path, sorted.into_iter().map(Ok), keys, 7)?;
+        Ok((run, Run::open(&path)?))
+    }
+
+    #[test]
+    fn every_key_is_found_and_absent_keys_are_mostly_filtered_out_in_memory_or_in_the_file()
+    -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Backend(e.to_string()))?;
+        for (keys, in_file) in [(10_000u64, false), (300_000, true)] {
+            let (written, opened) = written(dir.path(), keys)?;
+            for run in [&written, &opened] {
+                assert_eq!(matches!(run.filter, Filter::InFile { .. }), in_file);
+                assert_eq!((run.entries(), run.last_global), (keys * 2, 7));
+                let mut passed = 0;
+                for k in 0..keys {
+                    let key = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    let mut found = Vec::new();
+                    run.scan(key, 2, 10, &mut found)?;
+                    assert_eq!(found, [Entry { key, seq: 2, at: k }]);
+                    assert_eq!(run.last(key)?, Some(Entry { key, seq: 2, at: k }));
+                    // Keys that were never written.
+                    if run.may_hold(key ^ 0x5555_0000_0000_0001)? {
+                        passed += 1;
+                    }
+                }
+                let rate = f64::from(passed) / keys as f64;
+                assert!(rate < 0.03, "{rate} of absent keys pass the filter");
+            }
+        }
+        Ok(())
     }
 }
