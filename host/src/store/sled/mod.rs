@@ -336,10 +336,15 @@ impl MessageStore for SledStore {
         if durable <= after {
             return Ok(page);
         }
-        // Never more entries than messages still wanted, so the page cannot overshoot `limit`.
+        // Entries are looked at in batches of at least `MIN_BATCH` (a filter that keeps few
+        // messages would otherwise ask the index for one entry at a time); a page that fills
+        // mid-batch ends at its last message, so nothing after it counts as scanned.
+        const MIN_BATCH: usize = 64;
         let mut looked_at = 0;
         while page.messages.len() < limit && looked_at < MAX_SCAN {
-            let most = (limit - page.messages.len()).min(MAX_SCAN - looked_at);
+            let most = (limit - page.messages.len())
+                .max(MIN_BATCH)
+                .min(MAX_SCAN - looked_at);
             let (messages, scanned_to) =
                 self.log()
                     .read_category(category.as_str(), page.scanned_to, durable, most)?;
@@ -348,8 +353,15 @@ impl MessageStore for SledStore {
             }
             looked_at += most;
             page.scanned_to = scanned_to;
-            page.messages
-                .extend(messages.into_iter().filter(|m| filter.keeps(m)));
+            for message in messages.into_iter().filter(|m| filter.keeps(m)) {
+                if let Some(last) = page.messages.last()
+                    && page.messages.len() == limit
+                {
+                    page.scanned_to = last.global_position;
+                    break;
+                }
+                page.messages.push(message);
+            }
         }
         Ok(page)
     }
