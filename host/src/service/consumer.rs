@@ -42,6 +42,12 @@ const RECHECK_IDLE: Duration = Duration::from_secs(2);
 const CONFLICT_PATIENCE: Duration = Duration::from_secs(30);
 /// The longest pause between two decisions of one message that conflicted.
 const CONFLICT_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// How long a consumer on a shared store goes on from the positions it read, while it owns the
+/// same partitions and its commits are accepted: its own commits keep them current, and reading
+/// them costs a record per partition, which every poll did (most of what the server sent two
+/// instances of a service). A change made by another writer (a view rebuild) is seen by then,
+/// or at once through the commit it refuses.
+const POSITIONS_FRESH_FOR: Duration = Duration::from_secs(1);
 /// How far (in global positions) an owned partition with nothing to handle may fall behind what
 /// was scanned before it is advanced on its own: on a shared store each partition is a record
 /// of its own, and a restart rescans at most this much.
@@ -62,6 +68,8 @@ pub(super) struct Consumer {
     pub(super) spec: GroupSpec,
     /// Each partition's stored position as this consumer last read or wrote it.
     pub(super) positions: Vec<PartitionPosition>,
+    /// When `positions` were last read from the store; `None` when they must be read again.
+    pub(super) positions_read: Option<std::time::Instant>,
     /// What this instance owns; changed by its assigner on a shared store.
     pub(super) owned: watch::Receiver<Owned>,
     /// What it owned when this poll began: the only partitions the poll reads. A partition
@@ -143,9 +151,11 @@ impl Consumer {
                 Ok(()) => {}
                 Err(Interrupted::Shutdown) => break,
                 Err(Interrupted::Moved) => {
+                    self.positions_read = None;
                     tracing::info!(consumer = %self.id, "position moved by someone else; reading again");
                 }
                 Err(Interrupted::Store(e)) => {
+                    self.positions_read = None;
                     tracing::error!(consumer = %self.id, "store error, retrying in 1s: {e}");
                     if self.sleep(Duration::from_secs(1)).await.is_err() {
                         break;
@@ -167,13 +177,34 @@ impl Consumer {
         let mut owned_changes = self.owned.clone();
         let owned_before =
             std::mem::replace(&mut self.reading, owned_changes.borrow_and_update().clone());
-        let group = self.store.join_group(&self.id, self.spec).await?;
-        // Where the last poll got to still holds when it owned what this one does and every
-        // position is as it left them (a rebuild or a take-over changes one).
-        let scanned = (owned_before == self.reading && group.positions == self.positions)
+        // Where one process owns the store, reading its group is a local lookup: every poll
+        // does, and sees a rebuild at once.
+        let read_positions = owned_before != self.reading
+            || matches!(self.reading, Owned::All)
+            || self
+                .positions_read
+                .is_none_or(|read| read.elapsed() >= POSITIONS_FRESH_FOR);
+        let scanned = if read_positions {
+            let group = self.store.join_group(&self.id, self.spec).await?;
+            self.positions_read = Some(std::time::Instant::now());
+            // Where the last poll got to still holds when it owned what this one does and the
+            // positions of those partitions are as it left them (a rebuild or a take-over
+            // changes one). Other instances' partitions move with every commit they make and
+            // say nothing about what this one scanned: counting them sent each poll back to
+            // its slowest owned partition, up to IDLE_ADVANCE behind, to read that again.
+            let scanned = (owned_before == self.reading
+                && group.spec == self.spec
+                && (0..self.spec.partitions).all(|p| {
+                    self.reading.epoch(p).is_none()
+                        || group.positions.get(p as usize) == self.positions.get(p as usize)
+                }))
             .then_some(self.position);
-        self.spec = group.spec;
-        self.positions = group.positions;
+            self.spec = group.spec;
+            self.positions = group.positions;
+            scanned
+        } else {
+            Some(self.position)
+        };
         let mut next_due = None;
         for deferred in self.store.deferred(&self.id).await? {
             if self.partition_epoch(&deferred.message).is_none() {

@@ -447,6 +447,7 @@ impl Running {
                 position: 0,
                 spec,
                 positions: Vec::new(),
+                positions_read: None,
                 reading: Owned::Leased(Default::default()),
                 owned: owned_changes,
                 origin_prefix,

@@ -134,9 +134,18 @@ impl CategoryFilter {
         }
     }
 
-    /// True when a read keeps every message.
-    pub fn keeps_all(&self) -> bool {
-        self.origin_prefix.is_none() && self.partitions.is_none()
+    /// How many messages a read should fetch to keep about `wanted`: by the share of
+    /// partitions owned (a quarter more, for the hash's unevenness), or `None` when an
+    /// `originEntity` filter makes the share unknowable.
+    pub fn fetch_for(&self, wanted: usize) -> Option<usize> {
+        if self.origin_prefix.is_some() {
+            return None;
+        }
+        let Some(filter) = &self.partitions else {
+            return Some(wanted);
+        };
+        let owned = filter.after.iter().filter(|a| a.is_some()).count().max(1);
+        Some((wanted * filter.after.len()).div_ceil(owned) * 5 / 4 + 1)
     }
 
     pub fn keeps(&self, message: &Message) -> bool {
@@ -241,6 +250,25 @@ pub trait Leases: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_fetches_by_the_share_of_partitions_it_keeps() {
+        let owning = |owned: u32| CategoryFilter {
+            origin_prefix: None,
+            partitions: Some(PartitionFilter {
+                spec: GroupSpec::new(PartitionKey::Entity),
+                after: (0..64).map(|p| (p < owned).then_some(0)).collect(),
+            }),
+        };
+        assert_eq!(CategoryFilter::default().fetch_for(10), Some(10));
+        // Every partition: what is missing, a quarter more.
+        assert_eq!(owning(64).fetch_for(10), Some(13));
+        // Half of them: twice that.
+        assert_eq!(owning(32).fetch_for(10), Some(26));
+        assert_eq!(owning(1).fetch_for(1), Some(81));
+        // An origin filter's share is unknown.
+        assert_eq!(CategoryFilter::origin("user.").fetch_for(10), None);
+    }
 
     #[test]
     fn the_partition_function_does_not_change() {

@@ -433,11 +433,11 @@ impl MessageStore for NatsStore {
         };
         let mut scanned = 0;
         while page.messages.len() < limit && scanned < MAX_SCAN {
-            let want = if !keep.keeps_all() {
-                PAGE
-            } else {
-                (limit - page.messages.len()).min(PAGE)
-            };
+            // A direct get sends every entry it is asked for: fetch what the page still
+            // misses, scaled by the share the filter keeps (a whole page when that is unknown).
+            let want = keep
+                .fetch_for(limit - page.messages.len())
+                .map_or(PAGE, |want| want.min(PAGE));
             let (entries, pending) = self.page(&filter, page.scanned_to + 1, want).await?;
             if entries.is_empty() {
                 break;
