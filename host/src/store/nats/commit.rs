@@ -5,7 +5,10 @@
 use super::*;
 
 impl NatsStore {
-    /// Sends one atomic batch; returns the sequence of its first message.
+    /// Sends one atomic batch; returns the sequence of its first message. A single message
+    /// goes as a plain publish, atomic on its own and with the same checks: the server stages
+    /// each batch of a one-server stream in a store of its own, files created and synced (~7 ms
+    /// of its CPU here), which every heartbeat paid.
     pub(super) async fn publish(&self, batch: Vec<Outgoing>) -> Result<u64, BatchRefused> {
         if batch.len() > MAX_BATCH {
             return Err(BatchRefused::Other(StoreError::TooLarge {
@@ -23,10 +26,13 @@ impl NatsStore {
         let batch_id = uuid::Uuid::new_v4().simple().to_string();
         let client = &self.inner.client;
         let mut first_seq = 0;
+        let single = count == 1;
         for (index, outgoing) in batch.into_iter().enumerate() {
             let mut headers = HeaderMap::new();
-            headers.insert("Nats-Batch-Id", batch_id.as_str());
-            headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
+            if !single {
+                headers.insert("Nats-Batch-Id", batch_id.as_str());
+                headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
+            }
             if let Some(seq) = outgoing.expect {
                 headers.insert(
                     "Nats-Expected-Last-Subject-Sequence",
@@ -40,7 +46,7 @@ impl NatsStore {
                 headers.insert(ERASES, seq.to_string().as_str());
             }
             let last = index + 1 == count;
-            if last {
+            if last && !single {
                 headers.insert("Nats-Batch-Commit", "1");
             }
             let payload = outgoing.payload.into();
@@ -80,10 +86,12 @@ impl NatsStore {
                     BatchRefused::Other(backend("publish", error.description))
                 });
             }
-            if ack.count != count as u64 {
+            // A plain publish's answer has no count: stored means one.
+            let stored = if single { 1 } else { ack.count };
+            if stored != count as u64 {
                 return Err(BatchRefused::Other(backend(
                     "publish",
-                    format!("stored {} of {count} messages", ack.count),
+                    format!("stored {stored} of {count} messages"),
                 )));
             }
             first_seq = ack.seq + 1 - count as u64;
