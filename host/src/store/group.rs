@@ -224,12 +224,28 @@ pub trait Leases: Send + Sync {
     /// came meanwhile keeps it). Fails with [`StoreError::ConsumerMoved`] when it changed.
     async fn forget(&self, consumer: &ConsumerId, seen: &Member) -> Result<(), StoreError>;
 
+    /// The group's members (instances with a record, live or not), sorted by instance.
+    async fn members(&self, consumer: &ConsumerId) -> Result<Vec<Member>, StoreError>;
+
+    /// One lease per partition of `spec`, in order.
+    async fn partition_leases(
+        &self,
+        consumer: &ConsumerId,
+        spec: &GroupSpec,
+    ) -> Result<Vec<Lease>, StoreError>;
+
     /// The group's members and one lease per partition of `spec`.
     async fn group_state(
         &self,
         consumer: &ConsumerId,
         spec: &GroupSpec,
-    ) -> Result<GroupState, StoreError>;
+    ) -> Result<GroupState, StoreError> {
+        let (members, leases) = futures_util::try_join!(
+            self.members(consumer),
+            self.partition_leases(consumer, spec)
+        )?;
+        Ok(GroupState { members, leases })
+    }
 
     /// Takes the partitions whose leases are still as `seen`: one atomic write of each lease
     /// (owner `instance`, the next epoch) and of each partition's position with that epoch

@@ -18,8 +18,8 @@ use super::{
     to_json, untoken,
 };
 use crate::store::{
-    Category, ConsumerId, ConsumerInfo, Group, GroupSpec, GroupState, InstanceInfo, Lease, Leases,
-    Member, MessageStore, PartitionInfo, PartitionPosition, StoreError, now_ms,
+    Category, ConsumerId, ConsumerInfo, Group, GroupSpec, InstanceInfo, Lease, Leases, Member,
+    MessageStore, PartitionInfo, PartitionPosition, StoreError, now_ms,
 };
 
 /// Most category messages a listing decodes to count each partition's lag; past that, the
@@ -360,31 +360,31 @@ impl Leases for NatsStore {
         .map(drop)
     }
 
-    async fn group_state(
-        &self,
-        consumer: &ConsumerId,
-        spec: &GroupSpec,
-    ) -> Result<GroupState, StoreError> {
-        let (members, leases) = tokio::try_join!(
-            self.per_partition("member", consumer),
-            self.per_partition("lease", consumer)
-        )?;
-        let mut state = GroupState::default();
-        for (_, entry) in members {
+    async fn members(&self, consumer: &ConsumerId) -> Result<Vec<Member>, StoreError> {
+        let mut members = Vec::new();
+        for (_, entry) in self.per_partition("member", consumer).await? {
             if entry.payload.is_empty() {
                 continue;
             }
             let member: StoredMember = decode("member", &entry)?;
-            state.members.push(Member {
+            members.push(Member {
                 instance: member.instance,
                 revision: entry.seq,
                 started_ms: member.started_ms,
                 heartbeat_ms: member.heartbeat_ms,
             });
         }
-        state.members.sort_by(|a, b| a.instance.cmp(&b.instance));
+        members.sort_by(|a, b| a.instance.cmp(&b.instance));
+        Ok(members)
+    }
+
+    async fn partition_leases(
+        &self,
+        consumer: &ConsumerId,
+        spec: &GroupSpec,
+    ) -> Result<Vec<Lease>, StoreError> {
         let mut stored: BTreeMap<u32, Lease> = BTreeMap::new();
-        for (partition, entry) in leases {
+        for (partition, entry) in self.per_partition("lease", consumer).await? {
             let Ok(partition) = partition.parse::<u32>() else {
                 continue;
             };
@@ -400,7 +400,7 @@ impl Leases for NatsStore {
                 },
             );
         }
-        state.leases = (0..spec.partitions.max(1))
+        Ok((0..spec.partitions.max(1))
             .map(|partition| {
                 stored.remove(&partition).unwrap_or(Lease {
                     partition,
@@ -410,8 +410,7 @@ impl Leases for NatsStore {
                     revision: 0,
                 })
             })
-            .collect();
-        Ok(state)
+            .collect())
     }
 
     async fn take(

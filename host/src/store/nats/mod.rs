@@ -143,6 +143,8 @@ impl Stored {
 
 /// Longest tail of a stream read by walking back from its last message.
 const WALK_BACK: u64 = 32;
+/// The same for a read from a stream's start, which a page answers without a scan.
+const FIRST_WALK_BACK: u64 = 2;
 
 /// One stored JetStream message, as a direct get answers it.
 #[derive(Clone)]
@@ -377,22 +379,29 @@ impl MessageStore for NatsStore {
     ) -> Result<Vec<Message>, StoreError> {
         let subject = self.message_subject(stream);
         let mut out = Vec::new();
-        if from_position > 0 {
-            // Projections ask for what came after the version they hold: usually nothing or a
-            // message or two, which the stream's last message leads to without a scan.
-            let Some(last) = self.last(&subject).await? else {
-                return Ok(out);
-            };
-            let last_position = self.decode_message(&last)?.position;
-            if last_position < from_position {
-                return Ok(out);
-            }
-            if last_position - from_position < WALK_BACK
-                && let Some(mut tail) = self.walk_back(&last, from_position).await?
-            {
-                tail.truncate(limit);
-                return Ok(tail);
-            }
+        // Projections ask for what came after the version they hold: usually nothing or a
+        // message or two, which the stream's last message leads to without a scan. A read from
+        // the start is most often of a stream that is empty or holds a message or two (a new
+        // entity, a name not claimed yet): its last message answers that in one request, where
+        // a page subscribes an inbox of its own; a longer one is read by the page, which
+        // starts where it must.
+        let walk_back = if from_position == 0 {
+            FIRST_WALK_BACK
+        } else {
+            WALK_BACK
+        };
+        let Some(last) = self.last(&subject).await? else {
+            return Ok(out);
+        };
+        let last_position = self.decode_message(&last)?.position;
+        if last_position < from_position {
+            return Ok(out);
+        }
+        if last_position - from_position < walk_back
+            && let Some(mut tail) = self.walk_back(&last, from_position).await?
+        {
+            tail.truncate(limit);
+            return Ok(tail);
         }
         let mut from = 1;
         while out.len() < limit {
