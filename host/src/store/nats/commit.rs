@@ -108,9 +108,8 @@ impl NatsStore {
         &self,
         commits: &[&Commit],
     ) -> Result<Option<Vec<Result<Committed, StoreError>>>, StoreError> {
-        // Everything the checks read, fetched at once: one round trip, not one per subject.
+        // Everything the checks read, fetched at once: one request, not one per subject.
         let mut subjects = Vec::new();
-        let mut positions: HashMap<ConsumerId, Vec<u32>> = HashMap::new();
         for commit in commits {
             for append in &commit.appends {
                 subjects.push(self.message_subject(&append.stream));
@@ -118,21 +117,8 @@ impl NatsStore {
                     subjects.push(self.claim_subject(&message.id));
                 }
             }
-            match &commit.settle {
-                // A page's commit advances most of a consumer's partitions: their records are
-                // read in one request, not one direct get each.
-                Some(Settle::Advance {
-                    consumer,
-                    partitions,
-                    ..
-                }) => {
-                    positions
-                        .entry(consumer.clone())
-                        .or_default()
-                        .extend(partitions.iter().map(|moved| moved.partition));
-                }
-                Some(settle) => subjects.extend(self.settle_subjects(settle)),
-                None => {}
+            if let Some(settle) = &commit.settle {
+                subjects.extend(self.settle_subjects(settle));
             }
             for write in &commit.views {
                 if validate_table_name(&write.table).is_ok() {
@@ -142,21 +128,7 @@ impl NatsStore {
             // The sequence of each key shredded, to erase it by once the batch is stored.
             subjects.extend(commit.shred.iter().map(|id| self.seal_key_subject(id)));
         }
-        let read_positions = futures_util::future::try_join_all(positions.into_iter().map(
-            |(consumer, partitions)| async move {
-                let stored = self.per_partition("pos", &consumer).await?;
-                Ok::<_, StoreError>((consumer, partitions, stored))
-            },
-        ));
-        let (mut fetched, positions) =
-            futures_util::future::try_join(self.lasts(subjects), read_positions).await?;
-        for (consumer, partitions, stored) in positions {
-            let stored: HashMap<String, Entry> = stored.into_iter().collect();
-            for partition in partitions {
-                let entry = stored.get(&partition.to_string()).cloned();
-                fetched.insert(self.partition_subject(&consumer, partition), entry);
-            }
-        }
+        let fetched = self.lasts(subjects).await?;
         let mut staged = Staged {
             fetched,
             ..Staged::default()

@@ -45,7 +45,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use async_nats::{Client, HeaderMap};
 use async_trait::async_trait;
-use futures_util::{StreamExt as _, TryStreamExt as _};
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -88,8 +88,10 @@ const MAX_BATCHES_IN_FLIGHT: usize = 16;
 const MAX_GROUP: usize = 256;
 /// Commits waiting for the group committer before `commit` waits to queue.
 const QUEUE: usize = 1024;
-/// Direct gets a group's checks send at once.
+/// Requests sent at once where each subject takes one (erasing shredded keys).
 const LOOKUPS_IN_FLIGHT: usize = 64;
+/// Most subjects one multi-last direct get names (the server's limit is 1024).
+const MULTI_LAST: usize = 1000;
 /// Bytes a batch message's headers (batch id and sequence, expectations) may take.
 const HEADROOM: usize = 512;
 /// A wake-up consumer nobody pulled from for this long (its process is gone) is removed.

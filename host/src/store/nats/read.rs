@@ -28,21 +28,32 @@ impl NatsStore {
         self.direct_get(json!({ "last_by_subj": subject })).await
     }
 
-    /// The last message of each subject, fetched concurrently; each subject once.
+    /// The last message of each subject, each subject once: one multi-last direct get per
+    /// thousand subjects (the server answers up to 1024), where it was a request per subject;
+    /// a subject with no message is absent from the answer.
     pub(super) async fn lasts(
         &self,
         mut subjects: Vec<String>,
     ) -> Result<HashMap<String, Option<Entry>>, StoreError> {
         subjects.sort_unstable();
         subjects.dedup();
-        futures_util::stream::iter(subjects)
-            .map(|subject| async move {
-                let entry = self.last(&subject).await?;
-                Ok::<_, StoreError>((subject, entry))
-            })
-            .buffer_unordered(LOOKUPS_IN_FLIGHT)
-            .try_collect()
-            .await
+        let answers = futures_util::future::try_join_all(subjects.chunks(MULTI_LAST).map(
+            |chunk| async move {
+                let request = json!({ "multi_last": chunk, "batch": chunk.len() });
+                self.batch_get(request, chunk.len()).await
+            },
+        ))
+        .await?;
+        let mut found: HashMap<String, Option<Entry>> = subjects
+            .into_iter()
+            .map(|subject| (subject, None))
+            .collect();
+        for entry in answers.into_iter().flat_map(|(entries, _)| entries) {
+            if let Some(slot) = found.get_mut(&entry.subject) {
+                *slot = Some(entry);
+            }
+        }
+        Ok(found)
     }
 
     /// Messages matching `filter` from sequence `from` on, at most `batch`, in order, with how
@@ -53,6 +64,17 @@ impl NatsStore {
         from: u64,
         batch: usize,
     ) -> Result<(Vec<Entry>, u64), StoreError> {
+        let request = json!({ "seq": from.max(1), "next_by_subj": filter, "batch": batch });
+        self.batch_get(request, batch).await
+    }
+
+    /// One batched direct get (answered on an inbox of its own, up to `batch` entries and an
+    /// end-of-batch marker), with how many more match after the last entry.
+    async fn batch_get(
+        &self,
+        request: Value,
+        batch: usize,
+    ) -> Result<(Vec<Entry>, u64), StoreError> {
         let api = format!("$JS.API.DIRECT.GET.{}", self.inner.ns);
         let inbox = self.inner.client.new_inbox();
         let mut replies = self
@@ -61,7 +83,6 @@ impl NatsStore {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| backend("subscribe", e))?;
-        let request = json!({ "seq": from.max(1), "next_by_subj": filter, "batch": batch });
         self.inner
             .client
             .publish_with_reply(api, inbox, request.to_string().into())
