@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::conflict::{CONFLICT_PATIENCE, conflict_pause};
 use super::decide::{
     BatchDecline, BatchItem, Decider, Decision, Decline, Overlay, decide, decide_batch,
     stored_as_carried,
@@ -35,13 +36,6 @@ use crate::wasm::{GuestError, ServiceComponent};
 /// How long an idle consumer waits for a wake-up before it reads its category again anyway.
 const RECHECK_IDLE: Duration = Duration::from_secs(2);
 
-/// How long an outcome is decided again on fresh state while its commits keep meeting an
-/// expected-version conflict, before the message is parked as undecidable. Time, not a count:
-/// on a replicated namespace a replica catching up after a fail-over can serve the same stale
-/// stream for seconds, and a count of quick retries parked good messages then.
-const CONFLICT_PATIENCE: Duration = Duration::from_secs(30);
-/// The longest pause between two decisions of one message that conflicted.
-const CONFLICT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// How long a consumer on a shared store goes on from the positions it read, while it owns the
 /// same partitions and its commits are accepted: its own commits keep them current, and reading
 /// them costs a record per partition, which every poll did (most of what the server sent two
@@ -788,30 +782,5 @@ impl Consumer {
             settle: Some(settle),
             ..Commit::default()
         })
-    }
-}
-
-/// The pause before deciding a message again after its `conflicts`-th conflict in a row: none
-/// after the first, then 10 ms doubling up to `CONFLICT_PAUSE_MAX`.
-fn conflict_pause(conflicts: u32) -> Duration {
-    match conflicts {
-        0 => Duration::ZERO,
-        n => Duration::from_millis(10)
-            .saturating_mul(2u32.saturating_pow((n - 1).min(16)))
-            .min(CONFLICT_PAUSE_MAX),
-    }
-}
-
-#[cfg(test)]
-mod conflict_tests {
-    use super::*;
-
-    #[test]
-    fn a_conflict_is_decided_again_at_once_then_with_a_growing_pause() {
-        let pauses: Vec<u64> = (0..10)
-            .map(|n| conflict_pause(n).as_millis() as u64)
-            .collect();
-        assert_eq!(pauses, [0, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
-        assert_eq!(conflict_pause(u32::MAX), CONFLICT_PAUSE_MAX);
     }
 }

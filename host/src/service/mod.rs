@@ -18,6 +18,7 @@
 //! calls reach; `group` sharing a consumer's partitions with other instances (membership and
 //! leases on a shared store).
 
+mod conflict;
 mod consumer;
 mod decide;
 mod group;
