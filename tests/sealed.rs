@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +14,7 @@ use std::time::Duration;
 use ferry::store::{MessageStore, NatsStore, SledStore};
 use serde_json::{Value, json};
 use sha2::Sha256;
+use support::http::free_port;
 use support::nats::NatsServer;
 use support::{Host, Setup, types, wait_until};
 
@@ -154,38 +154,9 @@ fn hash_is_of(hash: &str, password: &str) -> bool {
     computed == hex
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// One HTTP/1.1 request with the operator's token over a plain TCP connection; the status and
-/// the JSON body.
+/// One request with the operator's token; the status and the JSON body.
 fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    connection
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(
-        connection,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut answer = Vec::new();
-    connection.read_to_end(&mut answer).expect("answer");
-    let text = String::from_utf8_lossy(&answer);
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    support::http::request(port, method, path, Some(TOKEN), body)
 }
 
 /// How the sealed command is sent.

@@ -118,6 +118,9 @@ impl GuestHost for Unreachable {
     fn deliver_email(&mut self, _: &str, _: &str) -> Result<(), String> {
         Err("no mail here".into())
     }
+    fn secret(&mut self, _: &str) -> Result<String, String> {
+        Err("no secrets here".into())
+    }
 }
 
 /// A full pool is back-pressure: the instance past the limit waits until one is dropped, instead

@@ -409,6 +409,9 @@ pub fn is_refusal(error: &anyhow::Error) -> bool {
                 StoreError::Name(_)
                     | StoreError::Conflict { .. }
                     | StoreError::InvalidMessage { .. }
+                    | StoreError::IdInUse { .. }
+                    | StoreError::TooLarge { .. }
+                    | StoreError::Refused(_)
                     | StoreError::NotFound(_)
             )
         )

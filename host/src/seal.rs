@@ -226,6 +226,79 @@ pub fn redact(message: &mut Message) {
     redact_data(&mut message.data);
 }
 
+/// The clear values of a sealed command's fields, taken out of every text that could leave its
+/// handling (a failure reason, a guest's log line, an error) before it is stored, logged or
+/// answered. A guest's failure may quote what it was given ("invalid type: integer 987654321"),
+/// and that text would otherwise outlive the key.
+pub struct Redactor {
+    /// Every text a clear value may appear as, longest first (so a value that holds another is
+    /// replaced whole).
+    texts: Vec<String>,
+}
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redactor(<{} texts>)", self.texts.len())
+    }
+}
+
+/// What a redacted value reads as.
+pub const REDACTED: &str = "[sealed]";
+
+impl Redactor {
+    /// The values `clear` holds for the fields `sealed` stores sealed; `None` when it has none.
+    pub fn of(sealed: &Message, clear: &Message) -> Option<Self> {
+        let (Some(stored), Some(opened)) = (sealed.data.as_object(), clear.data.as_object()) else {
+            return None;
+        };
+        let mut texts = Vec::new();
+        for (field, value) in stored {
+            if is_sealed_value(value)
+                && let Some(clear) = opened.get(field)
+            {
+                if !matches!(clear, Value::String(_)) {
+                    texts.push(clear.to_string());
+                }
+                leaf_texts(clear, &mut texts);
+            }
+        }
+        texts.retain(|text| !text.is_empty());
+        texts.sort_by_key(|text| std::cmp::Reverse(text.len()));
+        texts.dedup();
+        (!texts.is_empty()).then_some(Self { texts })
+    }
+
+    /// `text` with every clear value replaced by [`REDACTED`].
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for value in &self.texts {
+            if out.contains(value.as_str()) {
+                out = out.replace(value.as_str(), REDACTED);
+            }
+        }
+        out
+    }
+}
+
+/// The texts under which the leaves of a value may be quoted: a string as it is, JSON-escaped
+/// and Rust-escaped (as serde's errors show it); a number as written. Booleans and null say too
+/// little to hide and would blank every `true` in a text.
+fn leaf_texts(value: &Value, texts: &mut Vec<String>) {
+    match value {
+        Value::String(text) => {
+            texts.push(text.clone());
+            let json = Value::String(text.clone()).to_string();
+            texts.push(json[1..json.len() - 1].to_owned());
+            let debug = format!("{text:?}");
+            texts.push(debug[1..debug.len() - 1].to_owned());
+        }
+        Value::Number(number) => texts.push(number.to_string()),
+        Value::Array(items) => items.iter().for_each(|item| leaf_texts(item, texts)),
+        Value::Object(fields) => fields.values().for_each(|item| leaf_texts(item, texts)),
+        Value::Bool(_) | Value::Null => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

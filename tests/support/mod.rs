@@ -14,6 +14,7 @@ use serde_json::Value;
 
 pub mod billing;
 pub mod cluster;
+pub mod http;
 pub mod leases;
 pub mod nats;
 

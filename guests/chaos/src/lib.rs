@@ -1,13 +1,81 @@
 //! `chaos`: a service that misbehaves on request, used to prove the host survives faulty guests.
 //!
-//! Each command type on `chaos:command.<id>` triggers one fault; `Ok` writes `Done`.
+//! Each command type on `chaos:command.<id>` triggers one fault; `Ok` writes `Done`. `Echo`
+//! returns the outcome its data describes (`messages`: stream, type, data and metadata as JSON
+//! texts; `views`: table, key, value), for tests that send hostile outcomes; `Quote` logs and
+//! fails quoting its data, as a careless guest would.
 
 wit_bindgen::generate!({ world: "service", path: "../../wit" });
 
 use exports::ferry::service::handler::Guest;
-use ferry::service::types::{Failure, Message, Outcome, Outgoing, ServiceManifest};
+use ferry::service::host::log;
+use ferry::service::types::{
+    Failure, Level, Message, Outcome, Outgoing, ServiceManifest, ViewChange, ViewKey, ViewRow,
+};
+use serde::Deserialize;
 
 struct Chaos;
+
+/// What `Echo` is told to return.
+#[derive(Deserialize)]
+struct Told {
+    #[serde(default)]
+    messages: Vec<ToldMessage>,
+    #[serde(default)]
+    views: Vec<ToldView>,
+}
+
+#[derive(Deserialize)]
+struct ToldMessage {
+    stream: String,
+    #[serde(rename = "type")]
+    message_type: String,
+    data: String,
+    #[serde(default)]
+    metadata: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ToldView {
+    table: String,
+    key: String,
+    /// None deletes the row.
+    #[serde(default)]
+    value: Option<String>,
+}
+
+fn echo(data: &str) -> Result<Outcome, Failure> {
+    let told: Told = serde_json::from_str(data)
+        .map_err(|e| Failure::Permanent(format!("Echo needs messages and views: {e}")))?;
+    Ok(Outcome {
+        messages: told
+            .messages
+            .into_iter()
+            .map(|m| Outgoing {
+                stream_name: m.stream,
+                message_type: m.message_type,
+                data: m.data,
+                metadata: m.metadata,
+                not_before_ms: None,
+            })
+            .collect(),
+        views: told
+            .views
+            .into_iter()
+            .map(|v| match v.value {
+                Some(value) => ViewChange::Upsert(ViewRow {
+                    table: v.table,
+                    key: v.key,
+                    value,
+                }),
+                None => ViewChange::Delete(ViewKey {
+                    table: v.table,
+                    key: v.key,
+                }),
+            })
+            .collect(),
+    })
+}
 
 fn one(stream_name: String, message_type: &str, data: &str) -> Outcome {
     Outcome {
@@ -28,7 +96,7 @@ impl Guest for Chaos {
             name: "chaos".into(),
             handles_commands: true,
             subscriptions: vec![],
-            views: vec![],
+            views: vec!["chaos_rows".into()],
         }
     }
 
@@ -75,6 +143,14 @@ impl Guest for Chaos {
             "WriteForeign" => Ok(one(format!("counter.{id}"), "Incremented", "{\"by\":1}")),
             "BadStream" => Ok(one("no stream here".into(), "Done", "{}")),
             "BadJson" => Ok(one(format!("chaos.{id}"), "Done", "{not json")),
+            "Echo" => echo(&command.data),
+            "Quote" => {
+                log(Level::Warn, &format!("chaos was given {}", command.data));
+                Err(Failure::Permanent(format!(
+                    "chaos cannot use {}",
+                    command.data
+                )))
+            }
             other => Err(Failure::Permanent(format!("unknown command {other}"))),
         }
     }

@@ -109,7 +109,34 @@ impl Message {
 }
 
 fn parse<T: DeserializeOwned>(text: &str, what: &str) -> Result<T> {
-    serde_json::from_str(text).map_err(|e| permanent(format!("{what} is not valid JSON: {e}")))
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        permanent(describe(what, &path, &e.into_inner()))
+    })
+}
+
+/// Why a JSON text did not give the type asked for: the field and what was expected, never the
+/// value found, which may be a sealed field's clear value (a password sent as a number) and would
+/// be stored with the parked message and written to the host's log.
+fn describe(what: &str, path: &str, error: &serde_json::Error) -> String {
+    let field = match path {
+        "" | "." => String::new(),
+        path => format!(" field `{path}`"),
+    };
+    if error.classify() != serde_json::error::Category::Data {
+        // A syntax error's text names what was expected and where, not the value.
+        return format!("{what} is not valid JSON: {error}");
+    }
+    let text = error.to_string();
+    let text = text.split(" at line ").next().unwrap_or_default();
+    if text.starts_with("missing field") || text.starts_with("unknown field") {
+        return format!("{what}{field}: {text}");
+    }
+    match text.split_once(", expected ") {
+        Some((_, expected)) => format!("{what}{field}: expected {expected}"),
+        None => format!("{what}{field}: invalid value"),
+    }
 }
 
 fn to_json(value: &impl Serialize) -> String {
@@ -236,8 +263,8 @@ impl Outcome {
 
 /// What the host offers while a message is handled.
 pub mod host {
-    use super::{Message, Result, parse, transient};
-    use crate::bindings::ferry::service::{host, mail, types::Level};
+    use super::{Message, Result, parse, permanent, transient};
+    use crate::bindings::ferry::service::{host, mail, secrets, types::Level};
     use serde::de::DeserializeOwned;
 
     /// Every message of a stream, in order.
@@ -265,6 +292,12 @@ pub mod host {
     /// An id that is the same every time this message is handled.
     pub fn new_id(name: &str) -> String {
         host::new_id(name)
+    }
+
+    /// A secret (64 hex digits) that nobody can compute without the namespace's key, yet the
+    /// same every time this message is handled: for a confirmation link's token, a reset code.
+    pub fn secret(purpose: &str) -> Result<String> {
+        secrets::derive(purpose).map_err(permanent)
     }
 
     pub fn info(text: &str) {

@@ -250,7 +250,7 @@ impl Service for UserService {
                 let body = format!(
                     "Hello {first_name},\n\nwelcome! Please confirm that this address is yours:\n\
                      http://localhost:8080/confirm-email?user={user_id}&token={}\n",
-                    &host::new_id("confirm-token")[..18]
+                    &host::secret("confirm-token")?[..32]
                 );
                 Ok(Outcome::none().with(
                     write(

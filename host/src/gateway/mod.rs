@@ -231,9 +231,13 @@ impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
         let status = if let Some(store) = error.downcast_ref::<StoreError>() {
             match store {
-                StoreError::Conflict { .. } | StoreError::Duplicate { .. } => StatusCode::CONFLICT,
+                StoreError::Conflict { .. }
+                | StoreError::Duplicate { .. }
+                | StoreError::IdInUse { .. } => StatusCode::CONFLICT,
                 StoreError::NotFound(_) => StatusCode::NOT_FOUND,
-                StoreError::Name(_) | StoreError::InvalidMessage { .. } => StatusCode::BAD_REQUEST,
+                StoreError::Name(_)
+                | StoreError::InvalidMessage { .. }
+                | StoreError::Refused(_) => StatusCode::BAD_REQUEST,
                 StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 // The store cannot answer now (a JetStream cluster electing a leader, a server
                 // restarting): the client may send again, with the same id.

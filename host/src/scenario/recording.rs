@@ -1,6 +1,10 @@
 //! A store that records what is written through it: the messages each commit appended and the
 //! view rows it wrote, once recording is switched on. `ferry test` wraps its throwaway store in
 //! one, so a scenario sees exactly what the handling of its `when` message wrote.
+//!
+//! It also answers with the scenarios' namespace secret, a published one: the ids and secrets
+//! a handler derives are then the same on every machine and every run, so a scenario can name
+//! them. No store that serves clients has it.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,8 +12,8 @@ use async_trait::async_trait;
 
 use crate::store::{
     Category, CategoryFilter, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo,
-    DeferredMessage, Group, GroupSpec, Leases, Message, MessageStore, ParkedMessage, Snapshot,
-    StoreError, StreamName, ViewRow, ViewWrite,
+    DeferredMessage, Group, GroupSpec, Leases, Message, MessageStore, NamespaceSecret,
+    ParkedMessage, Snapshot, StoreError, StreamName, ViewRow, ViewWrite,
 };
 
 #[derive(Default)]
@@ -23,6 +27,7 @@ struct Recorded {
 pub(super) struct RecordingStore {
     inner: Arc<dyn MessageStore>,
     recorded: Mutex<Recorded>,
+    secret: NamespaceSecret,
 }
 
 impl RecordingStore {
@@ -30,6 +35,7 @@ impl RecordingStore {
         Self {
             inner,
             recorded: Mutex::default(),
+            secret: NamespaceSecret::published(),
         }
     }
 
@@ -74,6 +80,10 @@ impl MessageStore for RecordingStore {
 
     async fn stream_version(&self, stream: &StreamName) -> Result<u64, StoreError> {
         self.inner.stream_version(stream).await
+    }
+
+    fn secret(&self) -> &NamespaceSecret {
+        &self.secret
     }
 
     async fn read_category(

@@ -29,7 +29,7 @@ use crate::seal;
 use crate::store::{
     CategoryFilter, Commit, Committed, ConsumerId, DeferredMessage, GroupSpec, Message,
     MessageStore, ParkedMessage, PartitionFilter, PartitionFrom, PartitionPosition, Settle,
-    StoreError, now_ms,
+    StoreError, bounded_reason, now_ms,
 };
 use crate::wasm::{GuestError, ServiceComponent};
 
@@ -393,15 +393,16 @@ impl Consumer {
                         continue;
                     }
                     Ok(committed) => self.page_stored(page, &committed),
-                    Err(
-                        StoreError::Conflict { .. }
-                        | StoreError::Duplicate { .. }
-                        | StoreError::Name(_)
-                        | StoreError::InvalidMessage { .. }
-                        | StoreError::TooLarge { .. },
-                    ) => {
-                        // The page goes one by one; the next page, decided on top of it, is
-                        // dropped and read again.
+                    Err(e)
+                        if e.is_permanent()
+                            || matches!(
+                                e,
+                                StoreError::Conflict { .. } | StoreError::Duplicate { .. }
+                            ) =>
+                    {
+                        // The page goes one by one (where a message whose own commit can never
+                        // succeed is parked); the next page, decided on top of it, is dropped
+                        // and read again.
                         self.one_by_one(&page.messages).await?;
                         continue;
                     }
@@ -520,7 +521,7 @@ impl Consumer {
                     commit.park.push(ParkedMessage {
                         consumer: self.id.clone(),
                         message,
-                        reason,
+                        reason: bounded_reason(reason),
                         attempts: 1,
                         parked_at_ms: now_ms(),
                     });
@@ -628,14 +629,23 @@ impl Consumer {
         let sealed = message.stream.is_command() && seal::is_sealed(&message);
         let mut clear = None;
         let mut unopenable = None;
+        let mut redactor = None;
         if sealed {
             let key = self.store.seal_key(&message.id).await?;
             match seal::unseal(&message, key.as_deref()) {
-                Ok(opened) => clear = Some(opened),
+                Ok(opened) => {
+                    redactor = seal::Redactor::of(&message, &opened).map(Arc::new);
+                    clear = Some(opened);
+                }
                 // Not for the handler to decide on a placeholder: parked, with the reason.
                 Err(e) => unopenable = Some(e.to_string()),
             }
         }
+        // Whatever the handling says about itself leaves it without the clear values.
+        let redacted = |text: String| match &redactor {
+            Some(redactor) => redactor.redact(&text),
+            None => text,
+        };
         let mut deliveries = 0;
         let mut conflicts = 0;
         let started = std::time::Instant::now();
@@ -652,6 +662,7 @@ impl Consumer {
                 self.store.clone(),
                 self.mail.clone(),
                 clear.clone().unwrap_or_else(|| message.clone()),
+                redactor.clone(),
             )
             .await;
             let failure = match decided {
@@ -686,11 +697,10 @@ impl Consumer {
                             Err(e @ StoreError::Conflict { .. }) => {
                                 format!("the entity kept changing while handling: {e}")
                             }
-                            Err(
-                                e @ (StoreError::Name(_)
-                                | StoreError::InvalidMessage { .. }
-                                | StoreError::TooLarge { .. }),
-                            ) => {
+                            Err(e @ StoreError::IdInUse { .. }) => {
+                                format!("its outcome conflicts with a stored message: {e}")
+                            }
+                            Err(e) if e.is_permanent() => {
                                 format!("invalid outcome: {e}")
                             }
                             Err(e) => return Err(e.into()),
@@ -705,7 +715,7 @@ impl Consumer {
                     let delay = self.retry_delay(deliveries);
                     tracing::warn!(
                         consumer = %self.id, id = %message.id, deliveries,
-                        "transient failure, retrying in {delay:?}: {reason}"
+                        "transient failure, retrying in {delay:?}: {}", redacted(reason)
                     );
                     self.sleep(delay).await?;
                     continue;
@@ -715,7 +725,7 @@ impl Consumer {
                 }
                 Err(Decline::Guest(e)) => e.to_string(),
             };
-            self.park(message, settle, failure, deliveries, started)
+            self.park(message, settle, redacted(failure), deliveries, started)
                 .await?;
             return Ok(());
         }
@@ -731,6 +741,7 @@ impl Consumer {
         deliveries: u32,
         started: std::time::Instant,
     ) -> Result<(), Interrupted> {
+        let failure = bounded_reason(failure);
         tracing::warn!(consumer = %self.id, id = %message.id, "parked: {failure}");
         record(self.service(), 0, 1, started.elapsed());
         self.store
@@ -770,7 +781,12 @@ impl Consumer {
             version,
             read_versions,
         } = decision;
-        let checked = check_outcome(self.component.manifest(), handled, outcome)?;
+        let checked = check_outcome(
+            self.component.manifest(),
+            self.store.secret(),
+            handled,
+            outcome,
+        )?;
         Ok(Commit {
             appends: group_appends(checked.messages, |stream| {
                 match entity.as_ref() == Some(stream) {

@@ -14,6 +14,7 @@ use super::host_imports::StoreHost;
 use super::outcome::{CheckedOutcome, check_outcome};
 use super::projection::{Folded, ProjectionCache, fold, prefetch_entities};
 use crate::mail::Maildir;
+use crate::seal::Redactor;
 use crate::store::{Committed, Message, MessageStore, StoreError, StreamName, now_ms};
 use crate::wasm::{GuestError, Outcome, ServiceComponent};
 
@@ -57,6 +58,7 @@ pub(super) async fn decide(
     store: Arc<dyn MessageStore>,
     mail: Option<Arc<Maildir>>,
     message: Message,
+    redactor: Option<Arc<Redactor>>,
 ) -> Result<Decision, Decline> {
     let runtime = Handle::current();
     let joined = tokio::task::spawn_blocking(move || {
@@ -69,8 +71,10 @@ pub(super) async fn decide(
             store: store.clone(),
             service,
             handled_id: message.id.clone(),
+            handled_global: message.global_position,
             mail,
             overlay: Some(reads.clone()),
+            redactor,
         };
         let mut instance = component
             .instantiate(Box::new(host))
@@ -368,8 +372,10 @@ fn decide_lane<'a>(
             store: store.clone(),
             service: manifest.name.clone(),
             handled_id: message.id.clone(),
+            handled_global: message.global_position,
             mail: mail.clone(),
             overlay: Some(overlay.clone()),
+            redactor: None,
         };
         let instance = match reusable.take() {
             Some(mut instance) => {
@@ -474,7 +480,7 @@ fn decide_lane<'a>(
                 continue;
             }
         };
-        let checked = match check_outcome(manifest, message, outcome) {
+        let checked = match check_outcome(manifest, store.secret(), message, outcome) {
             Ok(checked) => checked,
             Err(reason) => {
                 decision.items.push(BatchItem::Park {

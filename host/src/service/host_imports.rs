@@ -1,6 +1,7 @@
 //! `StoreHost`: what the guest's imported `host` and `mail` calls reach while it handles a
 //! message: `read-stream` and `view-get` (through the page's overlay, which records what each read),
-//! `new-id` (derived from the handled message) and `deliver-email` (when granted).
+//! `new-id` (derived from the handled message), `deliver-email` (when granted) and the
+//! `secrets` interface; and the redaction of its log lines while it handles a sealed command.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use tokio::runtime::Handle;
 use super::decide::{HostReads, SharedOverlay, read_merged};
 use super::outcome::derived_id;
 use crate::mail::Maildir;
+use crate::seal::Redactor;
 use crate::store::{Message, MessageStore, StreamName, validate_table_name};
 use crate::wasm::GuestHost;
 
@@ -18,13 +20,35 @@ pub(super) struct StoreHost {
     pub(super) runtime: Handle,
     pub(super) store: Arc<dyn MessageStore>,
     pub(super) service: String,
+    /// The handled message's id and global position (empty while folding a projection).
     pub(super) handled_id: String,
+    pub(super) handled_global: u64,
     pub(super) mail: Option<Arc<Maildir>>,
     /// What earlier messages of the same batch decided, not yet committed.
     pub(super) overlay: Option<SharedOverlay>,
+    /// A sealed command's clear values, kept out of the guest's log lines.
+    pub(super) redactor: Option<Arc<Redactor>>,
 }
 
 impl StoreHost {
+    /// The host of a fold: it handles no message, so it derives nothing and sends nothing.
+    pub(super) fn for_projection(
+        runtime: Handle,
+        store: Arc<dyn MessageStore>,
+        service: String,
+    ) -> Self {
+        Self {
+            runtime,
+            store,
+            service,
+            handled_id: String::new(),
+            handled_global: 0,
+            mail: None,
+            overlay: None,
+            redactor: None,
+        }
+    }
+
     /// Records what a handler read, for lanes to tell whether it saw another lane's writes.
     fn record_read(&self, read: impl FnOnce(&mut HostReads)) {
         if let Some(overlay) = &self.overlay
@@ -70,7 +94,30 @@ impl GuestHost for StoreHost {
     }
 
     fn new_id(&mut self, name: &str) -> String {
-        derived_id(&[&self.service, &self.handled_id, "new-id", name])
+        derived_id(
+            self.store.secret(),
+            &self.service,
+            (&self.handled_id, self.handled_global),
+            &["new-id", name],
+        )
+    }
+
+    fn secret(&mut self, purpose: &str) -> Result<String, String> {
+        if self.handled_id.is_empty() {
+            return Err("secrets are given to handlers, not to project".into());
+        }
+        let mac = self.store.secret().mac(
+            "ferry guest secret",
+            &[&self.service, &self.handled_id, purpose],
+        );
+        Ok(mac.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    fn redact(&self, text: String) -> String {
+        match &self.redactor {
+            Some(redactor) => redactor.redact(&text),
+            None => text,
+        }
     }
 
     fn deliver_email(&mut self, email_id: &str, message: &str) -> Result<(), String> {

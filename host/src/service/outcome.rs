@@ -5,18 +5,47 @@
 
 use serde_json::{Map, Value};
 
-use crate::store::{Message, NewMessage, StreamAppend, StreamName, ViewWrite};
+use crate::store::{
+    Message, NamespaceSecret, NewMessage, StreamAppend, StreamName, ViewWrite, check_message,
+    check_view_write,
+};
 use crate::wasm::Outcome;
 
 /// Upper bounds on what one outcome may hold.
 const MAX_OUTCOME_MESSAGES: usize = 1000;
 const MAX_OUTCOME_BYTES: usize = 4 * 1024 * 1024;
-/// Namespace of the deterministic ids Ferry derives (a fixed, random UUID).
-const ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a0f_9a7e_52c4_4f0e_9c1e_2b7d_f1a3_c5e9);
+/// Namespace of the ids derived before namespaces had secrets (a fixed, random UUID).
+const LEGACY_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6a0f_9a7e_52c4_4f0e_9c1e_2b7d_f1a3_c5e9);
 
-/// A deterministic id: the same inputs always give the same UUID.
-pub fn derived_id(parts: &[&str]) -> String {
-    uuid::Uuid::new_v5(&ID_NAMESPACE, parts.join("\u{1f}").as_bytes()).to_string()
+/// The id Ferry derives for something handling one message writes: the same inputs always give
+/// the same id, so a handler run again writes the same ids and the store drops the duplicates.
+/// `parts` name what it is (an outgoing message's index, or `new-id` and a name).
+///
+/// It is an HMAC under the namespace's secret, shown as a UUID (version 8): nobody without the
+/// secret can compute one, so no client can send a message under the id of an output to come.
+/// A message handled before its namespace had a secret (at or below `keyed_after`) keeps the
+/// UUIDv5 it was first given, so handling it again (a rebuild) writes the same ids.
+pub fn derived_id(
+    secret: &NamespaceSecret,
+    service: &str,
+    handled: (&str, u64),
+    parts: &[&str],
+) -> String {
+    let (handled_id, handled_global) = handled;
+    if handled_global <= secret.keyed_after {
+        let mut all = vec![service, handled_id];
+        all.extend_from_slice(parts);
+        return uuid::Uuid::new_v5(&LEGACY_ID_NAMESPACE, all.join("\u{1f}").as_bytes()).to_string();
+    }
+    let mut all = vec![service, handled_id];
+    all.extend_from_slice(parts);
+    let mac = secret.mac("ferry derived id", &all);
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&mac[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 /// An outcome that passed the checks: messages with their ids and metadata, view writes.
@@ -30,6 +59,7 @@ pub(super) struct CheckedOutcome {
 /// JSON, declared views. Derives the outgoing ids and propagates the metadata.
 pub(super) fn check_outcome(
     manifest: &crate::wasm::Manifest,
+    secret: &NamespaceSecret,
     handled: &Message,
     outcome: Outcome,
 ) -> Result<CheckedOutcome, String> {
@@ -81,17 +111,21 @@ pub(super) fn check_outcome(
         if outgoing.message_type.is_empty() {
             return Err("a message has an empty type".into());
         }
-        let id = derived_id(&[&manifest.name, &handled.id, &index.to_string()]);
-        checked.messages.push((
-            stream,
-            NewMessage {
-                id,
-                message_type: outgoing.message_type,
-                data: Value::Object(data),
-                metadata,
-                not_before_ms: outgoing.not_before_ms,
-            },
-        ));
+        let id = derived_id(
+            secret,
+            &manifest.name,
+            (&handled.id, handled.global_position),
+            &[&index.to_string()],
+        );
+        let message = NewMessage {
+            id,
+            message_type: outgoing.message_type,
+            data: Value::Object(data),
+            metadata,
+            not_before_ms: outgoing.not_before_ms,
+        };
+        check_message(&message).map_err(|e| e.to_string())?;
+        checked.messages.push((stream, message));
     }
 
     for change in outcome.views {
@@ -110,12 +144,14 @@ pub(super) fn check_outcome(
             })?),
             None => None,
         };
-        checked.views.push(ViewWrite {
+        let write = ViewWrite {
             table: change.table,
             key: change.key,
             value,
             seq: handled.global_position,
-        });
+        };
+        check_view_write(&write).map_err(|e| e.to_string())?;
+        checked.views.push(write);
     }
     Ok(checked)
 }

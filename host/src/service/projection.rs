@@ -204,14 +204,11 @@ pub async fn project(
     let snapshot_version = snapshot.as_ref().map(|s| s.version);
     let start = snapshot.map_or((None, 0), |s| (Some(s.state), s.version));
     tokio::task::spawn_blocking(move || {
-        let host = StoreHost {
-            runtime: runtime.clone(),
-            store: store.clone(),
-            service: component.manifest().name.clone(),
-            handled_id: String::new(),
-            mail: None,
-            overlay: None,
-        };
+        let host = StoreHost::for_projection(
+            runtime.clone(),
+            store.clone(),
+            component.manifest().name.clone(),
+        );
         let mut instance = component.instantiate(Box::new(host))?;
         let (state, version) = fold(
             &runtime,

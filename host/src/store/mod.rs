@@ -8,8 +8,10 @@
 //! at all.
 
 mod group;
+mod limits;
 mod names;
 mod nats;
+mod secret;
 mod sled;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,10 +24,17 @@ pub use self::group::{
     CategoryFilter, DEFAULT_PARTITIONS, Group, GroupSpec, GroupState, Lease, Leases, Member,
     PartitionFilter, PartitionFrom, PartitionKey, PartitionPosition, partition_of,
 };
+pub use self::limits::{
+    MAX_DATA_BYTES, MAX_ID_BYTES, MAX_METADATA_BYTES, MAX_REASON_BYTES, MAX_TYPE_BYTES,
+    MAX_VIEW_KEY_BYTES, MAX_VIEW_ROW_BYTES, bounded_reason, check_id,
+};
+pub(crate) use self::limits::{check_message, check_view_write};
+pub(crate) use self::limits::{shown, view_key_fits};
 pub use self::names::{
     COMMAND_SUFFIX, Category, NameError, StreamName, validate_service_name, validate_table_name,
 };
 pub use self::nats::NatsStore;
+pub use self::secret::NamespaceSecret;
 pub use self::sled::{DEFAULT_CACHE_BYTES, DEFAULT_CACHED_VERSIONS, KeyAccount, SledStore};
 
 /// A stored message. See the WIT `message` record for the meaning of each field.
@@ -338,6 +347,10 @@ pub enum StoreError {
     },
     #[error("a message with id {id:?} is already stored")]
     Duplicate { id: String },
+    /// A message id names one message of one stream: sent to another stream, it is refused
+    /// (saying nothing of the stream that holds it).
+    #[error("the message id {id:?} is already used by another stream")]
+    IdInUse { id: String },
     #[error("invalid message {id:?}: {reason}")]
     InvalidMessage { id: String, reason: String },
     #[error("{0} not found")]
@@ -350,8 +363,29 @@ pub enum StoreError {
     TooLarge { entries: usize, limit: usize },
     #[error("the store is closed")]
     Closed,
+    /// The backend refused the write for what it is (its size, a subject, a permission):
+    /// sending it again can never succeed.
+    #[error("refused by the store: {0}")]
+    Refused(String),
+    /// The backend could not answer (a timeout, no responders, a lost connection): the same
+    /// write may succeed later.
     #[error("store backend: {0}")]
     Backend(String),
+}
+
+impl StoreError {
+    /// Whether the commit that met this error can never succeed as it is, however often it is
+    /// sent: a consumer parks the message whose outcome it is, and goes on with the others.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Self::Name(_)
+                | Self::InvalidMessage { .. }
+                | Self::TooLarge { .. }
+                | Self::IdInUse { .. }
+                | Self::Refused(_)
+        )
+    }
 }
 
 /// The message store. Every backend passes the conformance suite in `tests/store_conformance.rs`.
@@ -400,6 +434,10 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// The message with this id.
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError>;
+
+    /// The namespace's secret, created with the store: it keys the ids the host derives and the
+    /// secrets it gives guests.
+    fn secret(&self) -> &NamespaceSecret;
 
     /// The key of the sealed fields of the message with this id; `None` once a commit shredded
     /// it (or when the message has none).
@@ -478,21 +516,13 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> Result<usize, StoreError>;
 }
 
-/// Refuses a commit holding a message no backend may store.
+/// Refuses a commit holding a message or view change no backend may store (see `limits`).
 pub(crate) fn validate_commit(commit: &Commit) -> Result<(), StoreError> {
     for message in commit.appends.iter().flat_map(|a| &a.messages) {
-        if !message.data.is_object() {
-            return Err(StoreError::InvalidMessage {
-                id: message.id.clone(),
-                reason: "data must be a JSON object".into(),
-            });
-        }
-        if message.id.is_empty() || message.message_type.is_empty() {
-            return Err(StoreError::InvalidMessage {
-                id: message.id.clone(),
-                reason: "id and type must not be empty".into(),
-            });
-        }
+        limits::check_message(message)?;
+    }
+    for write in &commit.views {
+        limits::check_view_write(write)?;
     }
     for snapshot in &commit.snapshots {
         // A content hash: it becomes part of a key and of a subject.

@@ -19,6 +19,9 @@ impl GuestHost for NoHost {
     fn deliver_email(&mut self, _: &str, _: &str) -> Result<(), String> {
         Err("not available while the manifest is read".into())
     }
+    fn secret(&mut self, _: &str) -> Result<String, String> {
+        Err("not available while the manifest is read".into())
+    }
 }
 
 pub(super) struct MemoryCeiling {
@@ -92,7 +95,7 @@ impl bindings::ferry::service::host::Host for GuestState {
     }
 
     fn log(&mut self, level: wit::Level, text: String) {
-        let text: String = text.chars().take(4096).collect();
+        let text = self.host.redact(text.chars().take(4096).collect());
         let service = &self.service;
         match level {
             wit::Level::Trace => tracing::trace!(target: "ferry::guest", %service, "{text}"),
@@ -107,6 +110,12 @@ impl bindings::ferry::service::host::Host for GuestState {
 impl bindings::ferry::service::mail::Host for GuestState {
     fn deliver(&mut self, email_id: String, message: String) -> Result<(), String> {
         self.host.deliver_email(&email_id, &message)
+    }
+}
+
+impl bindings::ferry::service::secrets::Host for GuestState {
+    fn derive(&mut self, purpose: String) -> Result<String, String> {
+        self.host.secret(&purpose)
     }
 }
 

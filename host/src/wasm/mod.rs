@@ -152,6 +152,13 @@ pub trait GuestHost: Send {
     fn new_id(&mut self, name: &str) -> String;
     /// The `mail` capability; refused unless the service was granted it.
     fn deliver_email(&mut self, email_id: &str, message: &str) -> Result<(), String>;
+    /// The `secrets` interface: an unguessable value, the same whenever the same message is
+    /// handled.
+    fn secret(&mut self, purpose: &str) -> Result<String, String>;
+    /// A guest's log line as it may be written: a sealed command's clear values taken out.
+    fn redact(&self, text: String) -> String {
+        text
+    }
 }
 
 /// Stops the epoch ticker thread when the last runtime handle goes away.

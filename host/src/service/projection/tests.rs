@@ -66,14 +66,7 @@ fn fold_stored(
     stream: &StreamName,
 ) -> Folded {
     let runtime = Handle::current();
-    let host = StoreHost {
-        runtime: runtime.clone(),
-        store: store.clone(),
-        service: "ordered".into(),
-        handled_id: String::new(),
-        mail: None,
-        overlay: None,
-    };
+    let host = StoreHost::for_projection(runtime.clone(), store.clone(), "ordered".into());
     let mut instance = component.instantiate(Box::new(host)).expect("instance");
     let folded = fold(
         &runtime,

@@ -54,7 +54,17 @@ impl NatsStore {
                 client
                     .publish_with_headers(outgoing.subject, headers, payload)
                     .await
-                    .map_err(|e| BatchRefused::Other(backend("publish", e)))?;
+                    .map_err(|e| {
+                        BatchRefused::Other(match e.kind() {
+                            // The client refuses these before sending: nothing it could
+                            // ever send.
+                            async_nats::PublishErrorKind::MaxPayloadExceeded
+                            | async_nats::PublishErrorKind::InvalidSubject => {
+                                StoreError::Refused(format!("publish: {e}"))
+                            }
+                            _ => backend("publish", e),
+                        })
+                    })?;
                 continue;
             }
             // Only the commit is answered. An answer that does not come in time may still have
@@ -70,6 +80,17 @@ impl NatsStore {
                 Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
                     return Err(BatchRefused::Raced);
                 }
+                Ok(Err(e))
+                    if matches!(
+                        e.kind(),
+                        async_nats::RequestErrorKind::MaxPayloadExceeded
+                            | async_nats::RequestErrorKind::InvalidSubject
+                    ) =>
+                {
+                    return Err(BatchRefused::Other(StoreError::Refused(format!(
+                        "publish: {e}"
+                    ))));
+                }
                 Ok(Err(e)) => return Err(BatchRefused::Other(backend("publish", e))),
                 Err(_) => return Err(BatchRefused::Raced),
             };
@@ -80,8 +101,12 @@ impl NatsStore {
                 // on the server: other processes are busy. Both: check and try again.
                 let again = matches!(error.err_code, 10071 | 10164)
                     || error.description.contains("too many inflight");
+                // A message larger than the stream takes (10054) is refused whatever happens.
+                let refused = error.err_code == 10054;
                 return Err(if again {
                     BatchRefused::Raced
+                } else if refused {
+                    BatchRefused::Other(StoreError::Refused(error.description))
                 } else {
                     BatchRefused::Other(backend("publish", error.description))
                 });
@@ -129,8 +154,10 @@ impl NatsStore {
             subjects.extend(commit.shred.iter().map(|id| self.seal_key_subject(id)));
         }
         let fetched = self.lasts(subjects).await?;
+        let claim_streams = self.claim_streams(&fetched).await?;
         let mut staged = Staged {
             fetched,
+            claim_streams,
             ..Staged::default()
         };
         let mut outcomes = Vec::new();
@@ -207,6 +234,34 @@ impl NatsStore {
         Ok(Some(outcomes))
     }
 
+    /// The stream that holds the id of each stored claim among `fetched`: a claim names it in
+    /// its payload; one written before claims did (empty) is followed by its message, which is
+    /// read for it (only an id sent again meets such a claim).
+    async fn claim_streams(
+        &self,
+        fetched: &HashMap<String, Option<Entry>>,
+    ) -> Result<HashMap<String, String>, StoreError> {
+        let claims = self.subject("id.");
+        let mut streams = HashMap::new();
+        for (subject, entry) in fetched {
+            let Some(entry) = entry else { continue };
+            if !subject.starts_with(&claims) {
+                continue;
+            }
+            let stream = match std::str::from_utf8(&entry.payload) {
+                Ok(stream) if !stream.is_empty() => stream.to_owned(),
+                _ => match self.direct_get(json!({ "seq": entry.seq + 1 })).await? {
+                    Some(message) => self.decode_message(&message)?.stream.as_str().to_owned(),
+                    // Its message is gone (the stream was cut by hand): the id names nothing
+                    // any stream could read again, so it stays taken by no stream.
+                    None => String::new(),
+                },
+            };
+            streams.insert(subject.clone(), stream);
+        }
+        Ok(streams)
+    }
+
     /// What one commit adds to a group's batch, checked against what the group sees; nothing of
     /// it is staged yet, so a commit that fails here leaves the group as it was.
     pub(super) fn plan_commit(
@@ -216,7 +271,7 @@ impl NatsStore {
     ) -> Result<PlannedCommit, StoreError> {
         let mut planned = PlannedCommit::default();
         let first_index = staged.plan.outgoing.len();
-        let mut seen = HashSet::new();
+        let mut seen: HashMap<&str, &str> = HashMap::new();
         let time_ms = now_ms();
         // Next version and batch index of the latest message of each stream this commit appends
         // to, continuing from the group's.
@@ -225,15 +280,28 @@ impl NatsStore {
             let mut fresh = Vec::new();
             for message in &append.messages {
                 let claim = self.claim_subject(&message.id);
-                if staged.claimed(&claim) || !seen.insert(message.id.as_str()) {
-                    if commit.refuse_duplicates {
+                let holder = match seen.get(message.id.as_str()) {
+                    Some(holder) => Some(*holder),
+                    None => staged.claim_holder(&claim),
+                };
+                match holder {
+                    // An id names one message of one stream: the same stream again is a
+                    // duplicate, another stream is refused.
+                    Some(holder) if holder != append.stream.as_str() => {
+                        return Err(StoreError::IdInUse {
+                            id: shown(&message.id),
+                        });
+                    }
+                    Some(_) if commit.refuse_duplicates => {
                         return Err(StoreError::Duplicate {
                             id: message.id.clone(),
                         });
                     }
-                    planned.duplicates.push(message.id.clone());
-                } else {
-                    fresh.push((message, claim));
+                    Some(_) => planned.duplicates.push(message.id.clone()),
+                    None => {
+                        seen.insert(message.id.as_str(), append.stream.as_str());
+                        fresh.push((message, claim));
+                    }
                 }
             }
             if fresh.is_empty() {
@@ -286,7 +354,10 @@ impl NatsStore {
                     prev_seq,
                     prev_back,
                 };
-                planned.ops.push(Op::Claim(claim));
+                planned.ops.push(Op::Claim {
+                    subject: claim,
+                    stream: append.stream.as_str().to_owned(),
+                });
                 planned.ops.push(Op::Message {
                     subject: subject.clone(),
                     payload: to_json(&stored)?,
@@ -550,7 +621,10 @@ pub(super) struct Plan {
 #[derive(Default)]
 pub(super) struct Staged {
     pub(super) fetched: HashMap<String, Option<Entry>>,
-    pub(super) claimed: HashSet<String>,
+    /// The stream holding each stored claim among `fetched`.
+    pub(super) claim_streams: HashMap<String, String>,
+    /// Claims the batch makes, with their streams.
+    pub(super) claimed: HashMap<String, String>,
     /// Next version and batch index of the latest planned message, per message subject.
     pub(super) streams: HashMap<String, (u64, usize)>,
     /// Key-value subjects set by the batch: positions, deferred entries, view rows.
@@ -559,8 +633,12 @@ pub(super) struct Staged {
 }
 
 impl Staged {
-    pub(super) fn claimed(&self, claim: &str) -> bool {
-        self.claimed.contains(claim) || self.fetched.get(claim).is_some_and(Option::is_some)
+    /// The stream that holds a claimed id, in the batch or stored; `None` while it is free.
+    pub(super) fn claim_holder(&self, claim: &str) -> Option<&str> {
+        match self.claimed.get(claim) {
+            Some(stream) => Some(stream),
+            None => self.claim_streams.get(claim).map(String::as_str),
+        }
     }
 
     /// A key-value subject's current entry: the batch's value (with the stored sequence, which
@@ -584,9 +662,9 @@ impl Staged {
         let mut written = Vec::new();
         for op in ops {
             match op {
-                Op::Claim(subject) => {
-                    self.plan.claim(subject.clone());
-                    self.claimed.insert(subject);
+                Op::Claim { subject, stream } => {
+                    self.plan.claim(subject.clone(), stream.as_bytes().to_vec());
+                    self.claimed.insert(subject, stream);
                 }
                 Op::Message {
                     subject,
@@ -644,7 +722,7 @@ impl PlannedCommit {
         self.ops
             .iter()
             .filter_map(|op| match op {
-                Op::Claim(_) => None,
+                Op::Claim { .. } => None,
                 Op::Message {
                     subject,
                     payload,
@@ -682,7 +760,8 @@ impl PlannedCommit {
 }
 
 pub(super) enum Op {
-    Claim(String),
+    /// An id claimed for the message that follows it; the payload names its stream.
+    Claim { subject: String, stream: String },
     Message {
         subject: String,
         payload: Vec<u8>,
@@ -702,10 +781,10 @@ pub(super) enum Op {
 }
 
 impl Plan {
-    pub(super) fn claim(&mut self, subject: String) {
+    pub(super) fn claim(&mut self, subject: String, payload: Vec<u8>) {
         self.outgoing.push(Outgoing {
             subject,
-            payload: Vec::new(),
+            payload,
             expect: Some(0),
             rollup: false,
             erases: None,

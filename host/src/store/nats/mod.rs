@@ -54,9 +54,9 @@ use self::connect::{connect_client, open_stream, parse_url};
 
 use super::{
     Category, CategoryFilter, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo,
-    DeferredMessage, Group, GroupSpec, Leases, Message, MessageStore, ParkedMessage,
-    PartitionPosition, Settle, Snapshot, StoreError, StreamName, ViewRow, now_ms, validate_commit,
-    validate_table_name,
+    DeferredMessage, Group, GroupSpec, Leases, Message, MessageStore, NamespaceSecret,
+    ParkedMessage, PartitionPosition, Settle, Snapshot, StoreError, StreamName, ViewRow, check_id,
+    now_ms, shown, validate_commit, validate_table_name, view_key_fits,
 };
 
 mod commit;
@@ -200,6 +200,8 @@ struct Inner {
     /// Sequences of shredded keys' messages, for the eraser once their batch is stored.
     erase: mpsc::Sender<u64>,
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Read or created by `connect`, before the store is handed out.
+    secret: std::sync::OnceLock<NamespaceSecret>,
 }
 
 impl Drop for Inner {
@@ -261,6 +263,7 @@ impl NatsStore {
                 queue,
                 erase,
                 tasks: Default::default(),
+                secret: Default::default(),
             }),
         };
         let committer = tokio::spawn(commit_queued(Arc::downgrade(&store.inner), queued));
@@ -272,7 +275,41 @@ impl NatsStore {
             tasks.push(sweeper.abort_handle());
         }
         store.check_format().await?;
+        let secret = store.load_secret().await?;
+        let _ = store.inner.secret.set(secret);
         Ok(store)
+    }
+
+    /// The namespace's secret (`NS.meta.secret`): created by the first process to connect, the
+    /// others read it; a namespace written before secrets existed gets one keyed after its head.
+    async fn load_secret(&self) -> Result<NamespaceSecret, StoreError> {
+        let subject = format!("{}.meta.secret", self.inner.ns);
+        let unusable = |reason: String| StoreError::Unusable {
+            path: format!("{}/{}", self.inner.url, self.inner.ns),
+            reason,
+        };
+        for _ in 0..RACE_RETRIES {
+            if let Some(entry) = self.last(&subject).await? {
+                return NamespaceSecret::from_bytes(&entry.payload).map_err(unusable);
+            }
+            let secret = NamespaceSecret::generate(self.head().await?);
+            let claim = Outgoing {
+                subject: subject.clone(),
+                payload: secret.to_bytes(),
+                expect: Some(0),
+                rollup: false,
+                erases: None,
+            };
+            match self.publish(vec![claim]).await {
+                Ok(_) => return Ok(secret),
+                // Another process created it first: read theirs.
+                Err(BatchRefused::Raced) => continue,
+                Err(BatchRefused::Other(e)) => return Err(e),
+            }
+        }
+        Err(unusable(
+            "the namespace secret could not be created or read".into(),
+        ))
     }
 
     /// Marks a new namespace with the format; refuses one of another format.
@@ -482,7 +519,19 @@ impl MessageStore for NatsStore {
         Ok(receiver)
     }
 
+    fn secret(&self) -> &NamespaceSecret {
+        // `connect` sets it before anyone holds the store.
+        self.inner
+            .secret
+            .get()
+            .expect("the namespace secret is read when connecting")
+    }
+
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError> {
+        // An id no store could hold is not asked for (nor made into a subject).
+        if check_id(id).is_err() {
+            return Ok(None);
+        }
         let Some(claim) = self.last(&self.claim_subject(id)).await? else {
             return Ok(None);
         };
@@ -495,6 +544,9 @@ impl MessageStore for NatsStore {
     }
 
     async fn seal_key(&self, message_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if check_id(message_id).is_err() {
+            return Ok(None);
+        }
         Ok(self
             .last(&self.seal_key_subject(message_id))
             .await?
@@ -554,6 +606,9 @@ impl MessageStore for NatsStore {
 
     async fn view_get(&self, table: &str, key: &str) -> Result<Option<ViewRow>, StoreError> {
         validate_table_name(table)?;
+        if !view_key_fits(key) {
+            return Ok(None);
+        }
         match self.last(&self.view_subject(table, key)).await? {
             Some(entry) => {
                 let row = decode_row(&entry)?;

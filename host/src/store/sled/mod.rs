@@ -27,7 +27,7 @@
 //! Folders of earlier layouts are converted when opened (see [`migrate`]): `ferry-sled/1` kept
 //! one tree per kind of record; `ferry-sled/2` kept the messages in sled too (`m`, `s`, `i`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,9 +41,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     Category, CategoryFilter, CategoryPage, Commit, Committed, ConsumerId, ConsumerInfo,
-    DeferredMessage, Group, GroupSpec, Message, MessageStore, NewMessage, ParkedMessage,
-    PartitionInfo, PartitionKey, PartitionPosition, Settle, Snapshot, StoreError, StreamName,
-    ViewRow, now_ms, validate_commit,
+    DeferredMessage, Group, GroupSpec, Message, MessageStore, NamespaceSecret, NewMessage,
+    ParkedMessage, PartitionInfo, PartitionKey, PartitionPosition, Settle, Snapshot, StoreError,
+    StreamName, ViewRow, now_ms, shown, validate_commit,
 };
 
 mod keys;
@@ -99,6 +99,7 @@ struct Inner {
     /// The last global position on disk: category reads stop there (see `read_category`).
     durable: Arc<AtomicU64>,
     watchers: Watchers,
+    secret: NamespaceSecret,
 }
 
 impl Drop for Inner {
@@ -202,6 +203,7 @@ impl SledStore {
             .unwrap_or(0);
         let (log, log_writer) = MessageLog::open(&log_dir, head)?;
         let log = Arc::new(log);
+        let secret = NamespaceSecret::load_or_create(&path, head)?;
         let durable = Arc::new(AtomicU64::new(head));
         let state = Writer {
             db,
@@ -210,7 +212,7 @@ impl SledStore {
             log_writer,
             head,
             messages: Vec::new(),
-            ids: HashSet::new(),
+            ids: HashMap::new(),
             versions: HashMap::new(),
             cached_versions,
             durable: durable.clone(),
@@ -229,6 +231,7 @@ impl SledStore {
                 writer_thread: Some(writer_thread),
                 durable,
                 watchers,
+                secret,
             }),
         })
     }
@@ -378,6 +381,10 @@ impl MessageStore for SledStore {
 
     async fn message(&self, id: &str) -> Result<Option<Message>, StoreError> {
         self.log().by_id(id)
+    }
+
+    fn secret(&self) -> &NamespaceSecret {
+        &self.inner.secret
     }
 
     async fn seal_key(&self, message_id: &str) -> Result<Option<Vec<u8>>, StoreError> {

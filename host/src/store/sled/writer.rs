@@ -103,8 +103,9 @@ pub(super) struct Writer {
     pub(super) head: u64,
     /// Messages of the group not yet in the log, in global order.
     pub(super) messages: Vec<Message>,
-    /// Ids of the group's messages: the log's index learns them only when the group is durable.
-    pub(super) ids: HashSet<String>,
+    /// Ids of the group's messages with their streams: the log's index learns them only when
+    /// the group is durable.
+    pub(super) ids: HashMap<String, String>,
     /// Versions of streams written lately (every stream the current group wrote is here).
     pub(super) versions: HashMap<String, u64>,
     /// How many streams `versions` may hold before it starts over.
@@ -249,22 +250,38 @@ impl Writer {
         let mut touched = BTreeSet::new();
         let mut head = self.head;
         let mut versions: Vec<(String, u64)> = Vec::new();
+        // Ids this commit writes, with their streams: the group's and the log's learn them only
+        // once the commit holds.
+        let mut own_ids: HashMap<&str, &str> = HashMap::new();
         for append in &commit.appends {
             let stream = append.stream.as_str();
             let mut fresh: Vec<&NewMessage> = Vec::with_capacity(append.messages.len());
             for message in &append.messages {
-                if self.ids.contains(&message.id)
-                    || fresh.iter().any(|m| m.id == message.id)
-                    || self.log.holds_id(&message.id)?
-                {
-                    if commit.refuse_duplicates {
+                let holder = match own_ids.get(message.id.as_str()) {
+                    Some(holder) => Some((*holder).to_owned()),
+                    None => match self.ids.get(&message.id) {
+                        Some(holder) => Some(holder.clone()),
+                        None => self.log.stream_of_id(&message.id)?,
+                    },
+                };
+                match holder {
+                    // An id names one message of one stream: the same stream again is a
+                    // duplicate, another stream is refused.
+                    Some(holder) if holder != stream => {
+                        return Err(StoreError::IdInUse {
+                            id: shown(&message.id),
+                        });
+                    }
+                    Some(_) if commit.refuse_duplicates => {
                         return Err(StoreError::Duplicate {
                             id: message.id.clone(),
                         });
                     }
-                    committed.duplicates.push(message.id.clone());
-                } else {
-                    fresh.push(message);
+                    Some(_) => committed.duplicates.push(message.id.clone()),
+                    None => {
+                        own_ids.insert(&message.id, stream);
+                        fresh.push(message);
+                    }
                 }
             }
             if fresh.is_empty() {
@@ -401,8 +418,12 @@ impl Writer {
         group.extend(own);
         self.head = head;
         self.versions.extend(versions);
-        self.ids
-            .extend(committed.written.iter().map(|m| m.id.clone()));
+        self.ids.extend(
+            committed
+                .written
+                .iter()
+                .map(|m| (m.id.clone(), m.stream.as_str().to_owned())),
+        );
         self.messages.extend(committed.written.iter().cloned());
         Ok((committed, touched))
     }

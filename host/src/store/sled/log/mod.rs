@@ -320,14 +320,17 @@ impl MessageLog {
         Ok(None)
     }
 
-    /// Whether a message with this id is stored (checked without decoding its JSON).
-    pub(super) fn holds_id(&self, id: &str) -> Result<bool, StoreError> {
+    /// The stream of the message with this id, when one is stored (read without decoding its
+    /// JSON).
+    pub(super) fn stream_of_id(&self, id: &str) -> Result<Option<String>, StoreError> {
         for entry in self.index.scan(hashed(ID, id), 0, usize::MAX, 0)? {
-            if record::head(&self.segments.read(entry.at)?)?.id == id {
-                return Ok(true);
+            let body = self.segments.read(entry.at)?;
+            let head = record::head(&body)?;
+            if head.id == id {
+                return Ok(Some(head.stream.to_owned()));
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     pub(super) fn account(&self) -> Result<LogAccount, StoreError> {

@@ -80,8 +80,8 @@ fn check_reads(log: &MessageLog, last: u64, streams: u64) -> TestResult {
 
     let found = log.by_id(&format!("id-{}", last / 2))?;
     assert_eq!(found, Some(message(last / 2, streams)?));
-    assert!(log.holds_id("id-1")?);
-    assert!(!log.holds_id(&format!("id-{}", last + 1))?);
+    assert!(log.stream_of_id("id-1")?.is_some());
+    assert!(log.stream_of_id(&format!("id-{}", last + 1))?.is_none());
     assert_eq!(log.by_id("id-0")?, None);
     Ok(())
 }
@@ -102,7 +102,7 @@ fn appended_messages_are_unseen_until_published() -> TestResult {
     writer.append(&message(1, 4)?)?;
     writer.sync()?;
     assert!(log.read_stream("account:command.1", 0, 10)?.is_empty());
-    assert!(!log.holds_id("id-1")?);
+    assert!(log.stream_of_id("id-1")?.is_none());
     writer.publish()?;
     assert_eq!(log.read_stream("account:command.1", 0, 10)?.len(), 1);
     Ok(())
@@ -128,7 +128,7 @@ fn reopening_cuts_off_messages_past_the_head() -> TestResult {
     // The store's commit point said 60: 61..=100 were never acknowledged.
     let (log, mut writer) = MessageLog::open(dir.path(), 60)?;
     check_reads(&log, 60, 5)?;
-    assert!(!log.holds_id("id-61")?);
+    assert!(log.stream_of_id("id-61")?.is_none());
     fill(&mut writer, 61, 80, 5)?;
     check_reads(&log, 80, 5)?;
     drop((log, writer));
@@ -249,6 +249,6 @@ fn an_index_ahead_of_the_head_is_rebuilt() -> TestResult {
     // between the log and the head): the index is built again from the log up to the head.
     let (log, _writer) = MessageLog::open(dir.path(), 1000)?;
     check_reads(&log, 1000, 21)?;
-    assert!(!log.holds_id("id-1001")?);
+    assert!(log.stream_of_id("id-1001")?.is_none());
     Ok(())
 }
