@@ -438,3 +438,102 @@ fn refuses_to_seal_what_it_cannot_seal_and_writes_nothing() {
     assert!(setup.read("user:command.1").is_empty());
     assert!(setup.read("user.1").is_empty());
 }
+
+/// A guest that quotes what it was given (in its log and its failure, as `chaos`'s `Quote`
+/// does) and the SDK's own parse error (a password sent as a number): sealed values of every
+/// JSON type are in no byte of the folders, the host's log or any HTTP answer.
+fn sealed_values_quoted_by_a_failing_guest_are_redacted(backend: Backend) {
+    let setup = backend.setup(&["chaos", "user"]);
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let host = setup.start(&["--http", &address, "--http-token", TOKEN]);
+    wait_until(WAIT, "the gateway listens", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    // Each sealed value is a text no other part of the test writes.
+    let text = unique("sealed-text");
+    let secrets: Vec<String> = vec![
+        text.clone(),
+        "987654321".into(),
+        "31415.92653".into(),
+        "arr-item-x91q".into(),
+        "5550123".into(),
+        "obj-value-q2z".into(),
+    ];
+    let visible = unique("visible");
+    let (status, answer) = http(
+        port,
+        "POST",
+        "/streams/chaos:command.quoted",
+        Some(&json!({
+            "type": "Quote",
+            "data": {
+                "text": text, "integer": 987654321, "float": 31415.92653,
+                "array": ["arr-item-x91q", 5550123], "object": { "inner": "obj-value-q2z" },
+                "flag": true, "nothing": null, "visible": visible,
+            },
+            "sealed": ["text", "integer", "float", "array", "object", "flag", "nothing"],
+        })),
+    );
+    assert_eq!(status, 202, "{answer}");
+    // The password of the wrong type: the SDK's error names the field, not the value.
+    let (status, answer) = http(
+        port,
+        "POST",
+        "/streams/user:command.typed",
+        Some(&json!({
+            "type": "RegisterUser",
+            "data": {
+                "username": visible, "email": "typed@example.com", "password": 8675309123u64,
+                "firstName": "Ty", "lastName": "Ped",
+            },
+            "sealed": ["password"],
+        })),
+    );
+    assert_eq!(status, 202, "{answer}");
+    let mut parked = Value::Null;
+    wait_until(WAIT, "both are parked", || {
+        parked = http(port, "GET", "/parked", None).1;
+        parked["parked"].as_array().is_some_and(|p| p.len() == 2)
+    });
+    let shown = parked.to_string();
+    let user_reason = parked["parked"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|p| p["consumer"]["category"] == "user:command")
+        })
+        .and_then(|p| p["reason"].as_str())
+        .unwrap_or_default();
+    assert!(
+        user_reason.contains("`password`") && user_reason.contains("expected a string"),
+        "the reason names the field and the type: {user_reason}"
+    );
+    assert!(
+        shown.contains("[sealed]"),
+        "the guest's quote is redacted: {shown}"
+    );
+    let log = host.log_text();
+    host.stop();
+    for secret in secrets
+        .iter()
+        .chain(std::iter::once(&"8675309123".to_owned()))
+    {
+        assert!(
+            !shown.contains(secret.as_str()),
+            "{secret} in /parked: {shown}"
+        );
+        assert!(!log.contains(secret.as_str()), "{secret} in the host's log");
+        assert_nowhere(&backend.folders(&setup), secret, &visible);
+    }
+}
+
+#[test]
+fn sealed_values_quoted_by_a_failing_guest_are_redacted_on_sled() {
+    sealed_values_quoted_by_a_failing_guest_are_redacted(Backend::Sled);
+}
+
+#[test]
+fn sealed_values_quoted_by_a_failing_guest_are_redacted_on_jetstream() {
+    sealed_values_quoted_by_a_failing_guest_are_redacted(Backend::jetstream());
+}

@@ -87,11 +87,18 @@ impl Message {
         self.message_type == message_type
     }
 
-    /// The data as a typed struct; a mismatch is a permanent failure naming the type.
+    /// The data as a typed struct; a mismatch is a permanent failure naming the field and the
+    /// type expected (never the value found).
     pub fn data<T: DeserializeOwned>(&self) -> Result<T> {
         // Read from the parsed value in place: no copy of it first.
-        T::deserialize(&self.data)
-            .map_err(|e| permanent(format!("{} data: {e}", self.message_type)))
+        serde_path_to_error::deserialize(&self.data).map_err(|e| {
+            let path = e.path().to_string();
+            permanent(describe(
+                &format!("{} data", self.message_type),
+                &path,
+                &e.into_inner(),
+            ))
+        })
     }
 
     /// The entity id: the part of the stream name after the first `.`.
