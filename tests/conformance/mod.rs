@@ -102,6 +102,8 @@ macro_rules! conformance_suite {
             reads_a_stream_from_every_position,
             refuses_a_stale_expected_version,
             skips_a_message_whose_id_is_stored,
+            refuses_an_id_used_by_another_stream,
+            refuses_messages_past_the_bounds,
             refuses_data_that_is_not_an_object,
             reads_a_category_from_a_position_with_an_origin_filter,
             keeps_consumer_positions_per_category,

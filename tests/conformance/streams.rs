@@ -362,8 +362,113 @@ pub async fn orders_concurrent_appends_globally(store: Store) {
     }
 }
 
+/// An id names one message of one stream: again on that stream it is a duplicate, on another
+/// (stored, or earlier in the same commit) the whole commit is refused, naming nothing of it.
+pub async fn refuses_an_id_used_by_another_stream(store: Store) {
+    append(&store, "ids.a", vec![msg("taken", "X", json!({}))]).await;
+    let error = store
+        .commit(Commit::append(
+            stream("ids.b"),
+            None,
+            vec![msg("fresh", "X", json!({})), msg("taken", "X", json!({}))],
+        ))
+        .await
+        .expect_err("another stream's id");
+    assert!(
+        matches!(&error, StoreError::IdInUse { id } if id == "taken"),
+        "{error:?}"
+    );
+    assert!(!error.to_string().contains("ids.a"), "{error}");
+    assert!(
+        store.message("fresh").await.expect("lookup").is_none(),
+        "nothing of the refused commit is stored"
+    );
+    let again = store
+        .commit(Commit::append(
+            stream("ids.a"),
+            None,
+            vec![msg("taken", "X", json!({}))],
+        ))
+        .await
+        .expect("the same stream again");
+    assert_eq!(again.duplicates, ["taken"]);
+    // Twice in one commit, on two streams.
+    let error = store
+        .commit(Commit {
+            appends: vec![
+                StreamAppend {
+                    stream: stream("ids.c"),
+                    expected_version: None,
+                    messages: vec![msg("twice", "X", json!({}))],
+                },
+                StreamAppend {
+                    stream: stream("ids.d"),
+                    expected_version: None,
+                    messages: vec![msg("twice", "X", json!({}))],
+                },
+            ],
+            ..Commit::default()
+        })
+        .await
+        .expect_err("one id on two streams of one commit");
+    assert!(matches!(error, StoreError::IdInUse { .. }), "{error:?}");
+    assert!(store.message("twice").await.expect("lookup").is_none());
+}
+
+/// Ids, types, data, metadata and view keys past their bounds are refused whole, naming the
+/// limit, the same on every store.
+pub async fn refuses_messages_past_the_bounds(store: Store) {
+    let long_id = "i".repeat(ferry::store::MAX_ID_BYTES + 1);
+    let big = json!({ "blob": "b".repeat(ferry::store::MAX_DATA_BYTES) });
+    let cases = [
+        msg(&long_id, "X", json!({})),
+        msg("spaced id", "X", json!({})),
+        msg(
+            "ok-id",
+            &"T".repeat(ferry::store::MAX_TYPE_BYTES + 1),
+            json!({}),
+        ),
+        msg("ok-id", "X", big),
+    ];
+    for message in cases {
+        let error = store
+            .commit(Commit::append(stream("bounds.1"), None, vec![message]))
+            .await
+            .expect_err("past a bound");
+        assert!(
+            matches!(&error, StoreError::InvalidMessage { .. }) && error.is_permanent(),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().len() < 400,
+            "the error does not echo: {error}"
+        );
+    }
+    let error = store
+        .commit(Commit {
+            views: vec![ViewWrite {
+                table: "rows".into(),
+                key: "k".repeat(ferry::store::MAX_VIEW_KEY_BYTES + 1),
+                value: Some(json!({})),
+                seq: 1,
+            }],
+            ..Commit::default()
+        })
+        .await
+        .expect_err("a key past its bound");
+    assert!(error.to_string().contains("limit of 512"), "{error}");
+    let long_key = "k".repeat(5000);
+    assert_eq!(store.view_get("rows", &long_key).await.expect("read"), None);
+    assert_eq!(store.message(&long_id).await.expect("read"), None);
+    assert_eq!(
+        store.stream_version(&stream("bounds.1")).await.expect("v"),
+        0
+    );
+}
+
 /// Commits that race (sent at once, so a backend may take them together) still see each other:
-/// one wins an expected version, one writes a message id, one moves a consumer from a position.
+/// one wins an expected version, one writes a message id (the others, on other streams, are
+/// refused it), one moves a consumer from a position.
 pub async fn lets_one_of_racing_commits_win(store: Store) {
     append(&store, "race.1", vec![msg("first", "X", json!({}))]).await;
     let consumer = ConsumerId::new(category("race"), "c");
@@ -395,15 +500,20 @@ pub async fn lets_one_of_racing_commits_win(store: Store) {
             )
         }));
     }
-    let (mut versioned, mut written, mut settled) = (0, 0, 0);
+    let (mut versioned, mut written, mut refused, mut settled) = (0, 0, 0, 0);
     for task in tasks {
         let (won_version, same_id, won_settle) = task.await.expect("join");
         versioned += usize::from(won_version);
-        written += same_id.expect("a duplicate id is skipped, not an error");
+        match same_id {
+            Ok(count) => written += count,
+            Err(StoreError::IdInUse { .. }) => refused += 1,
+            Err(e) => panic!("an id taken by another stream is refused as such: {e}"),
+        }
         settled += usize::from(won_settle);
     }
     assert_eq!(versioned, 1, "one commit wins expected version 1");
     assert_eq!(written, 1, "one message with the id is stored");
+    assert_eq!(refused, 15, "the id is refused on every other stream");
     assert_eq!(settled, 1, "one commit moves the consumer from 0");
     assert_eq!(
         store
