@@ -485,3 +485,45 @@ async fn refuses_a_damaged_folder_with_a_clear_error() {
         .expect_err("damaged");
     assert!(matches!(error, StoreError::Unusable { .. }), "{error}");
 }
+
+/// sled's files lost beside a message log (a partial restore, a careless clean-up): opening
+/// would take the head for 0 and cut every acknowledged message off. It is refused, naming the
+/// cause, and the log is left as it was.
+#[tokio::test]
+async fn refuses_a_message_log_whose_sled_files_are_gone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("store");
+    {
+        let store = SledStore::open(&path).expect("create");
+        store
+            .commit(Commit::append(
+                conformance::stream("user.1"),
+                None,
+                vec![conformance::msg("u1", "UserRegistered", json!({}))],
+            ))
+            .await
+            .expect("append");
+    }
+    let segment = path.join("log/segments/00000000.log");
+    let before = std::fs::read(&segment).expect("segment");
+    assert!(!before.is_empty());
+    for entry in std::fs::read_dir(&path).expect("folder") {
+        let entry = entry.expect("entry").path();
+        let name = entry.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.as_deref().is_some_and(|n| n != "log" && n != "secret") {
+            if entry.is_dir() {
+                std::fs::remove_dir_all(&entry).expect("remove");
+            } else {
+                std::fs::remove_file(&entry).expect("remove");
+            }
+        }
+    }
+    let error = SledStore::open(&path).expect_err("a log without its head");
+    assert!(matches!(error, StoreError::Unusable { .. }), "{error}");
+    assert!(error.to_string().contains("sled holds no head"), "{error}");
+    assert_eq!(
+        std::fs::read(&segment).expect("segment"),
+        before,
+        "the log is untouched"
+    );
+}

@@ -114,6 +114,19 @@ impl Drop for Inner {
     }
 }
 
+/// Bytes in the message log's segments (0 when it has none).
+fn log_bytes(log_dir: &Path) -> u64 {
+    std::fs::read_dir(log_dir.join("segments"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.metadata().ok())
+                .map(|metadata| metadata.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// The sled-backed [`MessageStore`]. Cheap to clone.
 #[derive(Clone)]
 pub struct SledStore {
@@ -185,6 +198,15 @@ impl SledStore {
             Some(tag) if tag == migrate::FORMAT_V2 => migrate::migrate_v2(&db, &tree, &log_dir)?,
             Some(tag) if tag == migrate::FORMAT_V1 => migrate::migrate_v1(&db, &tree, &log_dir)?,
             Some(tag) => return Err(other_format(&tag)),
+            None if tree.is_empty() && log_bytes(&log_dir) > 0 => {
+                // Opening would take the head for 0 and cut every message off.
+                return Err(unusable(format!(
+                    "its message log holds {} bytes of messages but sled holds no head: sled's \
+                     files (db, conf, snap.*) were lost or replaced. Nothing was changed; restore \
+                     them from the backup the log came with",
+                    log_bytes(&log_dir)
+                )));
+            }
             None if tree.is_empty() => {
                 // A log left by a store created and never committed to is empty or cut off
                 // below: a fresh store's head is 0.

@@ -37,6 +37,41 @@ fn io(what: &str, e: std::io::Error) -> StoreError {
     StoreError::Backend(format!("message index: {what}: {e}"))
 }
 
+/// The manifest as written: its fields and the CRC-32 of their JSON text, so that a damaged
+/// manifest is rebuilt from the log rather than believed (one written before it had a checksum
+/// is read as it is).
+#[derive(Serialize, Deserialize)]
+struct Checked {
+    manifest: Manifest,
+    crc32: u32,
+}
+
+impl Manifest {
+    fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let text = serde_json::to_vec(self).map_err(|e| io("encoding", e.into()))?;
+        let crc32 = crc32fast::hash(&text);
+        serde_json::to_vec(&Checked {
+            manifest: self.clone(),
+            crc32,
+        })
+        .map_err(|e| io("encoding", e.into()))
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        match serde_json::from_slice::<Checked>(bytes) {
+            Ok(checked) => {
+                let text = serde_json::to_vec(&checked.manifest).map_err(|e| e.to_string())?;
+                match crc32fast::hash(&text) == checked.crc32 {
+                    true => Ok(checked.manifest),
+                    false => Err("its checksum does not match".into()),
+                }
+            }
+            // Written before manifests had a checksum.
+            Err(_) => serde_json::from_slice::<Manifest>(bytes).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// What the index has written out, as on disk.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -77,7 +112,7 @@ impl Index {
     pub(super) fn open(dir: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(|e| io("creating its folder", e))?;
         let manifest: Manifest = match fs::read(dir.join(MANIFEST)) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            Ok(bytes) => Manifest::decode(&bytes).unwrap_or_else(|e| {
                 tracing::warn!("message index manifest unreadable ({e}); rebuilding the index");
                 Manifest::default()
             }),
@@ -201,7 +236,7 @@ impl Index {
     fn write_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
         let path = self.dir.join(MANIFEST);
         let next = self.dir.join("manifest.next");
-        let bytes = serde_json::to_vec(manifest).map_err(|e| io("encoding", e.into()))?;
+        let bytes = manifest.encode()?;
         let mut file = fs::File::create(&next).map_err(|e| io("writing the manifest", e))?;
         file.write_all(&bytes)
             .and_then(|()| file.sync_all())

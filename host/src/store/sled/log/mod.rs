@@ -97,6 +97,43 @@ impl Drop for MessageLog {
     }
 }
 
+/// What lies past the head when the store opens (records a crash left unacknowledged, a torn
+/// record) is cut off; first it is copied aside into `cut/`, counted and logged, so that opening
+/// never destroys anything without a word.
+fn set_aside_past(
+    segments: &Segments,
+    dir: &Path,
+    head: u64,
+    end: Location,
+) -> Result<(), StoreError> {
+    let Some((path, bytes)) = segments.set_aside_tail(end, &dir.join("cut"))? else {
+        return Ok(());
+    };
+    let mut records = 0u64;
+    let mut positions: Option<(u64, u64)> = None;
+    for item in Scan::new(segments, end) {
+        let Ok((_, _, body)) = item else { break };
+        let Ok(message) = record::decode(&body) else {
+            break;
+        };
+        records += 1;
+        let global = message.global_position;
+        positions = Some(positions.map_or((global, global), |(first, _)| (first, global)));
+    }
+    let positions = positions.map_or("none whole".to_owned(), |(first, last)| {
+        format!("global positions {first} to {last}")
+    });
+    tracing::warn!(
+        head,
+        records,
+        bytes,
+        "the message log held {records} records past the store's head {head} ({positions}), \
+         which no commit acknowledged, in {bytes} bytes: set aside in {} and cut off",
+        path.display()
+    );
+    Ok(())
+}
+
 impl MessageLog {
     /// Opens the log in `dir` for a store whose head is `head`: records past it are cut off,
     /// and the index learns what its runs do not hold yet. A log that ends before the head has
@@ -144,6 +181,7 @@ impl MessageLog {
         }
         index.publish(pending, last, end)?;
         index.flush_if_full()?;
+        set_aside_past(&segments, dir, head, end)?;
         let appender = Appender::open(segments.clone(), end)?;
 
         let (wake, woken) = mpsc::channel::<()>();

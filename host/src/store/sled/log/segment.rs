@@ -20,7 +20,8 @@ pub(super) const SEGMENT_BYTES: u64 = 512 << 20;
 const FRAME: usize = 8;
 /// What one read of a record asks for first; most messages fit, a longer one takes a second read.
 const FIRST_READ: usize = 512;
-/// No record is longer (the store refuses commits long before this).
+/// No record is longer: appending one is refused (the store refuses commits long before this,
+/// see `store::limits`), so every record appended can be read back.
 const MAX_RECORD: u32 = 64 << 20;
 
 pub(super) type Location = u64;
@@ -120,7 +121,8 @@ impl Segments {
             return Err(damaged(at, "it is cut short"));
         }
         let (len, crc) = frame(&buf);
-        if len > MAX_RECORD {
+        // No record is empty: a frame of zeros is a file's zero-filled end, not a record.
+        if len == 0 || len > MAX_RECORD {
             return Err(damaged(at, "its length is implausible"));
         }
         let end = FRAME + len as usize;
@@ -182,6 +184,58 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> Result<usize, Store
     Ok(got)
 }
 
+impl Segments {
+    /// Copies every byte of the log past `end` into a new file in `into` (synced), and says how
+    /// many: what opening is about to cut off is kept for whoever wants to look at it. `None`
+    /// when nothing lies past `end`.
+    pub(super) fn set_aside_tail(
+        &self,
+        end: Location,
+        into: &Path,
+    ) -> Result<Option<(PathBuf, u64)>, StoreError> {
+        let (number, offset) = split(end);
+        let count = self.count() as u32;
+        let mut pieces = Vec::new();
+        for segment in number..count {
+            let file = self.file(segment)?;
+            let len = file
+                .metadata()
+                .map_err(|e| io("reading a segment's size", e))?
+                .len();
+            let from = if segment == number {
+                u64::from(offset)
+            } else {
+                0
+            };
+            if len > from {
+                pieces.push((file, from, len));
+            }
+        }
+        if pieces.is_empty() {
+            return Ok(None);
+        }
+        fs::create_dir_all(into).map_err(|e| io("creating the folder for cut records", e))?;
+        let path = into.join(format!(
+            "{}-{number:08}-{offset}.tail",
+            crate::store::now_ms()
+        ));
+        let mut out = File::create(&path).map_err(|e| io("setting the log's end aside", e))?;
+        let mut total = 0;
+        for (file, from, len) in pieces {
+            let mut buf = vec![0u8; (len - from) as usize];
+            file.read_exact_at(&mut buf, from)
+                .map_err(|e| io("reading the log's end", e))?;
+            out.write_all(&buf)
+                .map_err(|e| io("setting the log's end aside", e))?;
+            total += buf.len() as u64;
+        }
+        out.sync_all()
+            .map_err(|e| io("setting the log's end aside", e))?;
+        sync_dir(into)?;
+        Ok(Some((path, total)))
+    }
+}
+
 /// The writer's end of the log: it appends to the last segment through a buffer, which
 /// [`Appender::write_out`] hands to the file (readers see it from then) and [`Appender::sync`]
 /// makes durable.
@@ -239,6 +293,12 @@ impl Appender {
 
     /// Buffers one record; its location, readable once [`Appender::write_out`] has run.
     pub(super) fn append(&mut self, body: &[u8]) -> Result<Location, StoreError> {
+        if body.is_empty() || body.len() > MAX_RECORD as usize {
+            return Err(StoreError::Refused(format!(
+                "a record of {} bytes, where the log takes 1 to {MAX_RECORD}",
+                body.len()
+            )));
+        }
         let framed = (FRAME + body.len()) as u64;
         if self.len > 0 && self.len + framed > SEGMENT_BYTES {
             self.roll()?;
@@ -340,7 +400,9 @@ impl<'a> Scan<'a> {
                 _ => return Ok(None),
             }
             let (len, crc) = frame(&head);
-            if len > MAX_RECORD {
+            // A frame of zeros (a file extended but never written, as a crash can leave it)
+            // ends the log like any torn record: no record is empty.
+            if len == 0 || len > MAX_RECORD {
                 return Ok(None);
             }
             let mut body = vec![0u8; len as usize];

@@ -159,6 +159,76 @@ fn a_torn_tail_is_cut_off_on_reopening() -> TestResult {
 }
 
 #[test]
+fn what_is_cut_off_is_set_aside_whole_first() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let (_log, mut writer) = MessageLog::open(dir.path(), 0)?;
+        fill(&mut writer, 1, 30, 5)?;
+    }
+    let segment = dir.path().join("segments").join(format!("{:08}.log", 0));
+    let whole = std::fs::read(&segment)?;
+    let (_log, _writer) = MessageLog::open(dir.path(), 20)?;
+    let kept = std::fs::read(&segment)?;
+    let set_aside: Vec<_> = std::fs::read_dir(dir.path().join("cut"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(set_aside.len(), 1, "{set_aside:?}");
+    let tail = std::fs::read(&set_aside[0])?;
+    assert_eq!(
+        [kept.as_slice(), tail.as_slice()].concat(),
+        whole,
+        "the log as it was is what was kept and what was set aside"
+    );
+    // Nothing past the head: nothing set aside.
+    drop((_log, _writer));
+    let (_log, _writer) = MessageLog::open(dir.path(), 20)?;
+    assert_eq!(std::fs::read_dir(dir.path().join("cut"))?.count(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_zero_filled_end_is_a_torn_tail() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let (_log, mut writer) = MessageLog::open(dir.path(), 0)?;
+        fill(&mut writer, 1, 50, 5)?;
+    }
+    // A file extended but never written (what some filesystems leave after a crash).
+    let segment = dir.path().join("segments").join(format!("{:08}.log", 0));
+    let mut file = OpenOptions::new().append(true).open(&segment)?;
+    file.write_all(&[0u8; 4096])?;
+    drop(file);
+    let (log, mut writer) = MessageLog::open(dir.path(), 50)?;
+    check_reads(&log, 50, 5)?;
+    fill(&mut writer, 51, 60, 5)?;
+    drop((log, writer));
+    let (log, _writer) = MessageLog::open(dir.path(), 60)?;
+    check_reads(&log, 60, 5)?;
+    Ok(())
+}
+
+#[test]
+fn a_damaged_manifest_is_not_believed() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let last = MEMTABLE_ENTRIES as u64 / 3 + 500;
+    {
+        let (log, mut writer) = MessageLog::open(dir.path(), 0)?;
+        fill(&mut writer, 1, last, 21)?;
+        assert_eq!(log.account()?.runs, 1);
+    }
+    // A flipped digit that still parses: it would send opening past messages it never indexed.
+    let path = dir.path().join("index").join("manifest");
+    let text = std::fs::read_to_string(&path)?;
+    let damaged = text.replacen("\"indexedTo\":", "\"indexedTo\":1", 1);
+    assert_ne!(damaged, text);
+    std::fs::write(&path, damaged)?;
+    let (log, _writer) = MessageLog::open(dir.path(), last)?;
+    check_reads(&log, last, 21)?;
+    Ok(())
+}
+
+#[test]
 fn a_log_that_ends_before_the_head_is_not_opened() -> TestResult {
     let dir = tempfile::tempdir()?;
     {
