@@ -13,25 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Host, Setup, SteadySender, wait_until};
+use support::{Host, Rng, Setup, SteadySender, wait_until};
 
 const ENTITIES: usize = 5;
-
-/// xorshift64*: small, seeded, good enough to pick kill moments.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next() % (high - low)
-    }
-}
 
 #[test]
 fn survives_repeated_sigkill_without_loss_or_duplicates() {
@@ -53,22 +37,13 @@ fn survives_repeated_sigkill_of_one_of_two_instances_on_jetstream() {
 /// Runs `instances` hosts (each its own process and data folder, sharing the store) under a
 /// steady flow of commands, killing one at random moments and starting it again.
 fn kill_repeatedly(setup: Setup, instances: usize) {
-    let seed = std::env::var("FERRY_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-                | 1
-        });
+    let mut rng = Rng::seeded("CRASH");
+    let seed = rng.0;
     let kills: usize = std::env::var("FERRY_CRASH_KILLS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     eprintln!("crash test: FERRY_CRASH_SEED={seed} FERRY_CRASH_KILLS={kills}");
-    let mut rng = Rng(seed);
 
     let setup = Arc::new(setup);
     let sender = SteadySender::start(setup.clone(), ENTITIES);

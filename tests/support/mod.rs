@@ -15,6 +15,7 @@ use serde_json::Value;
 pub mod billing;
 pub mod cluster;
 pub mod http;
+pub mod lazyfs;
 pub mod leases;
 pub mod nats;
 
@@ -329,6 +330,12 @@ impl Setup {
 
     /// Starts `ferry run` on its own data folder (one process of several sharing a JetStream).
     pub fn start_in(&self, data: &Path, extra: &[&str]) -> Host {
+        self.try_start_in(data, extra)
+            .unwrap_or_else(|why| panic!("the host did not start: {why}"))
+    }
+
+    /// The same, or why not: the process ended before it listened (with its log's tail).
+    pub fn try_start_in(&self, data: &Path, extra: &[&str]) -> Result<Host, String> {
         seed_cache(data);
         let log = data.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
@@ -344,13 +351,20 @@ impl Setup {
             .stderr(log_file)
             .spawn()
             .expect("ferry run starts");
-        let host = Host { child, log };
+        let mut host = Host { child, log };
         let socket = data.join("ferry.sock");
         // Long enough for a first compile of the large JavaScript and Python components.
-        wait_until(Duration::from_secs(300), "the host listens", || {
-            std::os::unix::net::UnixStream::connect(&socket).is_ok()
-        });
-        host
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Ok(Some(status)) = host.child.try_wait() {
+                return Err(format!("it exited ({status}): {}", host.log_tail(20)));
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                return Err(format!("it did not listen in 300 s: {}", host.log_tail(20)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(host)
     }
 
     pub fn read(&self, target: &str) -> Vec<Value> {
@@ -436,6 +450,37 @@ impl Drop for Host {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// xorshift64*: small, seeded, good enough to pick the moments of faults.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Seeded from `FERRY_<NAME>_SEED` when set (to replay a run), else from the clock.
+    pub fn seeded(name: &str) -> Self {
+        let seed = std::env::var(format!("FERRY_{name}_SEED"))
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    | 1
+            });
+        Self(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next() % (high - low)
     }
 }
 
