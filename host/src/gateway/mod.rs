@@ -239,6 +239,7 @@ impl From<anyhow::Error> for ApiError {
                 | StoreError::InvalidMessage { .. }
                 | StoreError::Refused(_) => StatusCode::BAD_REQUEST,
                 StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                StoreError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
                 // The store cannot answer now (a JetStream cluster electing a leader, a server
                 // restarting): the client may send again, with the same id.
                 StoreError::Backend(_) | StoreError::Closed => StatusCode::SERVICE_UNAVAILABLE,
@@ -253,6 +254,14 @@ impl From<anyhow::Error> for ApiError {
         };
         if status.is_server_error() {
             tracing::error!("gateway request failed: {error:#}");
+        }
+        if status == StatusCode::INSUFFICIENT_STORAGE {
+            // The reason names the data folder and its free space: the operator's to read, in
+            // the host's log.
+            return Self(
+                status,
+                "the disk is full: nothing was written; send it again once space is freed".into(),
+            );
         }
         Self(status, format!("{error:#}"))
     }
@@ -358,8 +367,16 @@ async fn page(State(gateway): Shared) -> Response {
     }
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// Public, so it names no path or figure: `degraded` while the store refuses writes (a full
+/// disk) and still serves reads.
+async fn health(State(gateway): Shared) -> Json<Value> {
+    match gateway.context.store.degraded() {
+        None => Json(json!({ "status": "ok" })),
+        Some(_) => Json(json!({
+            "status": "degraded",
+            "reason": "the disk is full: writes are refused until space is freed; reads are served",
+        })),
+    }
 }
 
 /// A command (or any message) to append.

@@ -86,6 +86,10 @@ impl MessageStore for RecordingStore {
         &self.secret
     }
 
+    fn degraded(&self) -> Option<String> {
+        self.inner.degraded()
+    }
+
     async fn read_category(
         &self,
         category: &Category,

@@ -367,6 +367,10 @@ pub enum StoreError {
     /// sending it again can never succeed.
     #[error("refused by the store: {0}")]
     Refused(String),
+    /// The disk is full (or below the space the store keeps in reserve): nothing of the commit
+    /// was written; reads go on, and writes succeed again once space is freed.
+    #[error("the disk is full: {0}; nothing of this commit was written")]
+    Full(String),
     /// The backend could not answer (a timeout, no responders, a lost connection): the same
     /// write may succeed later.
     #[error("store backend: {0}")]
@@ -438,6 +442,12 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The namespace's secret, created with the store: it keys the ids the host derives and the
     /// secrets it gives guests.
     fn secret(&self) -> &NamespaceSecret;
+
+    /// Why the store cannot take writes now (a full disk), while it still serves reads; `None`
+    /// when it is healthy.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 
     /// The key of the sealed fields of the message with this id; `None` once a commit shredded
     /// it (or when the message has none).

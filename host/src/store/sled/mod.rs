@@ -100,6 +100,8 @@ struct Inner {
     durable: Arc<AtomicU64>,
     watchers: Watchers,
     secret: NamespaceSecret,
+    /// Why writes are refused now (see the writer's `refuse_full`).
+    degraded: Arc<Mutex<Option<String>>>,
 }
 
 impl Drop for Inner {
@@ -227,6 +229,7 @@ impl SledStore {
         let log = Arc::new(log);
         let secret = NamespaceSecret::load_or_create(&path, head)?;
         let durable = Arc::new(AtomicU64::new(head));
+        let degraded = Arc::new(Mutex::new(None));
         let state = Writer {
             db,
             tree: tree.clone(),
@@ -239,6 +242,8 @@ impl SledStore {
             cached_versions,
             durable: durable.clone(),
             watchers: watchers.clone(),
+            path: path.clone(),
+            degraded: degraded.clone(),
         };
         let writer_thread = std::thread::Builder::new()
             .name("ferry-sled-writer".into())
@@ -254,6 +259,7 @@ impl SledStore {
                 durable,
                 watchers,
                 secret,
+                degraded,
             }),
         })
     }
@@ -407,6 +413,10 @@ impl MessageStore for SledStore {
 
     fn secret(&self) -> &NamespaceSecret {
         &self.inner.secret
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.inner.degraded.lock().ok().and_then(|d| d.clone())
     }
 
     async fn seal_key(&self, message_id: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -113,7 +113,15 @@ pub(super) struct Writer {
     /// The last global position on disk, moved after each flush.
     pub(super) durable: Arc<AtomicU64>,
     pub(super) watchers: Watchers,
+    /// The data folder, whose filesystem's free space is checked before each group.
+    pub(super) path: std::path::PathBuf,
+    /// Why writes are refused now (the disk is full); cleared by the next group written.
+    pub(super) degraded: Arc<Mutex<Option<String>>>,
 }
+
+/// Free space the store keeps in reserve: a group is refused below it, before anything is
+/// written, so that sled's own log, the index's runs and merges never meet a full disk halfway.
+const DISK_RESERVE: u64 = 32 << 20;
 
 impl Writer {
     pub(super) fn run(mut self, mut queue: mpsc::UnboundedReceiver<WriteRequest>) {
@@ -125,6 +133,18 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            if let Some(reason) = self.short_of_space() {
+                self.refuse_full(group, reason);
+                continue;
+            }
+            // Where the group starts: a group the log cannot take is taken back to here.
+            let mark = (self.log_writer.mark(), self.head);
+            let only_commits = group.iter().all(|r| {
+                matches!(
+                    r,
+                    WriteRequest::Commit { .. } | WriteRequest::JoinGroup { .. }
+                )
+            });
             let mut staged = Staged::new();
             let mut results = Vec::with_capacity(group.len());
             let mut touched: BTreeSet<String> = BTreeSet::new();
@@ -171,6 +191,19 @@ impl Writer {
                     .and_then(|()| self.db.flush().map_err(backend))
                     .and_then(|_| self.log_writer.publish()),
             };
+            if let Err(StoreError::Full(reason)) = &written
+                && only_commits
+            {
+                // The log could not take the group, and nothing else of it was applied (a full
+                // log write comes before the sled batch): take it back whole and go on.
+                match self.take_back(mark) {
+                    Ok(()) => {
+                        self.refuse_full(group, reason.clone());
+                        continue;
+                    }
+                    Err(e) => tracing::error!("taking back a group the disk could not take: {e}"),
+                }
+            }
             if let Err(e) = written {
                 // The group may be partly in memory and maybe not on disk: neither "failed" nor
                 // "written" is true, so stop. Every caller learns the store stopped; nothing is
@@ -181,6 +214,9 @@ impl Writer {
                     request.reply(Err(StoreError::Backend(reason.clone())));
                 }
                 return;
+            }
+            if let Ok(mut degraded) = self.degraded.lock() {
+                *degraded = None;
             }
             self.durable.store(self.head, Ordering::Release);
             if let Ok(watchers) = self.watchers.lock() {
@@ -198,6 +234,47 @@ impl Writer {
                 self.versions.clear();
             }
         }
+    }
+
+    /// Why the next group cannot be written: the data folder's filesystem has less free space
+    /// than the reserve.
+    fn short_of_space(&self) -> Option<String> {
+        let free = fs2::available_space(&self.path).ok()?;
+        (free < DISK_RESERVE).then(|| {
+            format!(
+                "{} has {} MiB free, less than the {} MiB the store keeps in reserve",
+                self.path.display(),
+                free >> 20,
+                DISK_RESERVE >> 20
+            )
+        })
+    }
+
+    /// Answers every request of a group that could not be written, and says so until a group
+    /// is written again.
+    fn refuse_full(&self, group: Vec<WriteRequest>, reason: String) {
+        let newly = self
+            .degraded
+            .lock()
+            .map(|mut degraded| degraded.replace(reason.clone()).is_none())
+            .unwrap_or(false);
+        if newly {
+            tracing::error!("the disk is full, writes are refused until space is freed: {reason}");
+        }
+        for request in group {
+            request.reply(Err(StoreError::Full(reason.clone())));
+        }
+    }
+
+    /// Undoes what staging a group did to the writer's state and cuts the log back to `mark`.
+    fn take_back(&mut self, (log_mark, head): ((u64, u64), u64)) -> Result<(), StoreError> {
+        self.log_writer.abandon(log_mark)?;
+        self.head = head;
+        self.messages.clear();
+        self.ids.clear();
+        // A cache: it is read again from the log.
+        self.versions.clear();
+        Ok(())
     }
 
     /// Appends the group's messages to the log and makes them durable, then writes what the

@@ -104,7 +104,12 @@ pub(super) struct Index {
     manifest: Mutex<Manifest>,
     /// Set when the store closes: a merge in progress stops.
     closing: AtomicBool,
+    /// When writing an index file last failed: none is written for a while after.
+    failed_at: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long index files are not written after a write failed.
+const WRITE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Index {
     /// Opens the index in `dir`. A run that cannot be read drops the whole index: it is rebuilt
@@ -146,6 +151,7 @@ impl Index {
             }),
             manifest: Mutex::new(manifest),
             closing: AtomicBool::new(false),
+            failed_at: Mutex::new(None),
         };
         index.remove_strays()?;
         Ok(index)
@@ -202,6 +208,36 @@ impl Index {
     /// Writes the table in memory out as a run once it is full; whether it did (a merge may be
     /// due then).
     pub(super) fn flush_if_full(&self) -> Result<bool, StoreError> {
+        if self.backing_off()? {
+            return Ok(false);
+        }
+        match self.write_table() {
+            Ok(wrote) => Ok(wrote),
+            Err(e) => {
+                // The table stays in memory (the log is the truth, and opening replays it past
+                // the last run), so the commits it indexes stand; it is written out again
+                // later.
+                tracing::warn!(
+                    "writing the message index out failed, trying again in {WRITE_BACKOFF:?}: {e}"
+                );
+                self.back_off()?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Whether index files are not written now, after a write failed (a full disk) a moment ago.
+    fn backing_off(&self) -> Result<bool, StoreError> {
+        let failed = self.failed_at.lock().map_err(|_| poisoned())?;
+        Ok(failed.is_some_and(|at| at.elapsed() < WRITE_BACKOFF))
+    }
+
+    fn back_off(&self) -> Result<(), StoreError> {
+        *self.failed_at.lock().map_err(|_| poisoned())? = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    fn write_table(&self) -> Result<bool, StoreError> {
         let (frozen, (last_global, log_end)) = {
             let mut tables = self.tables.write().map_err(|_| poisoned())?;
             if tables.active.len() < MEMTABLE_ENTRIES {
@@ -214,18 +250,29 @@ impl Index {
         let mut manifest = self.manifest.lock().map_err(|_| poisoned())?;
         let name = format!("{:08}.run", manifest.next_run);
         let keys = count_keys(&frozen);
-        let run = Run::write(
+        let mut next = manifest.clone();
+        next.runs.push(name.clone());
+        next.next_run += 1;
+        next.indexed_to = last_global;
+        next.log_end = log_end;
+        let written = Run::write(
             &self.dir.join(&name),
             frozen.iter().map(|e| Ok(*e)),
             keys,
             last_global,
-        )?;
-        let mut next = manifest.clone();
-        next.runs.push(name);
-        next.next_run += 1;
-        next.indexed_to = last_global;
-        next.log_end = log_end;
-        self.write_manifest(&next)?;
+        )
+        .and_then(|run| self.write_manifest(&next).map(|()| run));
+        let run = match written {
+            Ok(run) => run,
+            Err(e) => {
+                // Nothing of it is left behind, and its entries go back into the table.
+                let _ = fs::remove_file(self.dir.join(&name));
+                let mut tables = self.tables.write().map_err(|_| poisoned())?;
+                tables.active.extend(frozen.iter().copied());
+                tables.frozen = None;
+                return Err(e);
+            }
+        };
         *manifest = next;
         let mut tables = self.tables.write().map_err(|_| poisoned())?;
         tables.runs.push(Arc::new(run));
@@ -318,9 +365,17 @@ impl Index {
     /// Merges runs of one size while there are [`MERGE_WIDTH`] of them side by side. Runs on the
     /// merging thread; reads and the writer go on meanwhile.
     pub(super) fn merge_due(&self) -> Result<(), StoreError> {
+        if self.backing_off()? {
+            return Ok(());
+        }
         while let Some(inputs) = self.due()? {
-            if !self.merge(&inputs)? {
-                return Ok(());
+            match self.merge(&inputs) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(e) => {
+                    self.back_off()?;
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -356,7 +411,14 @@ impl Index {
             let _ = fs::remove_file(&path);
             return Ok(false);
         }
-        let merged = Arc::new(merged?);
+        let merged = match merged {
+            Ok(merged) => Arc::new(merged),
+            Err(e) => {
+                // A merge that failed (a full disk) leaves nothing behind.
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         let mut manifest = self.manifest.lock().map_err(|_| poisoned())?;
         let mut next = manifest.clone();
         let names: Vec<String> = inputs
@@ -370,7 +432,10 @@ impl Index {
             ));
         };
         next.runs.splice(start..start + inputs.len(), [name]);
-        self.write_manifest(&next)?;
+        if let Err(e) = self.write_manifest(&next) {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         *manifest = next;
         {
             let mut tables = self.tables.write().map_err(|_| poisoned())?;

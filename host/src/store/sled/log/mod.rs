@@ -470,6 +470,20 @@ impl LogWriter {
         self.appender.sync()
     }
 
+    /// Where the log ends now: what [`LogWriter::abandon`] goes back to.
+    pub(super) fn mark(&self) -> (Location, u64) {
+        (self.appender.end(), self.last)
+    }
+
+    /// Takes back everything appended since `mark` (none of it published): the file is cut
+    /// back there, as if the group had never been appended.
+    pub(super) fn abandon(&mut self, (end, last): (Location, u64)) -> Result<(), StoreError> {
+        self.appender = self.appender.reopen_at(end)?;
+        self.pending.clear();
+        self.last = last;
+        Ok(())
+    }
+
     /// Lets readers find what was appended (call once the commit that vouches for it is
     /// durable), writing the index's table out when it is full.
     pub(super) fn publish(&mut self) -> Result<(), StoreError> {

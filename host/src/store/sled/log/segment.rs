@@ -35,7 +35,12 @@ fn split(at: Location) -> (u32, u32) {
 }
 
 fn io(what: &str, e: std::io::Error) -> StoreError {
-    StoreError::Backend(format!("message log: {what}: {e}"))
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            StoreError::Full(format!("message log: {what}: {e}"))
+        }
+        _ => StoreError::Backend(format!("message log: {what}: {e}")),
+    }
 }
 
 fn damaged(at: Location, why: &str) -> StoreError {
@@ -284,6 +289,12 @@ impl Appender {
             len: u64::from(offset),
             buffer: Vec::with_capacity(1 << 16),
         })
+    }
+
+    /// An appender after the record ending at `end`, whatever this one appended since: a group
+    /// the disk could not take is taken back whole.
+    pub(super) fn reopen_at(&self, end: Location) -> Result<Self, StoreError> {
+        Self::open(self.segments.clone(), end)
     }
 
     /// Where the next record will go.

@@ -188,6 +188,28 @@ fn what_is_cut_off_is_set_aside_whole_first() -> TestResult {
 }
 
 #[test]
+fn a_group_taken_back_leaves_the_log_as_it_was() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (log, mut writer) = MessageLog::open(dir.path(), 0)?;
+    fill(&mut writer, 1, 50, 5)?;
+    let mark = writer.mark();
+    // A group the disk could not take: appended, even synced, never published.
+    for global in 51..=58 {
+        writer.append(&message(global, 5)?)?;
+    }
+    writer.sync()?;
+    writer.abandon(mark)?;
+    check_reads(&log, 50, 5)?;
+    fill(&mut writer, 51, 60, 5)?;
+    check_reads(&log, 60, 5)?;
+    drop((log, writer));
+    let (log, _writer) = MessageLog::open(dir.path(), 60)?;
+    check_reads(&log, 60, 5)?;
+    assert!(!dir.path().join("cut").exists(), "nothing past the head");
+    Ok(())
+}
+
+#[test]
 fn a_zero_filled_end_is_a_torn_tail() -> TestResult {
     let dir = tempfile::tempdir()?;
     {
