@@ -123,7 +123,14 @@ fn a_sled_folder_written_before_secrets_keeps_the_ids_it_derived() {
         let store = SledStore::open(&store_dir).expect("open");
         write_handled_before(&store).await;
     });
+    // As an earlier Ferry left it: no secret, and no mark that there ever was one.
     std::fs::remove_file(store_dir.join("secret")).expect("a folder without a secret");
+    {
+        let db = sled::open(&store_dir).expect("sled");
+        let tree = db.open_tree("ferry").expect("tree");
+        tree.remove("=secret").expect("unmark");
+        db.flush().expect("flush");
+    }
 
     let host = setup.start(&[]);
     // Handled again, the first command's output is the stored event (a duplicate); a new
@@ -204,11 +211,23 @@ fn a_jetstream_namespace_written_before_secrets_keeps_its_ids_and_claims() {
             .expect("client");
         let jetstream = async_nats::jetstream::new(client);
         let mut namespace = jetstream.get_stream("ferry").await.expect("stream");
+        // A secret lost from a namespace that had one is refused, not replaced.
         namespace
             .purge()
             .filter("ferry.meta.secret")
             .await
             .expect("purge the secret");
+        let refused = NatsStore::connect(&url).await.expect_err("a lost secret");
+        assert!(
+            refused.to_string().contains("secret is missing"),
+            "{refused}"
+        );
+        // An earlier Ferry's namespace never had one.
+        namespace
+            .purge()
+            .filter("ferry.meta.keyed")
+            .await
+            .expect("purge the mark");
         let earlier = [
             ("counter:command.a", "c1", "Increment", json!({ "by": 1 })),
             (

@@ -459,6 +459,7 @@ fn sealed_values_quoted_by_a_failing_guest_are_redacted(backend: Backend) {
         "arr-item-x91q".into(),
         "5550123".into(),
         "obj-value-q2z".into(),
+        "obj-key-q7w".into(),
     ];
     let visible = unique("visible");
     let (status, answer) = http(
@@ -469,7 +470,7 @@ fn sealed_values_quoted_by_a_failing_guest_are_redacted(backend: Backend) {
             "type": "Quote",
             "data": {
                 "text": text, "integer": 987654321, "float": 31415.92653,
-                "array": ["arr-item-x91q", 5550123], "object": { "inner": "obj-value-q2z" },
+                "array": ["arr-item-x91q", 5550123], "object": { "obj-key-q7w": "obj-value-q2z" },
                 "flag": true, "nothing": null, "visible": visible,
             },
             "sealed": ["text", "integer", "float", "array", "object", "flag", "nothing"],

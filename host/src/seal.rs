@@ -280,9 +280,9 @@ impl Redactor {
     }
 }
 
-/// The texts under which the leaves of a value may be quoted: a string as it is, JSON-escaped
-/// and Rust-escaped (as serde's errors show it); a number as written. Booleans and null say too
-/// little to hide and would blank every `true` in a text.
+/// The texts under which the leaves (and object keys) of a value may be quoted: a string as it
+/// is, JSON-escaped and Rust-escaped (as serde's errors show it); a number as written. Booleans
+/// and null say too little to hide and would blank every `true` in a text.
 fn leaf_texts(value: &Value, texts: &mut Vec<String>) {
     match value {
         Value::String(text) => {
@@ -294,7 +294,13 @@ fn leaf_texts(value: &Value, texts: &mut Vec<String>) {
         }
         Value::Number(number) => texts.push(number.to_string()),
         Value::Array(items) => items.iter().for_each(|item| leaf_texts(item, texts)),
-        Value::Object(fields) => fields.values().for_each(|item| leaf_texts(item, texts)),
+        Value::Object(fields) => {
+            // A sealed object's keys are part of what it hides (an address book's names).
+            for (key, item) in fields {
+                leaf_texts(&Value::String(key.clone()), texts);
+                leaf_texts(item, texts);
+            }
+        }
         Value::Bool(_) | Value::Null => {}
     }
 }

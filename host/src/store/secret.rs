@@ -75,8 +75,13 @@ impl NamespaceSecret {
     }
 
     /// The secret of a data folder: read from `dir/secret`, or created there (readable by the
-    /// owner only) with `keyed_after` when the folder has none yet.
-    pub(super) fn load_or_create(dir: &Path, keyed_after: u64) -> Result<Self, StoreError> {
+    /// owner only) with `keyed_after` when the folder has none yet. A store that `had_one` and
+    /// lost it is refused: a new one would give everything handled again other ids.
+    pub(super) fn load_or_create(
+        dir: &Path,
+        keyed_after: u64,
+        had_one: bool,
+    ) -> Result<Self, StoreError> {
         let path = dir.join(FILE);
         let unusable = |reason: String| StoreError::Unusable {
             path: dir.display().to_string(),
@@ -84,6 +89,9 @@ impl NamespaceSecret {
         };
         match std::fs::read(&path) {
             Ok(bytes) => return Self::from_bytes(&bytes).map_err(unusable),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && had_one => {
+                return Err(unusable(lost()));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(unusable(format!("reading {FILE}: {e}"))),
         }
@@ -110,6 +118,14 @@ impl NamespaceSecret {
 /// The secret's file in a data folder.
 const FILE: &str = "secret";
 
+/// Why a store that had a secret and lost it is not opened.
+pub(super) fn lost() -> String {
+    "its namespace secret is missing, though the store had one: restore it (the file `secret` \
+     of the data folder, or the subject `NS.meta.secret`) from the backup the store came with. \
+     A new one would give every message handled again other ids than it wrote"
+        .into()
+}
+
 mod hex_key {
     use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
 
@@ -125,8 +141,10 @@ mod hex_key {
             return Err(D::Error::custom("the key is not 64 hex digits"));
         }
         for (i, byte) in key.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
-                .map_err(|_| D::Error::custom("the key is not 64 hex digits"))?;
+            *byte = text
+                .get(2 * i..2 * i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .ok_or_else(|| D::Error::custom("the key is not 64 hex digits"))?;
         }
         Ok(key)
     }
@@ -139,9 +157,9 @@ mod tests {
     #[test]
     fn a_folder_keeps_its_secret_readable_by_its_owner_only() {
         let dir = tempfile::tempdir().expect("dir");
-        let first = NamespaceSecret::load_or_create(dir.path(), 7).expect("create");
+        let first = NamespaceSecret::load_or_create(dir.path(), 7, false).expect("create");
         assert_eq!(first.keyed_after, 7);
-        let again = NamespaceSecret::load_or_create(dir.path(), 99).expect("read");
+        let again = NamespaceSecret::load_or_create(dir.path(), 99, true).expect("read");
         assert_eq!(first, again, "the secret is created once");
         #[cfg(unix)]
         {
@@ -154,6 +172,11 @@ mod tests {
         }
         let hex: String = first.key.iter().map(|b| format!("{b:02x}")).collect();
         assert!(!format!("{first:?}").contains(&hex));
+        std::fs::remove_file(dir.path().join(FILE)).expect("lose it");
+        match NamespaceSecret::load_or_create(dir.path(), 99, true) {
+            Err(StoreError::Unusable { reason, .. }) => assert!(reason.contains("missing")),
+            other => panic!("a lost secret is refused, not replaced: {other:?}"),
+        }
     }
 
     #[test]

@@ -95,7 +95,9 @@ impl bindings::ferry::service::host::Host for GuestState {
     }
 
     fn log(&mut self, level: wit::Level, text: String) {
-        let text = self.host.redact(text.chars().take(4096).collect());
+        // Redacted whole, then cut: a cut first could leave a part of a sealed value that no
+        // longer matches it.
+        let text: String = self.host.redact(text).chars().take(4096).collect();
         let service = &self.service;
         match level {
             wit::Level::Trace => tracing::trace!(target: "ferry::guest", %service, "{text}"),

@@ -212,7 +212,16 @@ impl NatsStore {
             Err(BatchRefused::Raced) => return Ok(None),
             Err(BatchRefused::Other(e)) => {
                 // The commits in the batch fail with it; those refused by their checks keep
-                // their own error, and those that did not fit still wait.
+                // their own error, and those that did not fit still wait. A refusal of a batch
+                // of several commits may be one commit's fault: the others are not to be
+                // parked for it, so for them it is an error that may pass.
+                let batched = outcomes.iter().filter(|o| o.is_ok()).count();
+                let e = match e {
+                    StoreError::Refused(reason) if batched > 1 => StoreError::Backend(format!(
+                        "a batch of {batched} commits was refused: {reason}"
+                    )),
+                    e => e,
+                };
                 for outcome in &mut outcomes {
                     if outcome.is_ok() {
                         *outcome = Err(e.clone());
@@ -250,12 +259,20 @@ impl NatsStore {
             }
             let stream = match std::str::from_utf8(&entry.payload) {
                 Ok(stream) if !stream.is_empty() => stream.to_owned(),
-                _ => match self.direct_get(json!({ "seq": entry.seq + 1 })).await? {
-                    Some(message) => self.decode_message(&message)?.stream.as_str().to_owned(),
-                    // Its message is gone (the stream was cut by hand): the id names nothing
-                    // any stream could read again, so it stays taken by no stream.
-                    None => String::new(),
-                },
+                _ => {
+                    let id = subject.strip_prefix(&claims).and_then(untoken);
+                    match self.direct_get(json!({ "seq": entry.seq + 1 })).await? {
+                        Some(next) => match self.decode_message(&next) {
+                            Ok(message) if Some(&message.id) == id.as_ref() => {
+                                message.stream.as_str().to_owned()
+                            }
+                            // Not its message (a namespace changed by hand): the id stays
+                            // taken, by no stream any message could name.
+                            _ => String::new(),
+                        },
+                        None => String::new(),
+                    }
+                }
             };
             streams.insert(subject.clone(), stream);
         }

@@ -7,7 +7,7 @@
 //! | subject | holds |
 //! |---|---|
 //! | `NS.m.<category>.<id>` | the messages of stream `<category>.<id>`; the stream sequence is the global position |
-//! | `NS.id.<message id>` | an id claim, stored just before its message (so the message is at claim + 1) |
+//! | `NS.id.<message id>` | an id claim naming its stream, stored just before its message (so the message is at claim + 1); a claim written before claims named their stream is empty |
 //! | `NS.group.<category>.<consumer>` | a consumer group's spec: partitions and partition key |
 //! | `NS.pos.<category>.<consumer>.<partition>` | a partition's position and epoch (rolled up: only the last is kept); `NS.pos.<category>.<consumer>` is a position of the format before groups |
 //! | `NS.lease.<category>.<consumer>.<partition>` | who holds a partition, and its epoch (rolled up) |
@@ -18,6 +18,7 @@
 //! | `NS.key.<message id>` | the key of a message's sealed fields, written with its message; shredded by an empty marker (not rolled up, with `Ferry-Erases: <key's sequence>`) in the batch that settles the message, then the key's message is erased by sequence (below) |
 //! | `NS.snap.<component hash>.<category>.<id>` | a stream's latest snapshot, `[version, state]` JSON, as the component with that content hash folded it (rolled up) |
 //! | `NS.meta.erased` | the sweep mark: every shredding marker up to this sequence has had its key erased (rolled up) |
+//! | `NS.meta.secret`, `NS.meta.keyed` | the namespace's secret (see `store::secret`), written once with the mark that it exists |
 //!
 //! Checks ride on the batch: an expected stream version, a consumer's position and a claimed id
 //! are `Nats-Expected-Last-Subject-Sequence` headers, so a commit that raced another process is
@@ -288,9 +289,14 @@ impl NatsStore {
             path: format!("{}/{}", self.inner.url, self.inner.ns),
             reason,
         };
+        // Written with the secret: a secret lost later is then refused, not replaced.
+        let keyed = format!("{}.meta.keyed", self.inner.ns);
         for _ in 0..RACE_RETRIES {
             if let Some(entry) = self.last(&subject).await? {
                 return NamespaceSecret::from_bytes(&entry.payload).map_err(unusable);
+            }
+            if self.last(&keyed).await?.is_some() {
+                return Err(unusable(super::secret::lost()));
             }
             let secret = NamespaceSecret::generate(self.head().await?);
             let claim = Outgoing {
@@ -300,7 +306,14 @@ impl NatsStore {
                 rollup: false,
                 erases: None,
             };
-            match self.publish(vec![claim]).await {
+            let mark = Outgoing {
+                subject: keyed.clone(),
+                payload: b"1".to_vec(),
+                expect: None,
+                rollup: true,
+                erases: None,
+            };
+            match self.publish(vec![claim, mark]).await {
                 Ok(_) => return Ok(secret),
                 // Another process created it first: read theirs.
                 Err(BatchRefused::Raced) => continue,

@@ -13,7 +13,8 @@
 //!
 //! Everything in sled lives in one tree, `ferry`, because a sled batch is atomic on one tree only.
 //! Keys start with a tag byte; `\0` separates parts; numbers are big-endian u64:
-//! - `=format` → format tag, `=head` → last global position
+//! - `=format` → format tag, `=head` → last global position, `=secret` → set once the folder's
+//!   namespace secret (the file `secret`, see `store::secret`) exists
 //! - `c` category `\0` name → the consumer's group: `G`, partitions (u32), partition key (u8:
 //!   0 entity, 1 origin entity), then each partition's position and epoch (u64 each). Written
 //!   whole by every commit that advances the consumer: one process owns a sled store, so no two
@@ -59,6 +60,8 @@ use self::writer::{WriteRequest, Writer};
 const FORMAT: &[u8] = b"ferry-sled/3";
 const FORMAT_KEY: &[u8] = b"=format";
 const HEAD_KEY: &[u8] = b"=head";
+/// Set once the store has a namespace secret: a secret lost later is then refused, not replaced.
+const SECRET_KEY: &[u8] = b"=secret";
 /// The message log's folder inside the store's.
 const LOG_DIR: &str = "log";
 const CONSUMER: u8 = b'c';
@@ -227,7 +230,12 @@ impl SledStore {
             .unwrap_or(0);
         let (log, log_writer) = MessageLog::open(&log_dir, head)?;
         let log = Arc::new(log);
-        let secret = NamespaceSecret::load_or_create(&path, head)?;
+        let had_secret = tree.get(SECRET_KEY).map_err(backend)?.is_some();
+        let secret = NamespaceSecret::load_or_create(&path, head, had_secret)?;
+        if !had_secret {
+            tree.insert(SECRET_KEY, &[1u8]).map_err(backend)?;
+            db.flush().map_err(backend)?;
+        }
         let durable = Arc::new(AtomicU64::new(head));
         let degraded = Arc::new(Mutex::new(None));
         let state = Writer {
@@ -416,7 +424,14 @@ impl MessageStore for SledStore {
     }
 
     fn degraded(&self) -> Option<String> {
-        self.inner.degraded.lock().ok().and_then(|d| d.clone())
+        let mut degraded = self.inner.degraded.lock().ok()?;
+        // Space freed since the last refusal: healthy again, whether or not a write came.
+        if degraded.is_some()
+            && fs2::available_space(&self.inner.path).is_ok_and(|free| free >= writer::DISK_RESERVE)
+        {
+            *degraded = None;
+        }
+        degraded.clone()
     }
 
     async fn seal_key(&self, message_id: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -121,7 +121,7 @@ pub(super) struct Writer {
 
 /// Free space the store keeps in reserve: a group is refused below it, before anything is
 /// written, so that sled's own log, the index's runs and merges never meet a full disk halfway.
-const DISK_RESERVE: u64 = 32 << 20;
+pub(super) const DISK_RESERVE: u64 = 32 << 20;
 
 impl Writer {
     pub(super) fn run(mut self, mut queue: mpsc::UnboundedReceiver<WriteRequest>) {

@@ -106,8 +106,10 @@ fn set_aside_past(
     head: u64,
     end: Location,
 ) -> Result<(), StoreError> {
-    let Some((path, bytes)) = segments.set_aside_tail(end, &dir.join("cut"))? else {
-        return Ok(());
+    let set_aside = match segments.set_aside_tail(end, &dir.join("cut")) {
+        Ok(None) => return Ok(()),
+        Ok(Some((path, bytes))) => Ok((path, bytes)),
+        Err(e) => Err(e),
     };
     let mut records = 0u64;
     let mut positions: Option<(u64, u64)> = None;
@@ -123,14 +125,24 @@ fn set_aside_past(
     let positions = positions.map_or("none whole".to_owned(), |(first, last)| {
         format!("global positions {first} to {last}")
     });
-    tracing::warn!(
-        head,
-        records,
-        bytes,
-        "the message log held {records} records past the store's head {head} ({positions}), \
-         which no commit acknowledged, in {bytes} bytes: set aside in {} and cut off",
-        path.display()
-    );
+    match set_aside {
+        Ok((path, bytes)) => tracing::warn!(
+            head,
+            records,
+            bytes,
+            "the message log held {records} records past the store's head {head} ({positions}), \
+             which no commit acknowledged, in {bytes} bytes: set aside in {} and cut off",
+            path.display()
+        ),
+        // Cut off all the same: no commit acknowledged them, and a store that cannot open on a
+        // full disk helps nobody.
+        Err(e) => tracing::error!(
+            head,
+            records,
+            "the message log held {records} records past the store's head {head} ({positions}), \
+             which no commit acknowledged; they could not be set aside ({e}) and are cut off"
+        ),
+    }
     Ok(())
 }
 

@@ -224,20 +224,34 @@ impl Segments {
             "{}-{number:08}-{offset}.tail",
             crate::store::now_ms()
         ));
-        let mut out = File::create(&path).map_err(|e| io("setting the log's end aside", e))?;
-        let mut total = 0;
-        for (file, from, len) in pieces {
-            let mut buf = vec![0u8; (len - from) as usize];
-            file.read_exact_at(&mut buf, from)
-                .map_err(|e| io("reading the log's end", e))?;
-            out.write_all(&buf)
-                .map_err(|e| io("setting the log's end aside", e))?;
-            total += buf.len() as u64;
+        let copied = (|| -> std::io::Result<u64> {
+            let mut out = File::create(&path)?;
+            let mut total = 0;
+            let mut buf = vec![0u8; 1 << 20];
+            for (file, from, len) in pieces {
+                let mut at = from;
+                while at < len {
+                    let n = ((len - at) as usize).min(buf.len());
+                    file.read_exact_at(&mut buf[..n], at)?;
+                    out.write_all(&buf[..n])?;
+                    at += n as u64;
+                    total += n as u64;
+                }
+            }
+            out.sync_all()?;
+            Ok(total)
+        })();
+        match copied {
+            Ok(total) => {
+                sync_dir(into)?;
+                Ok(Some((path, total)))
+            }
+            Err(e) => {
+                // Half a copy is no use to anyone, and takes space (a full disk, say).
+                let _ = fs::remove_file(&path);
+                Err(io("setting the log's end aside", e))
+            }
         }
-        out.sync_all()
-            .map_err(|e| io("setting the log's end aside", e))?;
-        sync_dir(into)?;
-        Ok(Some((path, total)))
     }
 }
 
