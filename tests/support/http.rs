@@ -22,7 +22,8 @@ pub fn wait_for_listener(port: u16) {
     });
 }
 
-/// One request, with `token` as a bearer token when given; the status and the body.
+/// One request, with `token` as a bearer token when given; the status and the body. Status 0:
+/// the server closed the connection before taking the whole body, and left no answer.
 pub fn request(
     port: u16,
     method: &str,
@@ -38,15 +39,40 @@ pub fn request(
     connection
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
-    write!(
+    let sent = write!(
         connection,
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{authorization}\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .expect("send");
+    );
+    // A server may answer a body it refuses (too large) before reading it, and close: the
+    // rest of the body then meets a closed connection, and the answer may or may not still be
+    // there to read (a reset drops what was not read).
+    let cut_short = match sent {
+        Ok(()) => false,
+        Err(e) => {
+            assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ),
+                "send: {e}"
+            );
+            true
+        }
+    };
     let mut answer = Vec::new();
-    connection.read_to_end(&mut answer).expect("answer");
+    let read = connection.read_to_end(&mut answer);
+    if cut_short && answer.is_empty() {
+        // Closed before the body was taken, with no answer left: status 0.
+        return (0, Value::Null);
+    }
+    if let Err(e) = read {
+        assert!(
+            e.kind() == std::io::ErrorKind::ConnectionReset && !answer.is_empty(),
+            "answer: {e}"
+        );
+    }
     let text = String::from_utf8_lossy(&answer);
     let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
     let status = head
