@@ -63,11 +63,13 @@ use super::{
 mod commit;
 mod connect;
 mod group;
+mod plan;
 mod read;
 mod shred;
 mod subjects;
 
 use self::commit::*;
+use self::plan::*;
 use self::read::*;
 use self::shred::*;
 use self::subjects::*;
