@@ -2,7 +2,8 @@
 //! confirmation token is unguessable and the same when its message is handled again after a
 //! crash; a store written before namespaces had secrets (sled and JetStream) opens, gets a secret
 //! keyed after its head, and handling again what it handled before writes the ids it wrote then
-//! (and finds the id claims it made then).
+//! (and finds the id claims it made then); instances opening a new namespace together share one
+//! secret.
 
 mod support;
 
@@ -309,4 +310,29 @@ fn a_jetstream_namespace_written_before_secrets_keeps_its_ids_and_claims() {
         secret.keyed_after >= 4,
         "keyed after the earlier messages: {secret:?}"
     );
+}
+
+/// Processes that open a new namespace at the same moment (two instances started together)
+/// all get the one secret that was created, none calls it lost.
+#[test]
+fn instances_opening_a_new_namespace_together_share_one_secret() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        for round in 0..10 {
+            let namespace = format!("{url}/together{round}");
+            let opened =
+                futures_util::future::join_all((0..6).map(|_| NatsStore::connect(&namespace)))
+                    .await;
+            let secrets: Vec<_> = opened
+                .into_iter()
+                .map(|store| store.expect("opens").secret().clone())
+                .collect();
+            assert!(
+                secrets.iter().all(|secret| *secret == secrets[0]),
+                "one secret per namespace"
+            );
+        }
+    });
 }

@@ -293,13 +293,23 @@ impl NatsStore {
         };
         // Written with the secret: a secret lost later is then refused, not replaced.
         let keyed = format!("{}.meta.keyed", self.inner.ns);
+        let mut lost = false;
         for _ in 0..RACE_RETRIES {
+            // The mark is read before the secret: both are written in one atomic batch, so a
+            // mark seen means its secret is readable. Read the other way round, a process
+            // starting beside the creator could miss the secret, then see the mark, and call
+            // the secret lost. A replica that lags may still answer the second read: asked
+            // again before the secret is called lost.
+            let marked = self.last(&keyed).await?.is_some();
             if let Some(entry) = self.last(&subject).await? {
                 return NamespaceSecret::from_bytes(&entry.payload).map_err(unusable);
             }
-            if self.last(&keyed).await?.is_some() {
-                return Err(unusable(super::secret::lost()));
+            if marked {
+                lost = true;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
             }
+            lost = false;
             let secret = NamespaceSecret::generate(self.head().await?);
             let claim = Outgoing {
                 subject: subject.clone(),
@@ -322,9 +332,11 @@ impl NatsStore {
                 Err(BatchRefused::Other(e)) => return Err(e),
             }
         }
-        Err(unusable(
-            "the namespace secret could not be created or read".into(),
-        ))
+        Err(unusable(if lost {
+            super::secret::lost()
+        } else {
+            "the namespace secret could not be created or read".into()
+        }))
     }
 
     /// Marks a new namespace with the format; refuses one of another format.
