@@ -526,4 +526,44 @@ async fn refuses_a_message_log_whose_sled_files_are_gone() {
         before,
         "the log is untouched"
     );
+
+    // The commands the error names: `ferry store check` finds it, `ferry store repair` takes
+    // the head from the log, and the message is there again.
+    let ferry = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .arg("--data")
+            .arg(dir.path())
+            .args(args)
+            .output()
+            .expect("ferry")
+    };
+    let checked = ferry(&["store", "check"]);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(!checked.status.success(), "{said}");
+    assert!(said.contains("sled holds nothing"), "{said}");
+    let repaired = ferry(&["store", "repair"]);
+    let said = String::from_utf8_lossy(&repaired.stdout);
+    assert!(repaired.status.success(), "{said}");
+    assert!(
+        said.contains("head taken from the log: 1 messages"),
+        "{said}"
+    );
+    assert!(said.contains("no damage found"), "{said}");
+    let store = SledStore::open(&path).expect("repaired");
+    assert_eq!(store.head().await.expect("head"), 1);
+    let found = store.message("u1").await.expect("read");
+    assert_eq!(found.map(|m| m.message_type), Some("UserRegistered".into()));
+    drop(store);
+
+    // A flipped byte in the log: found, named by segment and offset, exit 1.
+    let mut bytes = std::fs::read(&segment).expect("segment");
+    bytes[12] ^= 0x20;
+    std::fs::write(&segment, bytes).expect("damage");
+    let checked = ferry(&["store", "check"]);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(!checked.status.success(), "{said}");
+    assert!(
+        said.contains("segment 00000000.log offset 0"),
+        "names where: {said}"
+    );
 }

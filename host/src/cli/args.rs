@@ -217,6 +217,11 @@ pub enum Command {
         #[arg(value_parser = clap::value_parser!(u8).range(1..=5))]
         count: u8,
     },
+    /// Check or repair the embedded store of a stopped host (`--data`).
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// Issue a signed end-user token (HS256) for tests and demos; real deployments take tokens
     /// from their identity provider.
     Token {
@@ -230,4 +235,16 @@ pub enum Command {
         #[arg(long, default_value = "1h", value_parser = gateway::parse_ttl)]
         ttl: Duration,
     },
+}
+
+/// What `ferry store` does.
+#[derive(Debug, Subcommand)]
+pub enum StoreAction {
+    /// Read every record of the message log, every entry of its index and every record of
+    /// sled, and hold them against each other, changing nothing. Exits 1 when damage is found,
+    /// saying where and what mends it.
+    Check,
+    /// Rebuild what can be derived from the message log: its index; sled's head when sled's
+    /// files were lost; records past the head set aside. Then check again.
+    Repair,
 }

@@ -20,8 +20,9 @@ mod http;
 mod new;
 mod rebuild;
 mod render;
+mod store;
 
-pub use self::args::{Cli, Command, StoreChoice};
+pub use self::args::{Cli, Command, StoreAction, StoreChoice};
 use self::host::parse_service_limit;
 pub use self::host::{HostSettings, ServiceLimit, load_services, run};
 use self::rebuild::rebuild;
@@ -158,6 +159,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Store { action } => store::run(&cli.data, &cli.store, action, cli.json),
         Command::Replicas { count } => {
             let StoreChoice::Nats(url) = &cli.store else {
                 anyhow::bail!(
@@ -261,6 +263,7 @@ fn request_of(command: Command) -> Option<Request> {
         Command::Run { .. }
         | Command::Inspect { .. }
         | Command::Replicas { .. }
+        | Command::Store { .. }
         | Command::Test { .. }
         | Command::New { .. }
         | Command::Dev { .. }

@@ -35,7 +35,9 @@ pub use self::names::{
 };
 pub use self::nats::NatsStore;
 pub use self::secret::NamespaceSecret;
-pub use self::sled::{DEFAULT_CACHE_BYTES, DEFAULT_CACHED_VERSIONS, KeyAccount, SledStore};
+pub use self::sled::{
+    DEFAULT_CACHE_BYTES, DEFAULT_CACHED_VERSIONS, KeyAccount, LogCheck, SledStore, StoreCheck,
+};
 
 /// A stored message. See the WIT `message` record for the meaning of each field.
 ///

@@ -47,13 +47,15 @@ use super::{
     StreamName, ViewRow, now_ms, shown, validate_commit,
 };
 
+mod check;
 mod keys;
 mod log;
 mod migrate;
 mod writer;
 
+pub use self::check::StoreCheck;
 use self::keys::*;
-pub use self::log::LogAccount;
+pub use self::log::{LogAccount, LogCheck};
 use self::log::{LogWriter, MessageLog};
 use self::writer::{WriteRequest, Writer};
 
@@ -193,7 +195,12 @@ impl SledStore {
                         path: shown.clone(),
                     }
                 } else {
-                    unusable(text)
+                    unusable(format!(
+                        "sled cannot read its files ({text}). Nothing was changed; restore them \
+                         (db, conf, snap.*, blobs) from a backup, or `ferry store repair` sets \
+                         them aside and takes the head from the message log (consumers then \
+                         start again from the first message)"
+                    ))
                 }
             })?;
         let tree = db.open_tree("ferry").map_err(backend)?;
@@ -208,7 +215,8 @@ impl SledStore {
                 return Err(unusable(format!(
                     "its message log holds {} bytes of messages but sled holds no head: sled's \
                      files (db, conf, snap.*) were lost or replaced. Nothing was changed; restore \
-                     them from the backup the log came with",
+                     them from the backup the log came with, or `ferry store repair` takes the \
+                     head from the log (consumers then start again from the first message)",
                     log_bytes(&log_dir)
                 )));
             }

@@ -9,6 +9,10 @@
 //! after it; it is replaced atomically (written beside, synced, renamed). Entries in memory are
 //! not saved: opening replays the log from that location. A file the manifest does not name (a
 //! merge cut short) is removed when the index opens.
+//!
+//! The index is never believed over the log: a run that fails its checks when opened, a block
+//! that fails its checksum when read, or an entry that disagrees with the message it points to
+//! (see `MessageLog::verified`) has the whole index rebuilt from the log, logged.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -72,6 +76,22 @@ impl Manifest {
     }
 }
 
+/// The index's files as `ferry store check` reads them, changing nothing: the last message the
+/// runs cover and the runs, or why they cannot be believed (opening rebuilds them then).
+pub(super) fn read_on_disk(dir: &Path) -> Result<(u64, Vec<Run>), String> {
+    let manifest = match fs::read(dir.join(MANIFEST)) {
+        Ok(bytes) => Manifest::decode(&bytes).map_err(|e| format!("its manifest: {e}"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, Vec::new())),
+        Err(e) => return Err(format!("its manifest cannot be read: {e}")),
+    };
+    let runs = manifest
+        .runs
+        .iter()
+        .map(|name| Run::open(&dir.join(name)).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<Run>, String>>()?;
+    Ok((manifest.indexed_to, runs))
+}
+
 /// What the index has written out, as on disk.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -106,6 +126,8 @@ pub(super) struct Index {
     closing: AtomicBool,
     /// When writing an index file last failed: none is written for a while after.
     failed_at: Mutex<Option<std::time::Instant>>,
+    /// Set when a reader found an entry that disagrees with the log.
+    disagrees: AtomicBool,
 }
 
 /// How long index files are not written after a write failed.
@@ -152,6 +174,7 @@ impl Index {
             manifest: Mutex::new(manifest),
             closing: AtomicBool::new(false),
             failed_at: Mutex::new(None),
+            disagrees: AtomicBool::new(false),
         };
         index.remove_strays()?;
         Ok(index)
@@ -248,6 +271,17 @@ impl Index {
             (frozen, tables.active_to)
         };
         let mut manifest = self.manifest.lock().map_err(|_| poisoned())?;
+        let replaced = {
+            let tables = self.tables.read().map_err(|_| poisoned())?;
+            !tables
+                .frozen
+                .as_ref()
+                .is_some_and(|f| Arc::ptr_eq(f, &frozen))
+        };
+        if replaced {
+            // A rebuild took the table over while this waited for the manifest.
+            return Ok(false);
+        }
         let name = format!("{:08}.run", manifest.next_run);
         let keys = count_keys(&frozen);
         let mut next = manifest.clone();
@@ -427,9 +461,9 @@ impl Index {
             .map(|n| n.to_string_lossy().into_owned())
             .collect();
         let Some(start) = next.runs.iter().position(|r| *r == names[0]) else {
-            return Err(StoreError::Backend(
-                "message index: merged runs left the manifest".into(),
-            ));
+            // A rebuild replaced the inputs meanwhile: the merge is of no use.
+            let _ = fs::remove_file(&path);
+            return Ok(true);
         };
         next.runs.splice(start..start + inputs.len(), [name]);
         if let Err(e) = self.write_manifest(&next) {
@@ -445,6 +479,91 @@ impl Index {
             run.remove()?;
         }
         Ok(true)
+    }
+
+    /// Notes that an entry disagreed with the message it points to.
+    pub(super) fn mark_damaged(&self) {
+        self.disagrees.store(true, Ordering::Release);
+    }
+
+    /// Whether a run failed a check or an entry disagreed with the log since the last rebuild.
+    pub(super) fn is_damaged(&self) -> Result<bool, StoreError> {
+        let tables = self.tables.read().map_err(|_| poisoned())?;
+        Ok(self.disagrees.load(Ordering::Acquire) || tables.runs.iter().any(|r| r.is_damaged()))
+    }
+
+    /// Replaces every run and the table with entries rebuilt from the log, up to where the index
+    /// reaches now: `read_log(end)` gives, for each message before the log location `end` in
+    /// order, its global position, the location after it and its entries. Readers and the writer
+    /// wait meanwhile. On failure (a full disk) the index is left as it was; when no damage is
+    /// left (another reader rebuilt it first), nothing is done.
+    pub(super) fn rebuild<I>(&self, read_log: impl FnOnce(Location) -> I) -> Result<(), StoreError>
+    where
+        I: Iterator<Item = Result<(u64, Location, [Entry; 3]), StoreError>>,
+    {
+        let mut manifest = self.manifest.lock().map_err(|_| poisoned())?;
+        let mut tables = self.tables.write().map_err(|_| poisoned())?;
+        let damaged =
+            self.disagrees.load(Ordering::Acquire) || tables.runs.iter().any(|r| r.is_damaged());
+        if !damaged {
+            // Another reader that met the damage rebuilt it first.
+            return Ok(());
+        }
+        let (last_global, log_end) = tables.active_to;
+        let mut next = Manifest {
+            next_run: manifest.next_run,
+            ..Manifest::default()
+        };
+        let mut table = BTreeSet::new();
+        let mut runs = Vec::new();
+        let built = || -> Result<(), StoreError> {
+            let mut last = 0;
+            for item in read_log(log_end) {
+                let (global, after, entries) = item?;
+                table.extend(entries);
+                last = global;
+                if table.len() >= MEMTABLE_ENTRIES {
+                    let name = format!("{:08}.run", next.next_run);
+                    next.next_run += 1;
+                    let run = Run::write(
+                        &self.dir.join(&name),
+                        table.iter().map(|e| Ok(*e)),
+                        count_keys(&table),
+                        global,
+                    )?;
+                    runs.push(Arc::new(run));
+                    next.runs.push(name);
+                    next.indexed_to = global;
+                    next.log_end = after;
+                    table.clear();
+                }
+            }
+            if last != last_global {
+                return Err(StoreError::Backend(format!(
+                    "message index: rebuilding it read the log to message {last}, not \
+                     {last_global}"
+                )));
+            }
+            self.write_manifest(&next)
+        };
+        if let Err(e) = built() {
+            for name in &next.runs {
+                let _ = fs::remove_file(self.dir.join(name));
+            }
+            return Err(e);
+        }
+        for run in &tables.runs {
+            let _ = run.remove();
+        }
+        *manifest = next;
+        *tables = Tables {
+            active: table,
+            active_to: (last_global, log_end),
+            frozen: None,
+            runs,
+        };
+        self.disagrees.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Stops a merge in progress (the store is closing).

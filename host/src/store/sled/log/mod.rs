@@ -10,6 +10,7 @@
 //! into an in-memory page and its log), so memory, disk and restart time grew with the history
 //! (RELIABILITY.md, "A lifetime of history").
 
+mod check;
 mod index;
 mod record;
 mod run;
@@ -21,6 +22,9 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
+
+pub use self::check::LogCheck;
+pub(super) use self::check::check_log;
 
 use self::index::{Index, MEMTABLE_ENTRIES};
 use self::run::Entry;
@@ -183,11 +187,13 @@ impl MessageLog {
             }
         }
         if last < head {
+            let (segment, offset) = segment::split(end);
             return Err(StoreError::Unusable {
                 path: dir.display().to_string(),
                 reason: format!(
                     "its message log ends at message {last} but the store's head is {head}: \
-                     acknowledged messages are missing"
+                     acknowledged messages are missing or damaged from segment {segment:08}.log \
+                     offset {offset} on (`ferry store check` lists what it can read)"
                 ),
             });
         }
@@ -232,8 +238,63 @@ impl MessageLog {
         record::decode(&self.segments.read(at)?)
     }
 
+    /// Runs `read` on the index; when it met damage (a block failing its checksum, an entry
+    /// disagreeing with its message), rebuilds the index from the log, logged, and runs it
+    /// again: an answer comes from an index that agrees with the log, or is an error.
+    fn verified<T>(&self, read: impl Fn() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let first = read();
+        if !self.index.is_damaged()? {
+            return first;
+        }
+        let why = match &first {
+            Err(e) => e.to_string(),
+            Ok(_) => "an entry disagreed with the log".to_owned(),
+        };
+        tracing::error!("{why}; rebuilding the message index from the log");
+        let started = std::time::Instant::now();
+        self.rebuild_index()?;
+        tracing::warn!(
+            "the message index was rebuilt from the log in {:?}",
+            started.elapsed()
+        );
+        read()
+    }
+
+    /// Rebuilds every run of the index from the log, up to where the index reaches.
+    pub(super) fn rebuild_index(&self) -> Result<(), StoreError> {
+        self.index.rebuild(|end| {
+            Scan::new(&self.segments, 0)
+                .take_while(move |item| item.as_ref().map_or(true, |(at, _, _)| *at < end))
+                .map(|item| {
+                    let (at, after, body) = item?;
+                    let message = record::decode(&body)?;
+                    Ok((message.global_position, after, entries_of(&message, at)))
+                })
+        })
+    }
+
+    /// An entry found to disagree with the message it points to: the index is damaged.
+    fn disagrees(&self, entry: &Entry, what: &str) -> StoreError {
+        self.index.mark_damaged();
+        let (segment, offset) = segment::split(entry.at);
+        StoreError::Backend(format!(
+            "message index entry (order {}) disagrees with the {what} of the message at segment \
+             {segment:08}.log offset {offset}",
+            entry.seq
+        ))
+    }
+
     /// Messages of `stream` from `position` on, at most `limit`.
     pub(super) fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.verified(|| self.read_stream_once(stream, from, limit))
+    }
+
+    fn read_stream_once(
         &self,
         stream: &str,
         from: u64,
@@ -251,7 +312,13 @@ impl MessageLog {
             let full = entries.len() >= SCAN_BATCH.max(limit);
             for entry in entries {
                 let message = self.read(entry.at)?;
-                if message.stream.as_str() == stream && messages.len() < limit {
+                if message.stream.as_str() != stream {
+                    continue;
+                }
+                if message.position != entry.seq {
+                    return Err(self.disagrees(&entry, "stream position"));
+                }
+                if messages.len() < limit {
                     messages.push(message);
                 }
             }
@@ -264,6 +331,10 @@ impl MessageLog {
 
     /// The number of messages in `stream`.
     pub(super) fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
+        self.verified(|| self.stream_version_once(stream))
+    }
+
+    fn stream_version_once(&self, stream: &str) -> Result<u64, StoreError> {
         let key = hashed(STREAM, stream);
         let Some(last) = self.index.last(key)? else {
             return Ok(0);
@@ -271,6 +342,9 @@ impl MessageLog {
         let found = self.segments.read(last.at)?;
         let head = record::head(&found)?;
         if head.stream == stream {
+            if head.position != last.seq {
+                return Err(self.disagrees(&last, "stream position"));
+            }
             return Ok(head.position + 1);
         }
         // Another stream shares the key: look at every entry of it.
@@ -279,6 +353,9 @@ impl MessageLog {
             let body = self.segments.read(entry.at)?;
             let head = record::head(&body)?;
             if head.stream == stream {
+                if head.position != entry.seq {
+                    return Err(self.disagrees(&entry, "stream position"));
+                }
                 version = version.max(head.position + 1);
             }
         }
@@ -288,6 +365,16 @@ impl MessageLog {
     /// Messages of `category` with global positions in `after + 1 ..= up_to`, in order, looking
     /// at no more than `most` of its index entries; and the last global position looked at.
     pub(super) fn read_category(
+        &self,
+        category: &str,
+        after: u64,
+        up_to: u64,
+        most: usize,
+    ) -> Result<(Vec<Message>, u64), StoreError> {
+        self.verified(|| self.read_category_once(category, after, up_to, most))
+    }
+
+    fn read_category_once(
         &self,
         category: &str,
         after: u64,
@@ -308,6 +395,9 @@ impl MessageLog {
             scanned_to = entry.seq;
             let message = self.read(entry.at)?;
             if message.stream.category_str() == category {
+                if message.global_position != entry.seq {
+                    return Err(self.disagrees(&entry, "global position"));
+                }
                 messages.push(message);
             }
         }
@@ -316,18 +406,32 @@ impl MessageLog {
 
     /// The global position of the last message of `category`, 0 when it has none.
     pub(super) fn category_head(&self, category: &str) -> Result<u64, StoreError> {
+        self.verified(|| self.category_head_once(category))
+    }
+
+    fn category_head_once(&self, category: &str) -> Result<u64, StoreError> {
         let key = hashed(CATEGORY, category);
         let Some(last) = self.index.last(key)? else {
             return Ok(0);
         };
-        let body = self.segments.read(last.at)?;
-        if record::head(&body)?.stream.split('.').next() == Some(category) {
+        let of_category = |entry: &Entry| -> Result<bool, StoreError> {
+            let body = self.segments.read(entry.at)?;
+            let found = record::head(&body)?;
+            if found.stream.split('.').next() != Some(category) {
+                return Ok(false);
+            }
+            if found.global != entry.seq {
+                return Err(self.disagrees(entry, "global position"));
+            }
+            Ok(true)
+        };
+        if of_category(&last)? {
             return Ok(last.seq);
         }
+        // Another category shares the key: look at every entry of it.
         let mut head = 0;
         for entry in self.index.scan(key, 0, usize::MAX, 0)? {
-            let body = self.segments.read(entry.at)?;
-            if record::head(&body)?.stream.split('.').next() == Some(category) {
+            if of_category(&entry)? {
                 head = entry.seq;
             }
         }
@@ -337,6 +441,10 @@ impl MessageLog {
     /// The number of messages of `category` after global `after` (each checked without
     /// decoding its JSON).
     pub(super) fn category_count(&self, category: &str, after: u64) -> Result<u64, StoreError> {
+        self.verified(|| self.category_count_once(category, after))
+    }
+
+    fn category_count_once(&self, category: &str, after: u64) -> Result<u64, StoreError> {
         let key = hashed(CATEGORY, category);
         let mut count = 0;
         let mut from = after.saturating_add(1);
@@ -349,7 +457,11 @@ impl MessageLog {
             let full = entries.len() >= SCAN_BATCH;
             for entry in &entries {
                 let body = self.segments.read(entry.at)?;
-                if record::head(&body)?.stream.split('.').next() == Some(category) {
+                let found = record::head(&body)?;
+                if found.stream.split('.').next() == Some(category) {
+                    if found.global != entry.seq {
+                        return Err(self.disagrees(entry, "global position"));
+                    }
                     count += 1;
                 }
             }
@@ -361,6 +473,10 @@ impl MessageLog {
 
     /// The message with this id.
     pub(super) fn by_id(&self, id: &str) -> Result<Option<Message>, StoreError> {
+        self.verified(|| self.by_id_once(id))
+    }
+
+    fn by_id_once(&self, id: &str) -> Result<Option<Message>, StoreError> {
         for entry in self.index.scan(hashed(ID, id), 0, usize::MAX, 0)? {
             let message = self.read(entry.at)?;
             if message.id == id {
@@ -373,6 +489,10 @@ impl MessageLog {
     /// The stream of the message with this id, when one is stored (read without decoding its
     /// JSON).
     pub(super) fn stream_of_id(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.verified(|| self.stream_of_id_once(id))
+    }
+
+    fn stream_of_id_once(&self, id: &str) -> Result<Option<String>, StoreError> {
         for entry in self.index.scan(hashed(ID, id), 0, usize::MAX, 0)? {
             let body = self.segments.read(entry.at)?;
             let head = record::head(&body)?;

@@ -69,6 +69,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Message, StoreError> {
 /// What a reader needs to check an index entry without decoding the JSON: the record's stream,
 /// its position in it and its id.
 pub(super) struct Head<'a> {
+    pub global: u64,
     pub position: u64,
     pub id: &'a str,
     pub stream: &'a str,
@@ -78,6 +79,7 @@ pub(super) fn head(bytes: &[u8]) -> Result<Head<'_>, StoreError> {
     let record: Record = postcard::from_bytes(bytes)
         .map_err(|e| StoreError::Backend(format!("a logged message is damaged: {e}")))?;
     Ok(Head {
+        global: record.global,
         position: record.position,
         id: record.id,
         stream: record.stream,

@@ -1,14 +1,18 @@
 //! One immutable run of the index: entries sorted by (key, seq, location), written once and
 //! never changed, then merged into larger runs (see `index`). The file is the sorted entries
 //! (24 bytes each), a Bloom filter over their keys, the first entry of every block (its fences),
-//! and a footer. The fences are read into memory when the run is opened, and so is the filter of
-//! a small run; a large run's filter is read from the file, 64 bytes per lookup, so that memory
-//! does not grow with the history. A lookup is a probe of the filter and one read of a block.
+//! the CRC-32 of every block, and a footer whose checksum covers all but the entries. The
+//! fences and checksums are read into memory when the run is opened, and so is the filter of a
+//! small run; a large run's filter is read from the file, 64 bytes per lookup, so that memory
+//! does not grow with the history. A lookup is a probe of the filter and one read of a block,
+//! checked against its checksum: a damaged block is an error ([`Run::is_damaged`]), never a
+//! wrong answer.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::segment::Location;
 use crate::store::StoreError;
@@ -16,7 +20,10 @@ use crate::store::StoreError;
 /// Entries per block: one read of 4 KB fetches a block.
 const BLOCK: usize = 170;
 const ENTRY: usize = 24;
-const MAGIC: &[u8; 8] = b"FERRYIX1";
+/// `FERRYIX1` runs had no block checksums: the index is rebuilt from the log when it meets one.
+const MAGIC: &[u8; 8] = b"FERRYIX2";
+/// A block's checksum: a CRC-32.
+const BLOCK_CRC: usize = 4;
 const FOOTER: usize = 8 * 8;
 /// Bloom filter bits per key and probes: about 1% false positives.
 const BITS_PER_KEY: u64 = 10;
@@ -153,6 +160,10 @@ pub(super) struct Run {
     keys: u64,
     filter: Filter,
     fences: Vec<Entry>,
+    /// The CRC-32 of each block's bytes, checked at every read of the block.
+    block_crcs: Vec<u32>,
+    /// Set once a block failed its checksum.
+    damaged: AtomicBool,
     /// The largest global position of a message the run indexes.
     pub last_global: u64,
 }
@@ -169,7 +180,7 @@ impl Run {
     pub(super) fn bytes(&self) -> u64 {
         self.entries * ENTRY as u64
             + self.filter.words() * 8
-            + self.fences.len() as u64 * ENTRY as u64
+            + self.fences.len() as u64 * (ENTRY + BLOCK_CRC) as u64
             + FOOTER as u64
     }
 
@@ -191,6 +202,8 @@ impl Run {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let mut bloom = Bloom::with_keys(keys);
         let mut fences = Vec::new();
+        let mut block_crcs = Vec::new();
+        let mut block_crc = crc32fast::Hasher::new();
         let mut count = 0u64;
         let mut previous: Option<Entry> = None;
         let mut distinct = 0u64;
@@ -208,14 +221,22 @@ impl Run {
                 distinct += 1;
             }
             if count.is_multiple_of(BLOCK as u64) {
+                if count > 0 {
+                    block_crcs.push(std::mem::take(&mut block_crc).finalize());
+                }
                 fences.push(entry);
             }
             entry.encode(&mut bytes);
+            block_crc.update(&bytes);
             out.write_all(&bytes).map_err(|e| io("writing", path, e))?;
             count += 1;
             previous = Some(entry);
         }
-        let mut tail = Vec::with_capacity(bloom.words.len() * 8 + fences.len() * ENTRY + FOOTER);
+        if count > 0 {
+            block_crcs.push(block_crc.finalize());
+        }
+        let mut tail =
+            Vec::with_capacity(bloom.words.len() * 8 + fences.len() * (ENTRY + BLOCK_CRC) + FOOTER);
         for word in &bloom.words {
             tail.extend_from_slice(&word.to_le_bytes());
         }
@@ -223,6 +244,9 @@ impl Run {
             let at = tail.len();
             tail.resize(at + ENTRY, 0);
             fence.encode(&mut tail[at..]);
+        }
+        for crc in &block_crcs {
+            tail.extend_from_slice(&crc.to_le_bytes());
         }
         let footer_at = tail.len();
         tail.extend_from_slice(MAGIC);
@@ -252,11 +276,14 @@ impl Run {
             keys: distinct,
             filter: Filter::keep(bloom, count * ENTRY as u64),
             fences,
+            block_crcs,
+            damaged: AtomicBool::new(false),
             last_global,
         })
     }
 
-    /// Opens a run written by [`Run::write`]; its filter, fences and footer are checked.
+    /// Opens a run written by [`Run::write`]; its filter, fences, block checksums and footer are
+    /// checked (the blocks themselves at each read).
     pub(super) fn open(path: &Path) -> Result<Self, StoreError> {
         let damaged = |why: &str| {
             StoreError::Backend(format!(
@@ -272,6 +299,11 @@ impl Run {
         let mut footer = [0u8; FOOTER];
         file.read_exact_at(&mut footer, len - FOOTER as u64)
             .map_err(|e| io("reading", path, e))?;
+        if &footer[..8] == b"FERRYIX1" {
+            return Err(damaged(
+                "it was written before index blocks had checksums (it is rebuilt once)",
+            ));
+        }
         if &footer[..8] != MAGIC {
             return Err(damaged("it does not start its footer with the run's mark"));
         }
@@ -282,8 +314,10 @@ impl Run {
         };
         let (entries, words, fence_count, keys, last_global, crc) =
             (word(0), word(1), word(2), word(3), word(4), word(6));
-        let tail_len = words * 8 + fence_count * ENTRY as u64;
-        if entries * ENTRY as u64 + tail_len + FOOTER as u64 != len
+        let tail_len = words
+            .saturating_mul(8)
+            .saturating_add(fence_count.saturating_mul((ENTRY + BLOCK_CRC) as u64));
+        if entries.saturating_mul(ENTRY as u64) + tail_len + FOOTER as u64 != len
             || fence_count != entries.div_ceil(BLOCK as u64)
         {
             return Err(damaged("its length does not match its footer"));
@@ -307,7 +341,12 @@ impl Run {
         if bloom.words.is_empty() || !bloom.words.len().is_multiple_of(FILTER_BLOCK_WORDS) {
             return Err(damaged("its filter is not whole blocks"));
         }
+        let (fence_bytes, crc_bytes) = fence_bytes.split_at(fence_count as usize * ENTRY);
         let fences = fence_bytes.chunks_exact(ENTRY).map(Entry::decode).collect();
+        let block_crcs = crc_bytes
+            .chunks_exact(BLOCK_CRC)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -315,6 +354,8 @@ impl Run {
             keys,
             filter: Filter::keep(bloom, entries * ENTRY as u64),
             fences,
+            block_crcs,
+            damaged: AtomicBool::new(false),
             last_global,
         })
     }
@@ -344,6 +385,11 @@ impl Run {
         }
     }
 
+    /// Whether a block of the run failed its checksum: the index is to be rebuilt.
+    pub(super) fn is_damaged(&self) -> bool {
+        self.damaged.load(Ordering::Acquire)
+    }
+
     fn block(&self, number: usize) -> Result<Vec<Entry>, StoreError> {
         let first = number * BLOCK;
         let count = BLOCK.min(self.entries as usize - first);
@@ -351,7 +397,26 @@ impl Run {
         self.file
             .read_exact_at(&mut bytes, (first * ENTRY) as u64)
             .map_err(|e| io("reading", &self.path, e))?;
-        Ok(bytes.chunks_exact(ENTRY).map(Entry::decode).collect())
+        if self.block_crcs.get(number) != Some(&crc32fast::hash(&bytes)) {
+            self.damaged.store(true, Ordering::Release);
+            return Err(StoreError::Backend(format!(
+                "message index {} is damaged: block {number} (bytes {} to {}) does not match its \
+                 checksum",
+                self.path.display(),
+                first * ENTRY,
+                (first + count) * ENTRY
+            )));
+        }
+        let fence = self.fences.get(number).copied();
+        let entries: Vec<Entry> = bytes.chunks_exact(ENTRY).map(Entry::decode).collect();
+        if entries.first().copied() != fence {
+            self.damaged.store(true, Ordering::Release);
+            return Err(StoreError::Backend(format!(
+                "message index {} is damaged: block {number} does not start with its fence",
+                self.path.display()
+            )));
+        }
+        Ok(entries)
     }
 
     /// Appends to `out` the entries of `key` with `seq >= from`, in order, until `out` holds

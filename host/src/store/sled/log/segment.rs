@@ -30,7 +30,7 @@ pub(super) fn location(segment: u32, offset: u32) -> Location {
     (u64::from(segment) << 32) | u64::from(offset)
 }
 
-fn split(at: Location) -> (u32, u32) {
+pub(super) fn split(at: Location) -> (u32, u32) {
     ((at >> 32) as u32, at as u32)
 }
 
@@ -151,6 +151,24 @@ impl Segments {
             return Err(damaged(at, "its checksum does not match"));
         }
         Ok(buf)
+    }
+
+    /// The bytes of the log after `end`, in its segment and every later one.
+    pub(super) fn bytes_after(&self, end: Location) -> Result<u64, StoreError> {
+        let (segment, offset) = split(end);
+        let files = self
+            .files
+            .read()
+            .map_err(|_| StoreError::Backend("message log: a reader panicked".into()))?;
+        let mut bytes = 0;
+        for (number, file) in files.iter().enumerate().skip(segment as usize) {
+            let len = file.metadata().map_err(|e| io("reading", e))?.len();
+            bytes += match number == segment as usize {
+                true => len.saturating_sub(u64::from(offset)),
+                false => len,
+            };
+        }
+        Ok(bytes)
     }
 
     fn push(&self, file: File) -> Result<(), StoreError> {

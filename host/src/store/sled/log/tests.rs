@@ -344,3 +344,36 @@ fn an_index_ahead_of_the_head_is_rebuilt() -> TestResult {
     assert!(log.stream_of_id("id-1001")?.is_none());
     Ok(())
 }
+
+#[test]
+fn a_damaged_index_block_is_never_believed_and_is_rebuilt_while_open() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let last = MEMTABLE_ENTRIES as u64 / 3 + 500;
+    let streams = 21;
+    let (log, mut writer) = MessageLog::open(dir.path(), 0)?;
+    fill(&mut writer, 1, last, streams)?;
+    let run = std::fs::read_dir(dir.path().join("index"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "run"))
+        .ok_or("no run was written")?;
+    // A byte flipped in every block's entries, under the open store: each read that meets one
+    // rebuilds the index, and every answer is the log's.
+    let mut bytes = std::fs::read(&run)?;
+    for block in 0..(MEMTABLE_ENTRIES / 170) {
+        let entry = |n: usize| (block * 170 + n) * 24;
+        // A fence's order, another entry's order, another's location.
+        bytes[entry(0) + 9] ^= 0x40;
+        bytes[entry(5) + 8] ^= 0x01;
+        bytes[entry(7) + 16] ^= 0x08;
+    }
+    std::fs::write(&run, bytes)?;
+    check_reads(&log, last, streams)?;
+    assert!(!run.exists(), "the damaged run is replaced");
+    fill(&mut writer, last + 1, last + 100, streams)?;
+    check_reads(&log, last + 100, streams)?;
+    drop((log, writer));
+    let (log, _writer) = MessageLog::open(dir.path(), last + 100)?;
+    check_reads(&log, last + 100, streams)?;
+    Ok(())
+}
