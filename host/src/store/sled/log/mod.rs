@@ -87,7 +87,13 @@ pub(super) struct MessageLog {
     segments: Arc<Segments>,
     index: Arc<Index>,
     merger: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    /// When rebuilding the index last failed (the log itself damaged, a full disk): it is not
+    /// tried again for a while, since every read would scan the whole log.
+    rebuild_failed_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a failed rebuild of the index is not tried again.
+const REBUILD_BACKOFF: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Drop for MessageLog {
     fn drop(&mut self) {
@@ -229,6 +235,7 @@ impl MessageLog {
                 segments,
                 index,
                 merger: Some((wake, thread)),
+                rebuild_failed_at: std::sync::Mutex::new(None),
             },
             writer,
         ))
@@ -246,13 +253,30 @@ impl MessageLog {
         if !self.index.is_damaged()? {
             return first;
         }
+        let mut failed_at = self
+            .rebuild_failed_at
+            .lock()
+            .map_err(|_| StoreError::Backend("message log: a reader panicked".into()))?;
+        if failed_at.is_some_and(|at| at.elapsed() < REBUILD_BACKOFF) {
+            // Still safe to answer: whatever passed the checks is right, the rest an error.
+            return first;
+        }
         let why = match &first {
             Err(e) => e.to_string(),
             Ok(_) => "an entry disagreed with the log".to_owned(),
         };
         tracing::error!("{why}; rebuilding the message index from the log");
         let started = std::time::Instant::now();
-        self.rebuild_index()?;
+        if let Err(e) = self.rebuild_index() {
+            *failed_at = Some(std::time::Instant::now());
+            tracing::error!(
+                "rebuilding the message index failed ({e}); `ferry store check` on the stopped \
+                 store says what is damaged"
+            );
+            return first;
+        }
+        *failed_at = None;
+        drop(failed_at);
         tracing::warn!(
             "the message index was rebuilt from the log in {:?}",
             started.elapsed()
