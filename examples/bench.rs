@@ -511,7 +511,11 @@ async fn main() -> anyhow::Result<()> {
         let (mut in_log, mut two_files) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             in_log.push(raw_group_commits(appends * 8, 32, CommitPoint::InTheLog)?);
-            two_files.push(raw_group_commits(appends * 8, 32, CommitPoint::LogThenSled)?);
+            two_files.push(raw_group_commits(
+                appends * 8,
+                32,
+                CommitPoint::LogThenSled,
+            )?);
         }
         let (in_log, two_files) = (median(in_log), median(two_files));
         table.row(

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ferry::store::{
     Category, CategoryFilter, Commit, ConsumerId, GroupSpec, MessageStore, NewMessage,
     ParkedMessage, PartitionFrom, PartitionKey, PartitionPosition, SealKey, Settle, Snapshot,
-    StoreError, StreamAppend, StreamName, ViewWrite,
+    StoreError, StreamAppend, StreamName, ViewRead, ViewWrite,
 };
 use serde_json::{Map, Value, json};
 
@@ -112,6 +112,7 @@ macro_rules! conformance_suite {
             rebuilds_views_from_the_start,
             commits_an_outcome_with_the_consumer_position,
             ignores_a_view_change_from_an_older_position,
+            refuses_a_commit_whose_view_row_changed_since_it_was_read,
             parks_and_replays_a_message,
             wakes_a_waiting_consumer_on_a_write,
             orders_concurrent_appends_globally,

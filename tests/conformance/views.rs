@@ -192,3 +192,67 @@ pub async fn rebuilds_views_from_the_start(store: Store) {
         2
     );
 }
+
+/// A decision on a view row holds only while the row is as the handler read it: the second of
+/// two commits that read the same row fails whole, and one that read the row writes it whatever
+/// wrote it last (two entities adding to one total).
+pub async fn refuses_a_commit_whose_view_row_changed_since_it_was_read(store: Store) {
+    let add = |total: u64, seq, read: Option<u64>| Commit {
+        appends: vec![StreamAppend {
+            stream: stream(&format!("deposit.{seq}")),
+            expected_version: None,
+            messages: vec![msg(&format!("d{seq}"), "Deposited", json!({}))],
+        }],
+        views: vec![ViewWrite {
+            table: "totals".into(),
+            key: "all".into(),
+            value: Some(json!({ "total": total })),
+            seq,
+        }],
+        view_reads: vec![ViewRead {
+            table: "totals".into(),
+            key: "all".into(),
+            value: read.map(|total| json!({ "total": total })),
+        }],
+        ..Commit::default()
+    };
+    let row = || async {
+        store
+            .view_get("totals", "all")
+            .await
+            .expect("get")
+            .expect("row")
+    };
+    // Read as absent, written.
+    store.commit(add(1, 10, None)).await.expect("first");
+    let first = row().await;
+    assert_eq!(
+        (first.value["total"].as_u64(), first.last_update_seq),
+        (Some(1), 10)
+    );
+    // Two decisions on that row: the first lands, the second is refused whole.
+    store.commit(add(2, 12, Some(1))).await.expect("second");
+    match store.commit(add(2, 11, Some(1))).await {
+        Err(StoreError::ViewChanged { table, key }) => {
+            assert_eq!((table.as_str(), key.as_str()), ("totals", "all"))
+        }
+        other => panic!("expected the row to have changed, got {other:?}"),
+    }
+    assert!(
+        store.message("d11").await.expect("read").is_none(),
+        "nothing of the refused commit is written"
+    );
+    // Decided again on the row as it stands: written, though an older message decided it.
+    store
+        .commit(add(3, 11, Some(2)))
+        .await
+        .expect("decided again");
+    let third = row().await;
+    assert_eq!(third.value["total"], 3);
+    assert_eq!(third.last_update_seq, 12, "lastUpdateSeq never goes back");
+    // A row read as absent that is there now.
+    match store.commit(add(9, 13, None)).await {
+        Err(StoreError::ViewChanged { .. }) => {}
+        other => panic!("expected the row to have changed, got {other:?}"),
+    }
+}

@@ -8,7 +8,7 @@
 //! the store; its leases on a shared one, see `group`), each past its own stored position, and a
 //! commit advances the partitions of the messages it settles, each from where it was read.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use crate::seal;
 use crate::store::{
     CategoryFilter, Commit, Committed, ConsumerId, DeferredMessage, GroupSpec, Message,
     MessageStore, ParkedMessage, PartitionFilter, PartitionFrom, PartitionPosition, Settle,
-    StoreError, bounded_reason, now_ms,
+    StoreError, ViewRead, bounded_reason, now_ms,
 };
 use crate::wasm::{GuestError, ServiceComponent};
 
@@ -397,7 +397,9 @@ impl Consumer {
                         if e.is_permanent()
                             || matches!(
                                 e,
-                                StoreError::Conflict { .. } | StoreError::Duplicate { .. }
+                                StoreError::Conflict { .. }
+                                    | StoreError::ViewChanged { .. }
+                                    | StoreError::Duplicate { .. }
                             ) =>
                     {
                         // The page goes one by one (where a message whose own commit can never
@@ -536,6 +538,7 @@ impl Consumer {
             }
         }
         commit.appends = group_appends(outgoing, |stream| decision.expected.get(stream).copied());
+        commit.view_reads = view_reads(decision.read_rows);
         // A message whose id is stored (the outcome of a replayed message) would be dropped, and
         // later messages of the page must not have seen it: the store refuses such a page,
         // which then goes one by one.
@@ -683,18 +686,21 @@ impl Consumer {
                                 record(self.service(), 1, 0, started.elapsed());
                                 return Ok(());
                             }
-                            Err(StoreError::Conflict { .. })
+                            Err(StoreError::Conflict { .. } | StoreError::ViewChanged { .. })
                                 if started.elapsed() < CONFLICT_PATIENCE =>
                             {
-                                // Someone wrote to the entity meanwhile: decide again on fresh
-                                // state, at once the first time (a race), then with a pause
-                                // that grows (a read that lags the leader).
+                                // Someone wrote to the entity (or a view row the handler read)
+                                // meanwhile: decide again on fresh state, at once the first
+                                // time (a race), then with a pause that grows (a read that
+                                // lags the leader).
                                 self.sleep(conflict_pause(conflicts)).await?;
                                 conflicts += 1;
                                 deliveries -= 1;
                                 continue;
                             }
-                            Err(e @ StoreError::Conflict { .. }) => {
+                            Err(
+                                e @ (StoreError::Conflict { .. } | StoreError::ViewChanged { .. }),
+                            ) => {
                                 format!("the entity kept changing while handling: {e}")
                             }
                             Err(e @ StoreError::IdInUse { .. }) => {
@@ -780,6 +786,7 @@ impl Consumer {
             entity,
             version,
             read_versions,
+            read_rows,
         } = decision;
         let checked = check_outcome(
             self.component.manifest(),
@@ -796,7 +803,15 @@ impl Consumer {
             }),
             views: checked.views,
             settle: Some(settle),
+            view_reads: view_reads(read_rows),
             ..Commit::default()
         })
     }
+}
+
+/// The view rows a decision read from the store, as its commit checks them.
+fn view_reads(rows: HashMap<(String, String), Option<serde_json::Value>>) -> Vec<ViewRead> {
+    rows.into_iter()
+        .map(|((table, key), value)| ViewRead { table, key, value })
+        .collect()
 }

@@ -27,6 +27,9 @@ pub(super) struct Decision {
     /// writes to one of them expects it still there (a username claim decided on an empty
     /// claim stream must not land after another instance's claim).
     pub(super) read_versions: HashMap<StreamName, u64>,
+    /// View rows the handler read from the store, as it saw them (`None`: no row): the commit
+    /// holds only while they are unchanged.
+    pub(super) read_rows: HashMap<(String, String), Option<Value>>,
 }
 
 pub(super) enum Decline {
@@ -103,15 +106,16 @@ pub(super) async fn decide(
             instance.handle_event(&message, state.as_deref())
         }
         .map_err(Decline::Guest)?;
-        let read_versions = reads
+        let (read_versions, read_rows) = reads
             .lock()
-            .map(|reads| reads.read_versions.clone())
+            .map(|reads| (reads.read_versions.clone(), reads.read_rows.clone()))
             .unwrap_or_default();
         Ok(Decision {
             outcome,
             entity,
             version,
             read_versions,
+            read_rows,
         })
     });
     match joined.await {
@@ -136,6 +140,9 @@ pub(super) struct BatchDecision {
     /// The version of each entity the batch projected, as the batch found it (stored, plus what
     /// the page in flight writes): the expected versions.
     pub(super) expected: HashMap<StreamName, u64>,
+    /// View rows handlers read (from the store, or as the page in flight writes them), as they
+    /// saw them: checked by the commit.
+    pub(super) read_rows: HashMap<(String, String), Option<Value>>,
     /// The page was tried in lanes, which met; it was decided on one thread instead.
     pub(super) lanes_met: bool,
     /// The lanes the kept decisions were made on, and how long that attempt took: what the
@@ -304,6 +311,9 @@ fn merge_lanes(lanes: Vec<LaneDecision>) -> BatchDecision {
     for lane in lanes {
         merged.items.extend(lane.decision.items);
         merged.expected.extend(lane.decision.expected);
+        for (row, seen) in lane.decision.read_rows {
+            merged.read_rows.entry(row).or_insert(seen);
+        }
         merged.writes.pending.extend(lane.decision.writes.pending);
         merged.writes.views.extend(lane.decision.writes.views);
     }
@@ -346,8 +356,12 @@ fn decide_lane<'a>(
         })
         .unwrap_or_default();
     let carried_of = |stream: &StreamName| carried.get(stream).copied().unwrap_or(0);
-    let overlay: SharedOverlay =
-        Arc::new(std::sync::Mutex::new(carry.cloned().unwrap_or_default()));
+    let mut carried_overlay = carry.cloned().unwrap_or_default();
+    // Rows the page in flight read are its commit's to check, not this page's; what it wrote
+    // is carried.
+    carried_overlay.read_rows.clear();
+    carried_overlay.written_here.clear();
+    let overlay: SharedOverlay = Arc::new(std::sync::Mutex::new(carried_overlay));
     // View rows this lane writes (the overlay also holds the carried ones).
     let mut own_views: HashSet<(String, String)> = HashSet::new();
     let mut states: HashMap<StreamName, Folded> = HashMap::new();
@@ -539,6 +553,7 @@ fn decide_lane<'a>(
         for view in &checked.views {
             let row = (view.table.clone(), view.key.clone());
             pending.views.insert(row.clone(), view.value.clone());
+            pending.written_here.insert(row.clone());
             own_views.insert(row);
         }
         drop(pending);
@@ -565,6 +580,7 @@ fn decide_lane<'a>(
     }
     let mut streams: HashSet<StreamName> = states.into_keys().collect();
     streams.extend(decision.writes.pending.keys().cloned());
+    decision.read_rows = std::mem::take(&mut overlay.read_rows);
     Ok(LaneDecision {
         host_reads: std::mem::take(&mut overlay.host_reads),
         decision,
@@ -587,6 +603,11 @@ pub(super) struct Overlay {
     /// Streams read through the host to their end with nothing pending, at the version first
     /// seen: what a write to them expects.
     pub(super) read_versions: HashMap<StreamName, u64>,
+    /// View rows read, as first seen, unless this page wrote them first: what the commit
+    /// checks.
+    pub(super) read_rows: HashMap<(String, String), Option<Value>>,
+    /// View rows this page (not the page in flight) wrote.
+    pub(super) written_here: HashSet<(String, String)>,
 }
 
 /// Streams and view rows handlers read through the host (`read-stream`, `view-get`).

@@ -81,16 +81,30 @@ impl GuestHost for StoreHost {
         self.record_read(|reads| {
             reads.views.insert((table.to_owned(), key.to_owned()));
         });
+        let row = (table.to_owned(), key.to_owned());
         if let Some(overlay) = &self.overlay
-            && let Ok(overlay) = overlay.lock()
-            && let Some(row) = overlay.views.get(&(table.to_owned(), key.to_owned()))
+            && let Ok(mut overlay) = overlay.lock()
+            && let Some(value) = overlay.views.get(&row).cloned()
         {
-            return Ok(row.as_ref().map(Value::to_string));
+            // Written by the page in flight: the commit checks the row still holds it then.
+            // Written by this page: the commit writes it, nothing to check.
+            if !overlay.written_here.contains(&row) {
+                overlay.read_rows.entry(row).or_insert(value.clone());
+            }
+            return Ok(value.as_ref().map(Value::to_string));
         }
-        self.runtime
+        let stored = self
+            .runtime
             .block_on(self.store.view_get(table, key))
-            .map(|row| row.map(|row| row.value.to_string()))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?
+            .map(|stored| stored.value);
+        // What the decision rests on, which its commit checks.
+        if let Some(overlay) = &self.overlay
+            && let Ok(mut overlay) = overlay.lock()
+        {
+            overlay.read_rows.entry(row).or_insert(stored.clone());
+        }
+        Ok(stored.map(|value| value.to_string()))
     }
 
     fn new_id(&mut self, name: &str) -> String {

@@ -112,7 +112,8 @@ pub struct ViewWrite {
     /// The new row; `None` deletes it.
     pub value: Option<Value>,
     /// The global position of the message that caused the change (`lastUpdateSeq`). A write whose
-    /// `seq` is not past the row's `lastUpdateSeq` is ignored.
+    /// `seq` is not past the row's `lastUpdateSeq` is ignored, unless its commit read the row
+    /// ([`ViewRead`]): that write was decided on the row as it stands, whatever wrote it last.
     pub seq: u64,
 }
 
@@ -122,6 +123,29 @@ pub struct ViewRow {
     pub value: Value,
     #[serde(rename = "lastUpdateSeq")]
     pub last_update_seq: u64,
+}
+
+/// A view row as a handler read it (`view-get`): its commit holds only while the row still
+/// holds that value, or is still absent (`None`: no row, or a deleted one). Two instances adding
+/// to one row from different entities then never lose an update: the second commit fails with
+/// [`StoreError::ViewChanged`] and its message is decided again on the row as it stands. The
+/// value, not a revision, is what is compared: a decision rests on what it read, and a page
+/// decided on the writes of the page still being committed knows their values only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewRead {
+    pub table: String,
+    pub key: String,
+    pub value: Option<Value>,
+}
+
+impl ViewRead {
+    /// Whether `current` (the stored row, a deleted one included) is the row this read saw.
+    pub fn holds(&self, current: Option<&ViewRow>) -> bool {
+        let seen = current
+            .map(|row| &row.value)
+            .filter(|value| !value.is_null());
+        seen == self.value.as_ref()
+    }
 }
 
 /// A durable consumer: a name and a position in a category (`microservice:email` on
@@ -260,6 +284,8 @@ pub struct Commit {
     /// States folded from stored events, kept so that a later fold starts from them (see
     /// [`Snapshot`]). Each replaces the stored snapshot of its stream and component.
     pub snapshots: Vec<Snapshot>,
+    /// View rows the decision read: each must still be as read, or the commit fails whole.
+    pub view_reads: Vec<ViewRead>,
 }
 
 /// A stream's state as one version of a component's `project` folded its first `version` events.
@@ -353,6 +379,9 @@ pub enum StoreError {
     /// (saying nothing of the stream that holds it).
     #[error("the message id {id:?} is already used by another stream")]
     IdInUse { id: String },
+    /// A view row a decision read was written since (see [`ViewRead`]): decide again.
+    #[error("view row {table}/{key} changed since the handler read it")]
+    ViewChanged { table: String, key: String },
     #[error("invalid message {id:?}: {reason}")]
     InvalidMessage { id: String, reason: String },
     #[error("{0} not found")]

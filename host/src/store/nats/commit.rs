@@ -2,6 +2,8 @@
 //! checks, grouped with the commits waiting beside it, published, and on a race or a lost
 //! answer checked again from scratch.
 
+use std::collections::BTreeSet;
+
 use super::*;
 
 impl NatsStore {
@@ -148,6 +150,11 @@ impl NatsStore {
             for write in &commit.views {
                 if validate_table_name(&write.table).is_ok() {
                     subjects.push(self.view_subject(&write.table, &write.key));
+                }
+            }
+            for read in &commit.view_reads {
+                if validate_table_name(&read.table).is_ok() {
+                    subjects.push(self.view_subject(&read.table, &read.key));
                 }
             }
             // The sequence of each key shredded, to erase it by once the batch is stored.
@@ -441,8 +448,25 @@ impl NatsStore {
             }
         }
 
+        // The view rows the decision read, as they stand before this commit. A row also written
+        // below is checked again by the server (its put expects the sequence read here); a row
+        // only read is checked here, a round trip before the batch lands.
+        let mut read_rows = BTreeSet::new();
+        for read in &commit.view_reads {
+            validate_table_name(&read.table)?;
+            let current = staged.current(&self.view_subject(&read.table, &read.key));
+            let row = current.as_ref().map(decode_row).transpose()?;
+            if !read.holds(row.as_ref()) {
+                return Err(StoreError::ViewChanged {
+                    table: read.table.clone(),
+                    key: read.key.clone(),
+                });
+            }
+            read_rows.insert((read.table.clone(), read.key.clone()));
+        }
         // View rows: a change applies when it is past the row's `lastUpdateSeq` before this
-        // commit; of the changes to one row in this commit, the last that applies stands.
+        // commit, or when the decision read the row (checked above); of the changes to one row
+        // in this commit, the last that applies stands.
         let mut rows: BTreeMap<(String, String), RowChange> = BTreeMap::new();
         for write in &commit.views {
             validate_table_name(&write.table)?;
@@ -450,10 +474,7 @@ impl NatsStore {
             if !rows.contains_key(&key) {
                 let current = staged.current(&self.view_subject(&write.table, &write.key));
                 let seq = current.as_ref().map_or(0, |e| e.seq);
-                let stored = match current {
-                    Some(entry) => Some(decode_row(&entry)?.last_update_seq),
-                    None => None,
-                };
+                let stored = current.as_ref().map(decode_row).transpose()?;
                 rows.insert(
                     key.clone(),
                     RowChange {
@@ -463,12 +484,19 @@ impl NatsStore {
                     },
                 );
             }
+            let read = read_rows.contains(&key);
             if let Some(row) = rows.get_mut(&key)
-                && row.stored.is_none_or(|stored| write.seq > stored)
+                && (read
+                    || row
+                        .stored
+                        .as_ref()
+                        .is_none_or(|stored| write.seq > stored.last_update_seq))
             {
+                let stored = row.stored.as_ref();
                 row.change = Some(ViewRow {
                     value: write.value.clone().unwrap_or(Value::Null),
-                    last_update_seq: write.seq,
+                    last_update_seq: stored
+                        .map_or(write.seq, |stored| stored.last_update_seq.max(write.seq)),
                 });
             }
         }
@@ -585,11 +613,10 @@ impl NatsStore {
     }
 }
 
-/// A view row a commit changes: its subject's last sequence, the stored `lastUpdateSeq`, and
-/// the new row.
+/// A view row a commit changes: its subject's last sequence, the stored row, and the new row.
 pub(super) struct RowChange {
     pub(super) seq: u64,
-    pub(super) stored: Option<u64>,
+    pub(super) stored: Option<ViewRow>,
     pub(super) change: Option<ViewRow>,
 }
 

@@ -327,6 +327,19 @@ impl Writer {
         let mut touched = BTreeSet::new();
         let mut head = self.head;
         let mut versions: Vec<(String, u64)> = Vec::new();
+        // The view rows the decision read, as they stand before this commit writes anything.
+        for read in &commit.view_reads {
+            let current = staging
+                .get(&view_key(&read.table, &read.key))?
+                .map(|bytes| decode::<ViewRow>("view row", &bytes))
+                .transpose()?;
+            if !read.holds(current.as_ref()) {
+                return Err(StoreError::ViewChanged {
+                    table: read.table.clone(),
+                    key: read.key.clone(),
+                });
+            }
+        }
         // Ids this commit writes, with their streams: the group's and the log's learn them only
         // once the commit holds.
         let mut own_ids: HashMap<&str, &str> = HashMap::new();
@@ -414,22 +427,32 @@ impl Writer {
         }
 
         // Rows this commit wrote: a later change to the same row in the commit replaces it, even
-        // with the same `seq` (one outcome may upsert a row twice, or delete and upsert it).
-        let mut written_rows: BTreeSet<Vec<u8>> = BTreeSet::new();
+        // with the same `seq` (one outcome may upsert a row twice, or delete and upsert it). A
+        // row the decision read was checked above: its change applies whatever wrote it last.
+        let mut written_rows: BTreeSet<Vec<u8>> = commit
+            .view_reads
+            .iter()
+            .map(|read| view_key(&read.table, &read.key))
+            .collect();
         for write in &commit.views {
             let key = view_key(&write.table, &write.key);
+            let existing = staging
+                .get(&key)?
+                .map(|bytes| decode::<ViewRow>("view row", &bytes))
+                .transpose()?;
             if !written_rows.contains(&key)
-                && let Some(existing) = staging.get(&key)?
+                && existing
+                    .as_ref()
+                    .is_some_and(|row| write.seq <= row.last_update_seq)
             {
-                let row: ViewRow = decode("view row", &existing)?;
-                if write.seq <= row.last_update_seq {
-                    continue;
-                }
+                continue;
             }
             written_rows.insert(key.clone());
             let row = ViewRow {
                 value: write.value.clone().unwrap_or(Value::Null),
-                last_update_seq: write.seq,
+                last_update_seq: existing
+                    .as_ref()
+                    .map_or(write.seq, |row| row.last_update_seq.max(write.seq)),
             };
             staging.insert(key, encode(&row));
         }
