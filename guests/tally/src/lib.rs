@@ -22,7 +22,10 @@ impl Service for Tallies {
 
     fn handle_command(command: &Message, _state: Option<()>) -> Result<Outcome> {
         if command.message_type != "Count" {
-            return Err(permanent(format!("unknown command {}", command.message_type)));
+            return Err(permanent(format!(
+                "unknown command {}",
+                command.message_type
+            )));
         }
         let tally = host::view::<Tally>("tallies", "all")?.unwrap_or_default();
         Ok(Outcome::none().upsert("tallies", "all", &json!({ "count": tally.count + 1 })))
