@@ -78,6 +78,11 @@ impl Cluster {
     }
 
     fn instance(&mut self) -> Instance {
+        self.instance_with_env(&[])
+    }
+
+    /// An instance started with these environment variables.
+    fn instance_with_env(&mut self, env: &[(&str, &str)]) -> Instance {
         self.next += 1;
         let data = self
             .setup
@@ -85,7 +90,9 @@ impl Cluster {
             .path()
             .join(format!("instance-{}", self.next));
         let ttl = LEASE_TTL_MS.to_string();
-        let host = self.setup.start_in(&data, &["--lease-ttl-ms", &ttl]);
+        let host = self
+            .setup
+            .start_with_env(&data, &["--lease-ttl-ms", &ttl], env);
         let mut name = None;
         wait_until(Duration::from_secs(30), "the service runs", || {
             name = self
@@ -510,4 +517,57 @@ fn three_instances_adding_to_one_row_lose_no_update() {
         Some(0),
         "{parked}"
     );
+}
+
+/// libfaketime from Debian (scripts/test installs it): sets a process's wall clock off, its
+/// monotonic clock left alone.
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// An instance whose wall clock is 10 s behind the others' (libfaketime) keeps its leases: an
+/// instance that joins later judges it by its heartbeats' changes on its own clock, never by the
+/// time its heartbeat carries, so it takes that instance's partitions only as they are released
+/// (owner, then none, then the new owner), never straight from it as from a dead one.
+#[test]
+fn an_instance_whose_clock_is_off_never_loses_a_lease_while_it_lives() {
+    assert!(
+        std::path::Path::new(FAKETIME).exists(),
+        "libfaketime is installed (scripts/test installs it)"
+    );
+    let mut cluster = Cluster::start();
+    let first = cluster.instance();
+    let skewed = cluster.instance_with_env(&[
+        ("LD_PRELOAD", FAKETIME),
+        ("FAKETIME", "-10s"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ]);
+    cluster.wait_balanced(&[&first, &skewed], "two share the partitions");
+    let joining = cluster.instance();
+    cluster.wait_balanced(&[&first, &skewed, &joining], "three share the partitions");
+    // Rounds enough for a wrong judgement to show.
+    std::thread::sleep(Duration::from_millis(3 * LEASE_TTL_MS));
+    cluster.history.assert_fenced();
+    let mut owners: std::collections::BTreeMap<(String, u32), Option<String>> =
+        std::collections::BTreeMap::new();
+    for record in cluster.history.records() {
+        if record.kind != "lease" {
+            continue;
+        }
+        let owner = record.value["owner"].as_str().map(str::to_owned);
+        let key = (record.consumer.clone(), record.partition);
+        if let Some(Some(last)) = owners.get(&key)
+            && *last == skewed.name
+            && owner.as_ref().is_some_and(|o| *o != skewed.name)
+        {
+            panic!(
+                "a lease was taken straight from the live instance whose clock is off: {record:?}"
+            );
+        }
+        owners.insert(key, owner);
+    }
+    let held = cluster
+        .owners()
+        .iter()
+        .filter(|o| o.as_deref() == Some(skewed.name.as_str()))
+        .count();
+    assert!(held >= 9, "it holds its share: {held}");
 }

@@ -336,6 +336,21 @@ impl Setup {
 
     /// The same, or why not: the process ended before it listened (with its log's tail).
     pub fn try_start_in(&self, data: &Path, extra: &[&str]) -> Result<Host, String> {
+        self.try_start_with_env(data, extra, &[])
+    }
+
+    /// `start_in` with these environment variables (a clock set off by libfaketime).
+    pub fn start_with_env(&self, data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Host {
+        self.try_start_with_env(data, extra, env)
+            .unwrap_or_else(|why| panic!("the host did not start: {why}"))
+    }
+
+    fn try_start_with_env(
+        &self,
+        data: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Host, String> {
         seed_cache(data);
         let log = data.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
@@ -347,6 +362,7 @@ impl Setup {
             .command_in(data)
             .arg("run")
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()

@@ -7,9 +7,9 @@
 //! `P mod n` one more). It keeps the partitions it holds up to its quota, releases the rest, and
 //! takes free ones (no owner, or an owner no longer alive) up to its quota. Only the partitions
 //! that must move do: a joining instance takes about `P / n`, a leaving one's are taken by the
-//! others. Liveness is judged by this process's clock: a member is alive while its heartbeat's
-//! revision changed within the lease time less two rounds (`silence_allowed`), so two machines'
-//! clocks are never compared.
+//! others. Liveness is judged by this process's monotonic clock alone: a member is alive while
+//! its heartbeat's revision changed within the lease time less two rounds (`silence_allowed`),
+//! so two machines' clocks are never compared, and no wall clock is read.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -72,12 +72,12 @@ struct Liveness(HashMap<String, (u64, Instant)>);
 impl Liveness {
     /// The members alive now (sorted; `me` always among them), and those judged dead.
     ///
-    /// A member is dead once its heartbeat has not changed for `silence`. One seen for the first
-    /// time is judged by the time its last heartbeat carries, the one place two clocks meet: a
-    /// record older than `silence` is a process that died without leaving, and its partitions
-    /// are free at once rather than after waiting out the lease again. A clock skewed past it
-    /// costs a live member its leases (the fence keeps that safe) until its next heartbeat, whose
-    /// new revision marks it alive again.
+    /// A member is dead once its heartbeat has not changed for `silence` on this process's
+    /// monotonic clock. One seen for the first time counts as just heard from, whatever time its
+    /// heartbeat carries: a process that died without leaving has its partitions freed
+    /// `silence` after it is first seen, and a live one on a machine whose clock is off is never
+    /// judged dead for it (the time in the record was once compared, and a clock 10 s off made a
+    /// live member lose its leases to every instance that started).
     fn judge(
         &mut self,
         members: &[Member],
@@ -86,17 +86,10 @@ impl Liveness {
     ) -> (Vec<String>, Vec<Member>) {
         let now = Instant::now();
         for member in members {
-            let first_seen = || {
-                let silent_ms = now_ms().saturating_sub(member.heartbeat_ms);
-                match silent_ms >= silence.as_millis() as u64 {
-                    true => now.checked_sub(silence).unwrap_or(now),
-                    false => now,
-                }
-            };
             let seen = self
                 .0
                 .entry(member.instance.clone())
-                .or_insert_with(|| (member.revision, first_seen()));
+                .or_insert_with(|| (member.revision, now));
             if seen.0 != member.revision {
                 *seen = (member.revision, now);
             }
@@ -441,18 +434,27 @@ mod tests {
     }
 
     #[test]
-    fn a_member_first_seen_with_an_old_heartbeat_is_dead_at_once() {
-        let ttl = Duration::from_secs(5);
+    fn a_member_is_judged_by_this_clock_never_by_the_time_its_heartbeat_carries() {
+        let ttl = Duration::from_millis(200);
         let mut liveness = Liveness::default();
-        let state = [
-            member("gone", 7, now_ms().saturating_sub(60_000)),
-            member("fresh", 3, now_ms()),
-        ];
-        let (alive, dead) = liveness.judge(&state, "me", ttl);
-        assert_eq!(alive, ["fresh", "me"]);
+        // Clocks 10 s behind, 10 s ahead, a minute behind: all heard from now.
+        let state = |revision| {
+            [
+                member("behind", revision, now_ms().saturating_sub(10_000)),
+                member("ahead", revision, now_ms() + 10_000),
+                member("silent", 7, now_ms().saturating_sub(60_000)),
+            ]
+        };
+        let (alive, dead) = liveness.judge(&state(1), "me", ttl);
+        assert_eq!(alive, ["ahead", "behind", "me", "silent"]);
+        assert!(dead.is_empty());
+        // Only a revision that stops changing makes a member dead.
+        std::thread::sleep(ttl + Duration::from_millis(20));
+        let (alive, dead) = liveness.judge(&state(2), "me", ttl);
+        assert_eq!(alive, ["ahead", "behind", "me"]);
         assert_eq!(
             dead.iter().map(|m| m.instance.as_str()).collect::<Vec<_>>(),
-            ["gone"]
+            ["silent"]
         );
     }
 }
