@@ -372,6 +372,67 @@ async fn a_take_over_fences_commits_decided_under_the_old_lease() {
         .remove(0);
     assert!(second.epoch > first.epoch);
 
+    // A deferred message of the partition, settled under the old lease: refused, still
+    // deferred; under the new one: taken.
+    let mut n = 0;
+    let deferred = loop {
+        let written = store
+            .commit(Commit::append(
+                conformance::stream(&format!("email:command.d{n}")),
+                None,
+                vec![conformance::msg(
+                    &format!("deferred-{n}"),
+                    "SendEmail",
+                    json!({}),
+                )],
+            ))
+            .await
+            .expect("command")
+            .written
+            .remove(0);
+        if spec.partition_of(&written) == 0 {
+            break written;
+        }
+        n += 1;
+    };
+    store
+        .commit(Commit {
+            defer: vec![ferry::store::DeferredMessage {
+                consumer: consumer.clone(),
+                message: deferred.clone(),
+                due_ms: 0,
+            }],
+            ..Commit::default()
+        })
+        .await
+        .expect("deferred");
+    let clear = |epoch| Commit {
+        settle: Some(Settle::ClearDeferred {
+            consumer: consumer.clone(),
+            global_position: deferred.global_position,
+            partition: 0,
+            epoch,
+        }),
+        ..Commit::default()
+    };
+    let stale = store.commit(clear(first.epoch)).await;
+    assert!(
+        matches!(stale, Err(StoreError::ConsumerMoved { .. })),
+        "{stale:?}"
+    );
+    assert_eq!(store.deferred(&consumer).await.expect("deferred").len(), 1);
+    store
+        .commit(clear(second.epoch))
+        .await
+        .expect("the new holder settles it");
+    assert!(
+        store
+            .deferred(&consumer)
+            .await
+            .expect("deferred")
+            .is_empty()
+    );
+
     // What the first decided under its lease is refused whole.
     let advance = |from| Commit {
         appends: vec![ferry::store::StreamAppend {

@@ -285,6 +285,8 @@ pub async fn parks_and_replays_a_message(store: Store) {
             settle: Some(Settle::ClearDeferred {
                 consumer: consumer.clone(),
                 global_position: message.global_position,
+                partition: GroupSpec::new(PartitionKey::Entity).partition_of(&message),
+                epoch: 0,
             }),
             ..Commit::default()
         })
@@ -303,6 +305,8 @@ pub async fn parks_and_replays_a_message(store: Store) {
             settle: Some(Settle::ClearDeferred {
                 consumer: consumer.clone(),
                 global_position: message.global_position,
+                partition: GroupSpec::new(PartitionKey::Entity).partition_of(&message),
+                epoch: 0,
             }),
             ..Commit::default()
         })

@@ -587,10 +587,18 @@ impl Consumer {
             Source::Category => {
                 self.advance([self.spec.partition_of(message)], message.global_position)
             }
-            Source::Deferred => Settle::ClearDeferred {
-                consumer: self.id.clone(),
-                global_position: message.global_position,
-            },
+            Source::Deferred => {
+                let partition = self.spec.partition_of(message);
+                Settle::ClearDeferred {
+                    consumer: self.id.clone(),
+                    global_position: message.global_position,
+                    partition,
+                    epoch: self
+                        .positions
+                        .get(partition as usize)
+                        .map_or(0, |p| p.epoch),
+                }
+            }
         }
     }
 

@@ -254,10 +254,14 @@ pub enum Settle {
         partitions: Vec<PartitionFrom>,
         to: u64,
     },
-    /// The consumer took it from its deferred set: remove it from there.
+    /// The consumer took it from its deferred set: remove it from there. Decided under the lease
+    /// of `partition` at `epoch`: once another instance took the partition over (a new epoch),
+    /// the commit fails with [`StoreError::ConsumerMoved`], as an `Advance` does.
     ClearDeferred {
         consumer: ConsumerId,
         global_position: u64,
+        partition: u32,
+        epoch: u64,
     },
 }
 

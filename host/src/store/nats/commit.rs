@@ -425,14 +425,30 @@ impl NatsStore {
                     planned.put(subject, to_json(&next)?, Some(current.map_or(0, |e| e.seq)));
                 }
             }
-            Some(
-                settle @ Settle::ClearDeferred {
-                    consumer,
-                    global_position,
-                },
-            ) => {
+            Some(Settle::ClearDeferred {
+                consumer,
+                global_position,
+                partition,
+                epoch,
+            }) => {
+                // The partition's record at the epoch the message was decided under, put back
+                // as it is with the sequence read: a take-over that lands first fails the batch
+                // at the server.
+                let fence = self.partition_subject(consumer, *partition);
+                let current = staged.current(&fence);
+                let actual = match &current {
+                    Some(entry) => decode_position(entry)?,
+                    None => PartitionPosition::default(),
+                };
+                if actual.epoch != *epoch {
+                    return Err(StoreError::ConsumerMoved {
+                        consumer: format!("{consumer} (partition {partition})"),
+                        expected: *epoch,
+                        actual: actual.epoch,
+                    });
+                }
+                planned.put(fence, to_json(&actual)?, Some(current.map_or(0, |e| e.seq)));
                 let subject = self.deferred_subject(consumer, *global_position);
-                debug_assert_eq!(self.settle_subjects(settle), vec![subject.clone()]);
                 match staged.current(&subject) {
                     Some(entry) if !entry.payload.is_empty() => {
                         planned.put(subject, Vec::new(), Some(entry.seq));

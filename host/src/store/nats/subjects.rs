@@ -67,7 +67,12 @@ impl NatsStore {
             Settle::ClearDeferred {
                 consumer,
                 global_position,
-            } => vec![self.deferred_subject(consumer, *global_position)],
+                partition,
+                ..
+            } => vec![
+                self.deferred_subject(consumer, *global_position),
+                self.partition_subject(consumer, *partition),
+            ],
         }
     }
 

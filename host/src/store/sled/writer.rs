@@ -494,6 +494,7 @@ impl Writer {
             Some(Settle::ClearDeferred {
                 consumer,
                 global_position,
+                ..
             }) if !staging.remove(set_aside_key(DEFERRED, consumer, *global_position))? => {
                 return Err(StoreError::ConsumerMoved {
                     consumer: consumer.to_string(),
@@ -501,6 +502,7 @@ impl Writer {
                     actual: 0,
                 });
             }
+            // One process owns a sled store: epochs never change there, nothing to fence.
             Some(Settle::ClearDeferred { .. }) | None => {}
         }
         for park in &commit.park {
