@@ -215,9 +215,20 @@ impl Consumer {
             .filter(|p| self.owns(*p))
             .collect();
         if owned.is_empty() {
-            // Nothing of this group is ours (yet): wait for the assigner.
+            // Nothing of this group is ours (yet): wait for the assigner. Partitions it gave
+            // this instance whose stored records do not show the take yet (a replica that lags)
+            // are looked at again once the positions read are stale, not left unread for as
+            // long as the lease is held.
+            let assigned = matches!(&self.reading, Owned::Leased(leases) if !leases.is_empty());
+            let recheck = async {
+                match assigned {
+                    true => tokio::time::sleep(POSITIONS_FRESH_FOR).await,
+                    false => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = owned_changes.changed() => return Ok(()),
+                () = recheck => return Ok(()),
                 _ = self.shutdown.changed() => return Err(Interrupted::Shutdown),
             }
         }
