@@ -177,7 +177,12 @@ fn subscription_catches_up(email_runs_at_the_end: bool) {
     setup.uninstall("subscription");
     setup.install("email");
     let host = setup.start(&[]);
-    setup.wait_for_stream(&format!("email.{email_id}"), 1);
+    support::wait_until_or_explain(
+        Duration::from_secs(60),
+        "the email service sends the email",
+        || setup.read(&format!("email.{email_id}")).len() == 1,
+        || host.log_tail(60),
+    );
     setup.send(
         &format!("email:command.{email_id}"),
         "RecordEmailOpened",
