@@ -11,8 +11,8 @@ use std::path::Path;
 use super::keys::{backend, decode, decode_group, u64_be};
 use super::log::{LogCheck, check_log};
 use super::{
-    CONSUMER, DEFERRED, FORMAT, FORMAT_KEY, HEAD_KEY, LOG_DIR, PARKED, SEAL_KEY, SECRET_KEY,
-    SNAPSHOT, SledStore, VIEW, ViewRow, log_bytes,
+    CONSUMER, DEFAULT_CACHE_BYTES, DEFERRED, FORMAT, FORMAT_KEY, HEAD_KEY, LOG_DIR, PARKED,
+    SEAL_KEY, SECRET_KEY, SNAPSHOT, SledStore, VIEW, ViewRow, log_bytes,
 };
 use crate::store::StoreError;
 
@@ -30,30 +30,16 @@ pub struct StoreCheck {
 }
 
 fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
-    sled::Config::new()
-        .path(path)
-        .flush_every_ms(None)
-        .open()
-        .map_err(|e| {
-            if e.to_string().contains("could not acquire lock") {
-                StoreError::Locked {
-                    path: path.display().to_string(),
-                }
-            } else {
-                StoreError::Unusable {
-                    path: path.display().to_string(),
-                    reason: format!("sled cannot read its files: {e}"),
-                }
-            }
-        })
+    super::open_db(path, DEFAULT_CACHE_BYTES)
 }
 
-/// The last part of a `tag part \0 part \0 ...` key, and the parts before it.
-fn parts(key: &[u8]) -> Vec<&[u8]> {
+/// The first part of a `tag part \0 part ...` key.
+fn first_part(key: &[u8]) -> &[u8] {
     key.get(1..)
         .unwrap_or_default()
         .split(|b| *b == 0)
-        .collect()
+        .next()
+        .unwrap_or_default()
 }
 
 impl SledStore {
@@ -73,11 +59,7 @@ impl SledStore {
                     head: 0,
                     log: LogCheck::default(),
                     records: 0,
-                    problems: vec![format!(
-                        "{reason}. Restore them (db, conf, snap.*, blobs) from a backup, or \
-                         `ferry store repair` sets them aside and takes the head from the \
-                         message log (consumers then start again from the first message)"
-                    )],
+                    problems: vec![reason],
                 });
             }
             Err(e) => return Err(e),
@@ -159,7 +141,7 @@ impl SledStore {
                     }
                 }
                 SNAPSHOT => {
-                    let stream = String::from_utf8_lossy(parts(&key)[0]).into_owned();
+                    let stream = String::from_utf8_lossy(first_part(&key)).into_owned();
                     match decode::<(u64, String)>("snapshot", &value) {
                         Ok((version, _)) => {
                             let stored = log.versions.get(&stream).copied().unwrap_or(0);
@@ -192,8 +174,8 @@ impl SledStore {
     pub fn repair(path: &Path) -> Result<Vec<String>, StoreError> {
         let mut done = Vec::new();
         let log_dir = path.join(LOG_DIR);
-        if let Err(StoreError::Unusable { reason, .. }) = open_db(path).map(drop) {
-            done.push(set_sled_aside(path, &reason)?);
+        if let Err(StoreError::Unusable { .. }) = open_db(path).map(drop) {
+            done.push(set_sled_aside(path)?);
         }
         {
             let db = open_db(path)?;
@@ -240,7 +222,7 @@ impl SledStore {
 
 /// Moves sled's files (which it cannot read) into `sled-damaged/` beside them, so that the
 /// repair can start sled anew from the log; nothing is deleted.
-fn set_sled_aside(path: &Path, why: &str) -> Result<String, StoreError> {
+fn set_sled_aside(path: &Path) -> Result<String, StoreError> {
     let aside = path.join("sled-damaged");
     let failed = |e: std::io::Error| StoreError::Unusable {
         path: path.display().to_string(),
@@ -255,7 +237,7 @@ fn set_sled_aside(path: &Path, why: &str) -> Result<String, StoreError> {
         }
     }
     Ok(format!(
-        "sled could not read its files ({why}): they are set aside in {}",
+        "sled could not read its files: they are set aside in {}",
         aside.display()
     ))
 }

@@ -134,6 +134,35 @@ fn log_bytes(log_dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Opens sled's files in `path` as Ferry configures them: a folder another process holds is
+/// [`StoreError::Locked`], files sled cannot read are [`StoreError::Unusable`] saying what mends
+/// them.
+fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(path)
+        .flush_every_ms(None)
+        .cache_capacity(cache_bytes)
+        .open()
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("could not acquire lock") {
+                StoreError::Locked {
+                    path: path.display().to_string(),
+                }
+            } else {
+                StoreError::Unusable {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "sled cannot read its files ({text}). Nothing was changed; restore them \
+                         (db, conf, snap.*, blobs) from a backup, or `ferry store repair` sets \
+                         them aside and takes the head from the message log (consumers then \
+                         start again from the first message)"
+                    ),
+                }
+            }
+        })
+}
+
 /// The sled-backed [`MessageStore`]. Cheap to clone.
 #[derive(Clone)]
 pub struct SledStore {
@@ -183,26 +212,7 @@ impl SledStore {
                 String::from_utf8_lossy(FORMAT)
             ))
         };
-        let db = sled::Config::new()
-            .path(&path)
-            .flush_every_ms(None)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|e| {
-                let text = e.to_string();
-                if text.contains("could not acquire lock") {
-                    StoreError::Locked {
-                        path: shown.clone(),
-                    }
-                } else {
-                    unusable(format!(
-                        "sled cannot read its files ({text}). Nothing was changed; restore them \
-                         (db, conf, snap.*, blobs) from a backup, or `ferry store repair` sets \
-                         them aside and takes the head from the message log (consumers then \
-                         start again from the first message)"
-                    ))
-                }
-            })?;
+        let db = open_db(&path, cache_bytes)?;
         let tree = db.open_tree("ferry").map_err(backend)?;
         let log_dir = path.join(LOG_DIR);
         match migrate::format(&db, &tree)? {
