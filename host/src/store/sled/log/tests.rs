@@ -306,6 +306,15 @@ fn the_index_is_written_out_merged_and_reopened_without_replaying_the_log() -> T
     Ok(())
 }
 
+/// The file of an index run in the log in `dir`.
+fn a_run(dir: &std::path::Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    Ok(std::fs::read_dir(dir.join("index"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "run"))
+        .ok_or("no run was written")?)
+}
+
 #[test]
 fn a_damaged_index_is_rebuilt_from_the_log() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -315,11 +324,7 @@ fn a_damaged_index_is_rebuilt_from_the_log() -> TestResult {
         fill(&mut writer, 1, last, 21)?;
         assert_eq!(log.account()?.runs, 1);
     }
-    let run = std::fs::read_dir(dir.path().join("index"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "run"))
-        .ok_or("no run was written")?;
+    let run = a_run(dir.path())?;
     let mut bytes = std::fs::read(&run)?;
     let length = bytes.len();
     bytes[length - 3] ^= 0xff;
@@ -352,11 +357,7 @@ fn a_damaged_index_block_is_never_believed_and_is_rebuilt_while_open() -> TestRe
     let streams = 21;
     let (log, mut writer) = MessageLog::open(dir.path(), 0)?;
     fill(&mut writer, 1, last, streams)?;
-    let run = std::fs::read_dir(dir.path().join("index"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "run"))
-        .ok_or("no run was written")?;
+    let run = a_run(dir.path())?;
     // A byte flipped in every block's entries, under the open store: each read that meets one
     // rebuilds the index, and every answer is the log's.
     let mut bytes = std::fs::read(&run)?;
