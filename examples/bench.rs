@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-use ferry::mail::Maildir;
+use ferry::mail::{Maildir, Transport};
 use ferry::service::{Capabilities, LoadedService, RunnerConfig, Running};
 use ferry::store::{
     Category, Commit, ConsumerId, Group, Message, MessageStore, NatsStore, NewMessage, SledStore,
@@ -326,7 +326,9 @@ async fn memory_rows(table: &mut Table, registrations: usize) -> anyhow::Result<
     let empty = resident_mib();
     let services = article_services(&runtime)?;
     let capabilities = Capabilities {
-        maildir: Some(Arc::new(Maildir::new(dir.path().join("maildir")))),
+        mail: Some(Arc::new(Transport::Maildir(Maildir::new(
+            dir.path().join("maildir"),
+        )))),
         mail_grants: vec!["email".into()],
     };
     let running = Running::start(

@@ -112,6 +112,12 @@ pub async fn execute(context: &Context, request: Request) -> anyhow::Result<Valu
             sealed,
         } => {
             let stream = StreamName::parse(&stream)?;
+            if stream.is_outbox() {
+                // An entry there is an email whose decision was committed: only a commit makes one.
+                return Err(refuse(format!(
+                    "{stream} is an outbox, which only the host writes"
+                )));
+            }
             if message_type.trim().is_empty() {
                 return Err(refuse("the message type is empty"));
             }

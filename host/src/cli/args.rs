@@ -56,6 +56,8 @@ pub(super) fn parse_store(text: &str) -> Result<StoreChoice, String> {
     }
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the services of the services folder until interrupted.
@@ -99,9 +101,8 @@ pub enum Command {
         /// `SERVICE:timeout-ms=N` or `SERVICE:memory-mib=N` (repeatable).
         #[arg(long = "service-limit", value_name = "SERVICE:KEY=N", value_parser = parse_service_limit)]
         service_limits: Vec<ServiceLimit>,
-        /// Services granted the mail capability (delivery into DATA/maildir).
-        #[arg(long = "mail-grant", value_name = "SERVICE", default_value = "email")]
-        mail_grants: Vec<String>,
+        #[command(flatten)]
+        mail: MailArgs,
     },
     /// Append a message (normally a command) to a stream.
     Send {
@@ -196,9 +197,8 @@ pub enum Command {
     Dev {
         /// The folder of service folders.
         sources: PathBuf,
-        /// Services granted the mail capability (delivery into DATA/maildir).
-        #[arg(long = "mail-grant", value_name = "SERVICE", default_value = "email")]
-        mail_grants: Vec<String>,
+        #[command(flatten)]
+        mail: MailArgs,
     },
     /// Run given / when / then scenarios (TOML, see guests/README.md) against a component
     /// through the host's real path, each on a throwaway store; no running host is needed.
@@ -247,4 +247,50 @@ pub enum StoreAction {
     /// Rebuild what can be derived from the message log: its index; sled's head when sled's
     /// files were lost; records past the head set aside. Then check again.
     Repair,
+}
+
+/// Who may send email, and where it goes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MailArgs {
+    /// Services granted the mail capability.
+    #[arg(long = "mail-grant", value_name = "SERVICE", default_value = "email")]
+    pub mail_grants: Vec<String>,
+    /// Where emails go: `maildir` (DATA/maildir), `smtp://HOST[:PORT]` (STARTTLS as
+    /// --mail-tls says, port 587 by default) or `smtps://HOST[:PORT]` (TLS, port 465).
+    #[arg(long = "mail", value_name = "TRANSPORT", default_value = "maildir")]
+    pub transport: String,
+    /// STARTTLS towards an `smtp://` relay: `required` (nothing is sent without it),
+    /// `opportunistic` or `none` (a relay on this machine or a trusted network only).
+    #[arg(long = "mail-tls", value_enum, default_value = "required")]
+    pub tls: crate::mail::SmtpTls,
+    /// A file holding `user:password` for the SMTP relay on its first line, readable by its
+    /// owner only.
+    #[arg(long = "mail-credentials", value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for the SMTP relay, beside the system's.
+    #[arg(long = "mail-ca", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+}
+
+impl MailArgs {
+    /// The capability these settings give, delivering under `data` for a maildir.
+    pub fn capabilities(
+        &self,
+        data: &std::path::Path,
+    ) -> anyhow::Result<crate::service::Capabilities> {
+        use crate::mail::{Maildir, SmtpRelay, Transport};
+        let transport = match self.transport.as_str() {
+            "maildir" => Transport::Maildir(Maildir::new(super::maildir(data))),
+            url => Transport::Smtp(SmtpRelay::open(
+                url,
+                self.tls,
+                self.credentials.as_deref(),
+                self.ca.as_deref(),
+            )?),
+        };
+        Ok(crate::service::Capabilities {
+            mail: Some(std::sync::Arc::new(transport)),
+            mail_grants: self.mail_grants.clone(),
+        })
+    }
 }

@@ -28,7 +28,6 @@ pub use self::host::{HostSettings, ServiceLimit, load_services, run};
 use self::rebuild::rebuild;
 
 pub use self::http::HttpArgs;
-use crate::mail::Maildir;
 use crate::reload::{self, Reloader};
 use crate::service::{self, Capabilities, LoadedService, RunnerConfig, Running, ServiceTable};
 use crate::store::{MessageStore, NatsStore, SledStore, StoreError};
@@ -48,7 +47,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             decide_lanes,
             lease_ttl_ms,
             store_cache_mib,
-            mail_grants,
+            mail,
             service_limits,
         } => {
             let limits = Limits {
@@ -64,10 +63,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 lease_ttl: Duration::from_millis(lease_ttl_ms),
                 ..defaults
             };
-            let capabilities = Capabilities {
-                maildir: Some(Arc::new(Maildir::new(maildir(&cli.data)))),
-                mail_grants,
-            };
+            let capabilities = mail.capabilities(&cli.data)?;
             let settings = HostSettings {
                 store: cli.store,
                 store_cache_bytes: store_cache_mib << 20,
@@ -92,10 +88,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Rebuild { table } => {
             rebuild(&cli.data, &cli.services, &cli.store, table, cli.json).await
         }
-        Command::Dev {
-            sources,
-            mail_grants,
-        } => {
+        Command::Dev { sources, mail } => {
             let settings = HostSettings {
                 store: cli.store,
                 store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
@@ -104,10 +97,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 limits: Limits::default(),
                 service_limits: Vec::new(),
                 config: RunnerConfig::default(),
-                capabilities: Capabilities {
-                    maildir: Some(Arc::new(Maildir::new(maildir(&cli.data)))),
-                    mail_grants,
-                },
+                capabilities: mail.capabilities(&cli.data)?,
             };
             std::fs::create_dir_all(&cli.services).with_context(|| {
                 format!(

@@ -29,7 +29,7 @@ use tracing::Instrument as _;
 pub use self::compare::Difference;
 use self::recording::RecordingStore;
 pub use self::report::print;
-use crate::mail::Maildir;
+use crate::mail::{Maildir, Transport};
 use crate::service::{
     Capabilities, LoadedService, RunnerConfig, Running, consumer_name, subscriptions_of,
 };
@@ -264,7 +264,9 @@ async fn run(
     }
 
     let capabilities = Capabilities {
-        maildir: Some(Arc::new(Maildir::new(folder.path().join("maildir")))),
+        mail: Some(Arc::new(Transport::Maildir(Maildir::new(
+            folder.path().join("maildir"),
+        )))),
         mail_grants: vec![service.clone()],
     };
     let config = RunnerConfig {

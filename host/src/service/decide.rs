@@ -13,7 +13,6 @@ use tokio::runtime::Handle;
 use super::host_imports::StoreHost;
 use super::outcome::{CheckedOutcome, check_outcome};
 use super::projection::{Folded, ProjectionCache, fold, prefetch_entities};
-use crate::mail::Maildir;
 use crate::seal::Redactor;
 use crate::store::{Committed, Message, MessageStore, StoreError, StreamName, now_ms};
 use crate::wasm::{GuestError, Outcome, ServiceComponent};
@@ -30,6 +29,8 @@ pub(super) struct Decision {
     /// View rows the handler read from the store, as it saw them (`None`: no row): the commit
     /// holds only while they are unchanged.
     pub(super) read_rows: HashMap<(String, String), Option<Value>>,
+    /// Emails the handler asked to deliver (id, text), for its commit to put in the outbox.
+    pub(super) emails: Vec<(String, String)>,
 }
 
 pub(super) enum Decline {
@@ -59,7 +60,7 @@ pub(super) async fn decide(
     component: Arc<ServiceComponent>,
     projections: Arc<ProjectionCache>,
     store: Arc<dyn MessageStore>,
-    mail: Option<Arc<Maildir>>,
+    mail: bool,
     message: Message,
     redactor: Option<Arc<Redactor>>,
 ) -> Result<Decision, Decline> {
@@ -106,9 +107,15 @@ pub(super) async fn decide(
             instance.handle_event(&message, state.as_deref())
         }
         .map_err(Decline::Guest)?;
-        let (read_versions, read_rows) = reads
+        let (read_versions, read_rows, emails) = reads
             .lock()
-            .map(|reads| (reads.read_versions.clone(), reads.read_rows.clone()))
+            .map(|mut reads| {
+                (
+                    reads.read_versions.clone(),
+                    reads.read_rows.clone(),
+                    std::mem::take(&mut reads.emails),
+                )
+            })
             .unwrap_or_default();
         Ok(Decision {
             outcome,
@@ -116,6 +123,7 @@ pub(super) async fn decide(
             version,
             read_versions,
             read_rows,
+            emails,
         })
     });
     match joined.await {
@@ -154,13 +162,16 @@ pub(super) struct BatchDecision {
 }
 
 /// What a page is decided with: the service's code, its cached states, the store it reads, and
-/// the mail capability when granted.
+/// whether it is granted the mail capability.
 #[derive(Clone)]
 pub(super) struct Decider {
     pub(super) component: Arc<ServiceComponent>,
     pub(super) projections: Arc<ProjectionCache>,
     pub(super) store: Arc<dyn MessageStore>,
-    pub(super) mail: Option<Arc<Maildir>>,
+    pub(super) mail: bool,
+    /// Handling acts outside the store (the host's mail deliverer): decided on one thread, so
+    /// nothing is done by work that is dropped.
+    pub(super) effects: bool,
     pub(super) reuse_instances: bool,
 }
 
@@ -177,8 +188,9 @@ pub(super) enum BatchDecline {
 /// page order. That is only the same as deciding the whole page in order when the lanes did not
 /// meet: no stream was projected or written by two lanes, no view row written by two, and no
 /// handler read through the host (a view row, another stream) what another lane wrote. When they met, the lanes' work is dropped and the page is decided again
-/// on one thread (and `lanes_met` tells the consumer to stop trying). A service with the mail
-/// capability always uses one thread, so no email is sent by work that is dropped.
+/// on one thread (and `lanes_met` tells the consumer to stop trying). A handler with effects
+/// outside the store (the mail deliverer) always uses one thread, so no email is sent by work
+/// that is dropped.
 pub(super) async fn decide_batch(
     decider: Decider,
     messages: Arc<[Message]>,
@@ -186,7 +198,7 @@ pub(super) async fn decide_batch(
     lanes: usize,
 ) -> Result<BatchDecision, BatchDecline> {
     let runtime = Handle::current();
-    let split = if decider.mail.is_none() {
+    let split = if !decider.effects {
         split_by_entity(&decider.component.manifest().name, &messages, lanes)
     } else {
         Vec::new()
@@ -334,6 +346,7 @@ fn decide_lane<'a>(
         projections,
         store,
         mail,
+        effects: _,
         reuse_instances,
     } = decider;
     let manifest = component.manifest();
@@ -387,7 +400,7 @@ fn decide_lane<'a>(
             service: manifest.name.clone(),
             handled_id: message.id.clone(),
             handled_global: message.global_position,
-            mail: mail.clone(),
+            mail: *mail,
             overlay: Some(overlay.clone()),
             redactor: None,
         };
@@ -480,6 +493,11 @@ fn decide_lane<'a>(
             }
             Ok(outcome)
         });
+        // Emails are the outcome's: those of a handling that failed are dropped with it.
+        let emails = overlay
+            .lock()
+            .map(|mut o| std::mem::take(&mut o.emails))
+            .unwrap_or_default();
         let outcome = match decided {
             Ok(outcome) => outcome,
             Err(Decline::Store(e)) => return Err(BatchDecline::Store(e)),
@@ -494,7 +512,7 @@ fn decide_lane<'a>(
                 continue;
             }
         };
-        let checked = match check_outcome(manifest, store.secret(), message, outcome) {
+        let checked = match check_outcome(manifest, store.secret(), message, outcome, emails) {
             Ok(checked) => checked,
             Err(reason) => {
                 decision.items.push(BatchItem::Park {
@@ -608,6 +626,8 @@ pub(super) struct Overlay {
     pub(super) read_rows: HashMap<(String, String), Option<Value>>,
     /// View rows this page (not the page in flight) wrote.
     pub(super) written_here: HashSet<(String, String)>,
+    /// Emails the message being decided asked to deliver, taken into its outcome.
+    pub(super) emails: Vec<(String, String)>,
 }
 
 /// Streams and view rows handlers read through the host (`read-stream`, `view-get`).

@@ -1,6 +1,7 @@
 //! `StoreHost`: what the guest's imported `host` and `mail` calls reach while it handles a
 //! message: `read-stream` and `view-get` (through the page's overlay, which records what each read),
-//! `new-id` (derived from the handled message), `deliver-email` (when granted) and the
+//! `new-id` (derived from the handled message), `deliver-email` (when granted: it records the
+//! email for the outcome's commit to write to the service's outbox, see `mail`) and the
 //! `secrets` interface; and the redaction of its log lines while it handles a sealed command.
 
 use std::sync::Arc;
@@ -10,9 +11,8 @@ use tokio::runtime::Handle;
 
 use super::decide::{HostReads, SharedOverlay, read_merged};
 use super::outcome::derived_id;
-use crate::mail::Maildir;
 use crate::seal::Redactor;
-use crate::store::{Message, MessageStore, StreamName, validate_table_name};
+use crate::store::{Category, Message, MessageStore, StreamName, validate_table_name};
 use crate::wasm::GuestHost;
 
 /// The guest's view of the store while it handles one message.
@@ -23,7 +23,8 @@ pub(super) struct StoreHost {
     /// The handled message's id and global position (empty while folding a projection).
     pub(super) handled_id: String,
     pub(super) handled_global: u64,
-    pub(super) mail: Option<Arc<Maildir>>,
+    /// Granted the mail capability.
+    pub(super) mail: bool,
     /// What earlier messages of the same batch decided, not yet committed.
     pub(super) overlay: Option<SharedOverlay>,
     /// A sealed command's clear values, kept out of the guest's log lines.
@@ -43,7 +44,7 @@ impl StoreHost {
             service,
             handled_id: String::new(),
             handled_global: 0,
-            mail: None,
+            mail: false,
             overlay: None,
             redactor: None,
         }
@@ -135,14 +136,44 @@ impl GuestHost for StoreHost {
     }
 
     fn deliver_email(&mut self, email_id: &str, message: &str) -> Result<(), String> {
-        let Some(maildir) = &self.mail else {
+        if !self.mail {
             return Err(format!(
                 "service {} is not granted the mail capability",
                 self.service
             ));
+        }
+        let Some(overlay) = self.overlay.clone() else {
+            return Err("emails are sent by handlers, not by project".into());
         };
-        maildir
-            .deliver(email_id, message)
-            .map_err(|e| e.to_string())
+        crate::mail::check_email(email_id, message).map_err(|e| e.to_string())?;
+        let stream = Category::outbox_of(&self.service)
+            .and_then(|outbox| outbox.stream(email_id))
+            .map_err(|e| e.to_string())?;
+        self.record_read(|reads| {
+            reads.streams.insert(stream.clone());
+        });
+        // Recorded before (by an earlier handling, or earlier in this page): nothing to add.
+        // Read to its end, so the outbox append expects it still empty at commit.
+        let recorded = read_merged(
+            &self.runtime,
+            Some(self.store.as_ref()),
+            Some(&overlay),
+            &stream,
+            0,
+            1,
+        )
+        .map_err(|e| e.to_string())?;
+        if !recorded.is_empty() {
+            return Ok(());
+        }
+        let mut overlay = overlay
+            .lock()
+            .map_err(|_| "the page's overlay is poisoned")?;
+        if !overlay.emails.iter().any(|(id, _)| id == email_id) {
+            overlay
+                .emails
+                .push((email_id.to_owned(), message.to_owned()));
+        }
+        Ok(())
     }
 }

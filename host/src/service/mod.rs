@@ -37,7 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
-use crate::mail::Maildir;
+use crate::mail::{Deliverer, Transport};
 use crate::store::{
     Category, ConsumerId, DEFAULT_PARTITIONS, GroupSpec, MessageStore, PartitionKey, now_ms,
     validate_table_name,
@@ -88,19 +88,24 @@ impl Default for RunnerConfig {
 /// Host capabilities beyond the store, and who may use them.
 #[derive(Debug, Clone, Default)]
 pub struct Capabilities {
-    /// Where granted services deliver email.
-    pub maildir: Option<Arc<Maildir>>,
+    /// Where the emails of granted services are delivered.
+    pub mail: Option<Arc<Transport>>,
     /// Services granted the `mail` capability.
     pub mail_grants: Vec<String>,
 }
 
 impl Capabilities {
-    fn mail_for(&self, service: &str) -> Option<Arc<Maildir>> {
-        self.maildir
+    fn mail_for(&self, service: &str) -> Option<Arc<Transport>> {
+        self.mail
             .clone()
             .filter(|_| self.mail_grants.iter().any(|granted| granted == service))
     }
 }
+
+/// How patient the mail deliverer is: an SMTP relay that is down for a few minutes keeps its
+/// emails waiting, not parked.
+const DELIVERY_RETRIES: u32 = 12;
+const DELIVERY_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// A name for this process among the instances of a service: the host's name and the process
 /// id, with a random part so that a restarted process is a new member.
@@ -422,59 +427,44 @@ impl Running {
         );
         let shutdown = watch::channel(false).0;
         let mut tasks = JoinSet::new();
+        let transport = self.capabilities.mail_for(&manifest.name);
         for (id, origin_prefix) in consumers {
-            let spec = GroupSpec {
-                partitions: DEFAULT_PARTITIONS,
-                key: match origin_prefix {
-                    Some(_) => PartitionKey::OriginEntity,
-                    None => PartitionKey::Entity,
-                },
-            };
-            let shared = self.store.leases().is_some();
-            let (owned, owned_changes) = watch::channel(match shared {
-                true => Owned::Leased(Default::default()),
-                false => Owned::All,
-            });
-            let assigner = Assigner {
-                store: self.store.clone(),
-                consumer: id.clone(),
-                spec,
-                instance: self.instance.clone(),
-                ttl: self.config.lease_ttl,
-                owned,
-            };
-            let consumer = Consumer {
+            let consumer = ConsumerPlan {
                 id,
-                position: 0,
-                spec,
-                positions: Vec::new(),
-                positions_read: None,
-                reading: Owned::Leased(Default::default()),
-                owned: owned_changes,
                 origin_prefix,
-                mail: self.capabilities.mail_for(&manifest.name),
                 component: component.clone(),
                 projections: projections.clone(),
-                store: self.store.clone(),
+                mail: transport.is_some(),
+                effects: false,
                 config: self.config,
-                pace: Pace::new(self.store.batch_size(), self.config.decide_lanes),
-                shutdown: shutdown.subscribe(),
+                most_per_page: self.store.batch_size(),
             };
-            // The assigner releases this instance's leases only once the consumer has stopped,
-            // so nothing is committed under a lease after it is given up.
-            let (stopped, stopped_changes) = watch::channel(false);
-            // In the span of whoever started the service (a `ferry test` scenario names
-            // itself in every line its consumers log).
-            tasks.spawn(
-                async move {
-                    let consumer = async move {
-                        consumer.run().await;
-                        let _ = stopped.send(true);
-                    };
-                    tokio::join!(consumer, assigner.run(stopped_changes));
-                }
-                .in_current_span(),
-            );
+            self.spawn(consumer, &shutdown, &mut tasks);
+        }
+        // The emails its handlers recorded, delivered after their commits (see `mail`).
+        if let Some(transport) = transport.filter(|_| self.with_commands) {
+            tracing::info!(service = %manifest.name, to = %transport.describe(), "delivering its emails");
+            let deliverer =
+                ServiceComponent::native(Arc::new(Deliverer::new(&manifest.name, transport)));
+            let consumer = ConsumerPlan {
+                id: ConsumerId::new(
+                    Category::outbox_of(&manifest.name)?,
+                    consumer_name(&manifest.name),
+                ),
+                origin_prefix: None,
+                projections: Arc::new(ProjectionCache::new(deliverer.hash())),
+                component: Arc::new(deliverer),
+                mail: false,
+                effects: true,
+                config: RunnerConfig {
+                    max_deliveries: self.config.max_deliveries.max(DELIVERY_RETRIES),
+                    retry_max: self.config.retry_max.max(DELIVERY_RETRY_MAX),
+                    ..self.config
+                },
+                // One email per commit: a stop between delivering and recording repeats one.
+                most_per_page: 1,
+            };
+            self.spawn(consumer, &shutdown, &mut tasks);
         }
         self.services
             .insert(manifest.name.clone(), ServiceRun { shutdown, tasks });
@@ -486,6 +476,74 @@ impl Running {
             instance: Some(self.instance.clone()),
         });
         Ok(())
+    }
+
+    /// Starts a consumer with its assigner, which shares its partitions with other instances.
+    fn spawn(&self, plan: ConsumerPlan, shutdown: &watch::Sender<bool>, tasks: &mut JoinSet<()>) {
+        let ConsumerPlan {
+            id,
+            origin_prefix,
+            component,
+            projections,
+            mail,
+            effects,
+            config,
+            most_per_page,
+        } = plan;
+        let spec = GroupSpec {
+            partitions: DEFAULT_PARTITIONS,
+            key: match origin_prefix {
+                Some(_) => PartitionKey::OriginEntity,
+                None => PartitionKey::Entity,
+            },
+        };
+        let shared = self.store.leases().is_some();
+        let (owned, owned_changes) = watch::channel(match shared {
+            true => Owned::Leased(Default::default()),
+            false => Owned::All,
+        });
+        let assigner = Assigner {
+            store: self.store.clone(),
+            consumer: id.clone(),
+            spec,
+            instance: self.instance.clone(),
+            ttl: config.lease_ttl,
+            owned,
+        };
+        let lanes = if effects { 1 } else { config.decide_lanes };
+        let consumer = Consumer {
+            id,
+            position: 0,
+            spec,
+            positions: Vec::new(),
+            positions_read: None,
+            reading: Owned::Leased(Default::default()),
+            owned: owned_changes,
+            origin_prefix,
+            mail,
+            effects,
+            component,
+            projections,
+            store: self.store.clone(),
+            config,
+            pace: Pace::new(most_per_page, lanes),
+            shutdown: shutdown.subscribe(),
+        };
+        // The assigner releases this instance's leases only once the consumer has stopped,
+        // so nothing is committed under a lease after it is given up.
+        let (stopped, stopped_changes) = watch::channel(false);
+        // In the span of whoever started the service (a `ferry test` scenario names itself in
+        // every line its consumers log).
+        tasks.spawn(
+            async move {
+                let consumer = async move {
+                    consumer.run().await;
+                    let _ = stopped.send(true);
+                };
+                tokio::join!(consumer, assigner.run(stopped_changes));
+            }
+            .in_current_span(),
+        );
     }
 
     /// Stops a service's consumers between two messages (the message in flight finishes) and
@@ -511,6 +569,18 @@ impl Running {
             self.stop(&name).await;
         }
     }
+}
+
+/// What a consumer of a service is started with.
+struct ConsumerPlan {
+    id: ConsumerId,
+    origin_prefix: Option<String>,
+    component: Arc<ServiceComponent>,
+    projections: Arc<ProjectionCache>,
+    mail: bool,
+    effects: bool,
+    config: RunnerConfig,
+    most_per_page: usize,
 }
 
 /// A service's event consumers: one per subscribed category, with its origin filter.

@@ -5,9 +5,10 @@
 
 use serde_json::{Map, Value};
 
+use crate::mail::{OUTBOX_EMAIL_TYPE, outbox_email};
 use crate::store::{
-    Message, NamespaceSecret, NewMessage, StreamAppend, StreamName, ViewWrite, check_message,
-    check_view_write,
+    Category, Message, NamespaceSecret, NewMessage, StreamAppend, StreamName, ViewWrite,
+    check_message, check_view_write,
 };
 use crate::wasm::Outcome;
 
@@ -56,12 +57,14 @@ pub(super) struct CheckedOutcome {
 }
 
 /// Checks what a guest returned for `handled`: sizes, stream names, ownership of event categories,
-/// JSON, declared views. Derives the outgoing ids and propagates the metadata.
+/// JSON, declared views. Derives the outgoing ids and propagates the metadata. The emails it
+/// asked to deliver (id, text) become entries of the service's outbox (see `mail`).
 pub(super) fn check_outcome(
     manifest: &crate::wasm::Manifest,
     secret: &NamespaceSecret,
     handled: &Message,
     outcome: Outcome,
+    emails: Vec<(String, String)>,
 ) -> Result<CheckedOutcome, String> {
     if outcome.messages.len() > MAX_OUTCOME_MESSAGES {
         return Err(format!(
@@ -79,6 +82,7 @@ pub(super) fn check_outcome(
                 .iter()
                 .map(|v| v.value.as_ref().map_or(0, String::len)),
         )
+        .chain(emails.iter().map(|(_, text)| text.len()))
         .sum();
     if bytes > MAX_OUTCOME_BYTES {
         return Err(format!(
@@ -125,6 +129,26 @@ pub(super) fn check_outcome(
             not_before_ms: outgoing.not_before_ms,
         };
         check_message(&message).map_err(|e| e.to_string())?;
+        checked.messages.push((stream, message));
+    }
+
+    for (email_id, text) in emails {
+        let stream = Category::outbox_of(&manifest.name)
+            .and_then(|outbox| outbox.stream(&email_id))
+            .map_err(|e| e.to_string())?;
+        let message = NewMessage {
+            id: derived_id(
+                secret,
+                &manifest.name,
+                (&handled.id, handled.global_position),
+                &["mail", &email_id],
+            ),
+            message_type: OUTBOX_EMAIL_TYPE.into(),
+            data: outbox_email(&email_id, &text),
+            metadata: propagated.clone(),
+            not_before_ms: None,
+        };
+        check_message(&message).map_err(|e| format!("email {email_id}: {e}"))?;
         checked.messages.push((stream, message));
     }
 

@@ -1,7 +1,9 @@
 //! Stream and category names: parsing and validation.
 //!
 //! A stream name is `<category>.<id>`; a category is a service name, optionally followed by
-//! `:command` for the service's command category (`email`, `email:command`). Names map one to one
+//! `:command` for the service's command category (`email`, `email:command`) or `:outbox` for the
+//! effects its handlers decided, which the host performs after their commit (`email:outbox`,
+//! written only by the host). Names map one to one
 //! onto NATS subjects later, so they exclude whitespace, `.` inside parts, and the wildcards `*`
 //! and `>`.
 
@@ -11,6 +13,17 @@ use serde::{Deserialize, Serialize};
 
 /// The suffix that marks a command category.
 pub const COMMAND_SUFFIX: &str = ":command";
+/// The suffix that marks an outbox category: effects decided by a service's handlers (an email),
+/// recorded by their commit and performed by the host after it.
+pub const OUTBOX_SUFFIX: &str = ":outbox";
+
+/// The service a category name belongs to, without its `:command` or `:outbox` suffix.
+fn service_part(category: &str) -> &str {
+    category
+        .strip_suffix(COMMAND_SUFFIX)
+        .or_else(|| category.strip_suffix(OUTBOX_SUFFIX))
+        .unwrap_or(category)
+}
 
 const MAX_SERVICE_LEN: usize = 64;
 const MAX_ID_LEN: usize = 200;
@@ -64,15 +77,15 @@ pub fn validate_table_name(name: &str) -> Result<(), NameError> {
     })
 }
 
-/// A category: `email` (events of the email service) or `email:command` (its commands).
+/// A category: `email` (events of the email service), `email:command` (its commands) or
+/// `email:outbox` (the emails its handlers decided to send).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Category(String);
 
 impl Category {
     pub fn parse(name: &str) -> Result<Self, NameError> {
-        let service = name.strip_suffix(COMMAND_SUFFIX).unwrap_or(name);
-        validate_service_name(service).map_err(|e| NameError {
+        validate_service_name(service_part(name)).map_err(|e| NameError {
             kind: "category",
             name: name.chars().take(120).collect(),
             ..e
@@ -92,17 +105,28 @@ impl Category {
         Ok(Self(format!("{service}{COMMAND_SUFFIX}")))
     }
 
+    /// The outbox of a service: the effects its handlers decided.
+    pub fn outbox_of(service: &str) -> Result<Self, NameError> {
+        validate_service_name(service)?;
+        Ok(Self(format!("{service}{OUTBOX_SUFFIX}")))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
-    /// The service the category belongs to: `email` for both `email` and `email:command`.
+    /// The service the category belongs to: `email` for `email`, `email:command` and
+    /// `email:outbox`.
     pub fn service(&self) -> &str {
-        self.0.strip_suffix(COMMAND_SUFFIX).unwrap_or(&self.0)
+        service_part(&self.0)
     }
 
     pub fn is_command(&self) -> bool {
         self.0.ends_with(COMMAND_SUFFIX)
+    }
+
+    pub fn is_outbox(&self) -> bool {
+        self.0.ends_with(OUTBOX_SUFFIX)
     }
 
     /// The stream of one entity of this category.
@@ -197,10 +221,14 @@ impl StreamName {
         self.category_str().ends_with(COMMAND_SUFFIX)
     }
 
+    /// True for a stream of an outbox (`email:outbox.<id>`), which only the host writes.
+    pub fn is_outbox(&self) -> bool {
+        self.category_str().ends_with(OUTBOX_SUFFIX)
+    }
+
     /// The service the stream belongs to.
     pub fn service(&self) -> &str {
-        let category = self.category_str();
-        category.strip_suffix(COMMAND_SUFFIX).unwrap_or(category)
+        service_part(self.category_str())
     }
 
     /// For a command stream `<service>:command.<id>`, the entity stream `<service>.<id>` it targets.
@@ -270,6 +298,10 @@ mod tests {
             assert!(StreamName::parse(bad).is_err(), "{bad:?} must be refused");
         }
         assert!(Category::parse("email:command").is_ok());
+        let outbox = Category::parse("email:outbox").expect("an outbox");
+        assert!(outbox.is_outbox() && !outbox.is_command());
+        assert_eq!(outbox.service(), "email");
+        assert!(StreamName::parse("email:outbox:command.1").is_err());
         assert!(Category::parse("email.x").is_err());
     }
 }

@@ -29,7 +29,6 @@ use super::outcome::{check_outcome, group_appends};
 use super::pace::Pace;
 use super::projection::ProjectionCache;
 use super::{RunnerConfig, record};
-use crate::mail::Maildir;
 use crate::seal;
 use crate::store::{
     CategoryFilter, Commit, Committed, ConsumerId, DeferredMessage, GroupSpec, Message,
@@ -77,7 +76,11 @@ pub(super) struct Consumer {
     /// advance it past them).
     pub(super) reading: Owned,
     pub(super) origin_prefix: Option<String>,
-    pub(super) mail: Option<Arc<Maildir>>,
+    /// Granted the mail capability.
+    pub(super) mail: bool,
+    /// Handling acts outside the store (the mail deliverer): pages are decided on one thread and
+    /// not pipelined, so nothing is done on the strength of work dropped or a commit that fails.
+    pub(super) effects: bool,
     pub(super) component: Arc<ServiceComponent>,
     pub(super) projections: Arc<ProjectionCache>,
     pub(super) store: Arc<dyn MessageStore>,
@@ -348,11 +351,11 @@ impl Consumer {
     /// on top of what the page in flight writes (its messages and view rows carried into the next
     /// page's overlay), so deciding overlaps the store's flush or round trip. The next page is
     /// kept only if the page in flight was committed; its commit advances the position from where
-    /// that page ended, so it can never land without it. A service with the mail capability is
-    /// not pipelined: nothing is delivered on the strength of a commit that might fail.
+    /// that page ended, so it can never land without it. A consumer with effects is not
+    /// pipelined: nothing is done on the strength of a commit that might fail.
     async fn handle_category(&mut self) -> Result<bool, Interrupted> {
         let began = std::time::Instant::now();
-        let overlap = self.mail.is_none();
+        let overlap = !self.effects;
         let mut in_flight: Option<Box<DecidedPage>> = None;
         loop {
             // A change of ownership ends the poll: the next one reads what is owned then.
@@ -514,7 +517,8 @@ impl Consumer {
             component: self.component.clone(),
             projections: self.projections.clone(),
             store: self.store.clone(),
-            mail: self.mail.clone(),
+            mail: self.mail,
+            effects: self.effects,
             reuse_instances: self.config.reuse_instances,
         };
         let lanes = self.pace.lanes_for(messages.len());

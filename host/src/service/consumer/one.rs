@@ -98,7 +98,7 @@ impl Consumer {
                 self.component.clone(),
                 self.projections.clone(),
                 self.store.clone(),
-                self.mail.clone(),
+                self.mail,
                 clear.clone().unwrap_or_else(|| message.clone()),
                 redactor.clone(),
             )
@@ -222,12 +222,14 @@ impl Consumer {
             version,
             read_versions,
             read_rows,
+            emails,
         } = decision;
         let checked = check_outcome(
             self.component.manifest(),
             self.store.secret(),
             handled,
             outcome,
+            emails,
         )?;
         Ok(Commit {
             appends: group_appends(checked.messages, |stream| {

@@ -298,7 +298,8 @@ async fn decides_a_page_on_top_of_what_the_page_in_flight_writes() {
         component,
         projections: projections.clone(),
         store: store.clone(),
-        mail: None,
+        mail: false,
+        effects: false,
         reuse_instances: false,
     };
     let decide = |messages: Vec<Message>, lanes: usize| {
