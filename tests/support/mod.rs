@@ -18,6 +18,7 @@ pub mod http;
 pub mod lazyfs;
 pub mod leases;
 pub mod nats;
+pub mod smtp;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
