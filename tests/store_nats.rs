@@ -559,3 +559,54 @@ async fn several_partitions_are_taken_in_one_write_or_not_at_all() {
         leases.release(&consumer, lease).await.expect("release");
     }
 }
+
+/// A stream a commit only read is checked by the server as the batch lands, not by the read the
+/// commit was planned on (a direct get any replica answers; here another process's append lands
+/// between that read and the batch): two processes racing, a commit that rested on a stream's
+/// version never lands after the other appended to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_stream_is_checked_by_the_server_when_the_batch_lands() {
+    let server = NatsServer::start();
+    let reader = NatsStore::connect(&server.url()).await.expect("reader");
+    let writer = NatsStore::connect(&server.url()).await.expect("writer");
+    let (mut landed, mut refused) = (0, 0);
+    for round in 0..300 {
+        let read = conformance::stream(&format!("user.{round}"));
+        let decided = Commit {
+            appends: vec![ferry::store::StreamAppend {
+                stream: conformance::stream(&format!("decision.{round}")),
+                expected_version: None,
+                messages: vec![conformance::msg(&format!("r{round}"), "Decided", json!({}))],
+            }],
+            stream_reads: vec![ferry::store::StreamRead {
+                stream: read.clone(),
+                version: 0,
+            }],
+            ..Commit::default()
+        };
+        let appended = Commit::append(
+            read,
+            Some(0),
+            vec![conformance::msg(
+                &format!("w{round}"),
+                "UserRegistered",
+                json!({}),
+            )],
+        );
+        let (decided, appended) = tokio::join!(reader.commit(decided), writer.commit(appended));
+        let appended = appended.expect("the append expects what is stored");
+        match decided {
+            Ok(decided) => {
+                landed += 1;
+                assert!(
+                    decided.written[0].global_position < appended.written[0].global_position,
+                    "round {round}: a decision on an empty user.{round} landed after its append"
+                );
+            }
+            Err(StoreError::Conflict { .. }) => refused += 1,
+            Err(e) => panic!("round {round}: {e}"),
+        }
+    }
+    eprintln!("{landed} decisions landed before the append, {refused} refused after it");
+    assert!(refused > 0 && landed > 0, "the race went both ways");
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ferry::store::{
     Category, CategoryFilter, Commit, ConsumerId, GroupSpec, MessageStore, NewMessage,
     ParkedMessage, PartitionFrom, PartitionKey, PartitionPosition, SealKey, Settle, Snapshot,
-    StoreError, StreamAppend, StreamName, ViewRead, ViewWrite,
+    StoreError, StreamAppend, StreamName, StreamRead, ViewRead, ViewWrite,
 };
 use serde_json::{Map, Value, json};
 
@@ -101,6 +101,7 @@ macro_rules! conformance_suite {
             keeps_a_position_per_partition,
             reads_a_stream_from_every_position,
             refuses_a_stale_expected_version,
+            refuses_a_commit_whose_read_stream_changed_since_it_was_read,
             skips_a_message_whose_id_is_stored,
             refuses_an_id_used_by_another_stream,
             refuses_messages_past_the_bounds,

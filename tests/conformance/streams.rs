@@ -524,3 +524,78 @@ pub async fn lets_one_of_racing_commits_win(store: Store) {
     );
     assert_ne!(store.settled(&consumer).await.expect("settled"), 0);
 }
+
+/// A decision on a stream it only read holds only while the stream is as read: a commit whose
+/// read stream grew since is refused whole, at any version, an empty stream included; one
+/// decided again on the stream as it stands lands.
+pub async fn refuses_a_commit_whose_read_stream_changed_since_it_was_read(store: Store) {
+    let read = |name: &str, version| StreamRead {
+        stream: stream(name),
+        version,
+    };
+    let decided = |id: &str, reads: Vec<StreamRead>| Commit {
+        appends: vec![StreamAppend {
+            stream: stream(&format!("decision.{id}")),
+            expected_version: None,
+            messages: vec![msg(id, "Decided", json!({}))],
+        }],
+        stream_reads: reads,
+        ..Commit::default()
+    };
+    append(
+        &store,
+        "user.1",
+        vec![msg("u1", "UserRegistered", json!({}))],
+    )
+    .await;
+    store
+        .commit(decided("a", vec![read("user.1", 1), read("user.2", 0)]))
+        .await
+        .expect("reads that hold");
+    append(&store, "user.1", vec![msg("u2", "NameChanged", json!({}))]).await;
+    append(
+        &store,
+        "user.2",
+        vec![msg("u3", "UserRegistered", json!({}))],
+    )
+    .await;
+    for (id, reads) in [
+        ("b", vec![read("user.1", 1)]),
+        ("c", vec![read("user.2", 0)]),
+        ("d", vec![read("user.1", 2), read("user.2", 0)]),
+    ] {
+        match store.commit(decided(id, reads)).await {
+            Err(StoreError::Conflict { stream, .. }) => {
+                assert!(stream.starts_with("user."), "{stream}")
+            }
+            other => panic!("{id}: expected a conflict, got {other:?}"),
+        }
+        assert!(
+            store.message(id).await.expect("read").is_none(),
+            "nothing of the refused commit {id} is written"
+        );
+    }
+    store
+        .commit(decided("e", vec![read("user.1", 2), read("user.2", 1)]))
+        .await
+        .expect("decided again on the streams as they stand");
+    // A park rests on what it read likewise.
+    let consumer = ConsumerId::new(category("user:command"), "c");
+    join(&store, &consumer).await;
+    let parked = Commit {
+        park: vec![ParkedMessage {
+            consumer: consumer.clone(),
+            message: store.message("u1").await.expect("read").expect("u1"),
+            reason: "not registered".into(),
+            attempts: 1,
+            parked_at_ms: 0,
+        }],
+        stream_reads: vec![read("user.2", 0)],
+        ..Commit::default()
+    };
+    assert!(matches!(
+        store.commit(parked).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(store.parked(None).await.expect("parked").is_empty());
+}

@@ -14,7 +14,7 @@ use super::host_imports::StoreHost;
 use super::outcome::{CheckedOutcome, check_outcome};
 use super::projection::{Folded, ProjectionCache, fold, prefetch_entities};
 use crate::seal::Redactor;
-use crate::store::{Committed, Message, MessageStore, StoreError, StreamName, now_ms};
+use crate::store::{Committed, Message, MessageStore, StoreError, StreamName, StreamRead, now_ms};
 use crate::wasm::{GuestError, Outcome, ServiceComponent};
 
 /// A handler's decision and the entity version it was made on.
@@ -35,6 +35,8 @@ pub(super) struct Decision {
 
 pub(super) enum Decline {
     Guest(GuestError),
+    /// The handler failed, having seen the entity at this version.
+    Handler(GuestError, Option<StreamRead>),
     Store(StoreError),
 }
 
@@ -106,7 +108,11 @@ pub(super) async fn decide(
         } else {
             instance.handle_event(&message, state.as_deref())
         }
-        .map_err(Decline::Guest)?;
+        .map_err(|error| {
+            // A refusal rests on the state it saw, as an outcome does: parked, it is checked.
+            let read = entity.clone().map(|stream| StreamRead { stream, version });
+            Decline::Handler(error, read)
+        })?;
         let (read_versions, read_rows, emails) = reads
             .lock()
             .map(|mut reads| {
@@ -146,7 +152,8 @@ pub(super) enum BatchItem {
 pub(super) struct BatchDecision {
     pub(super) items: Vec<BatchItem>,
     /// The version of each entity the batch projected, as the batch found it (stored, plus what
-    /// the page in flight writes): the expected versions.
+    /// the page in flight writes), and of each stream a handler read to its end: the expected
+    /// versions of those it appends to, the checked reads of the others.
     pub(super) expected: HashMap<StreamName, u64>,
     /// View rows handlers read (from the store, or as the page in flight writes them), as they
     /// saw them: checked by the commit.
@@ -501,10 +508,14 @@ fn decide_lane<'a>(
         let outcome = match decided {
             Ok(outcome) => outcome,
             Err(Decline::Store(e)) => return Err(BatchDecline::Store(e)),
-            Err(Decline::Guest(GuestError::Transient(_))) => {
+            Err(
+                Decline::Guest(GuestError::Transient(_))
+                | Decline::Handler(GuestError::Transient(_), _),
+            ) => {
                 return Err(BatchDecline::OneByOne);
             }
-            Err(Decline::Guest(e)) => {
+            // The entity it rested on is among the page's checked reads.
+            Err(Decline::Guest(e) | Decline::Handler(e, _)) => {
                 decision.items.push(BatchItem::Park {
                     message: message.clone(),
                     reason: e.to_string(),
@@ -599,6 +610,11 @@ fn decide_lane<'a>(
     let mut streams: HashSet<StreamName> = states.into_keys().collect();
     streams.extend(decision.writes.pending.keys().cloned());
     decision.read_rows = std::mem::take(&mut overlay.read_rows);
+    // Streams handlers read through the host, at the version read: what the commit checks
+    // (an append to one expects it, a stream only read is checked as read).
+    for (stream, version) in std::mem::take(&mut overlay.read_versions) {
+        decision.expected.entry(stream).or_insert(version);
+    }
     Ok(LaneDecision {
         host_reads: std::mem::take(&mut overlay.host_reads),
         decision,

@@ -221,7 +221,7 @@ pub async fn project(
             None,
         )
         .map_err(|e| match e {
-            Decline::Guest(e) => anyhow::Error::new(e),
+            Decline::Guest(e) | Decline::Handler(e, _) => anyhow::Error::new(e),
             Decline::Store(e) => anyhow::Error::new(e),
         })?;
         Ok(Projected {

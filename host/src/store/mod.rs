@@ -148,6 +148,16 @@ impl ViewRead {
     }
 }
 
+/// A stream as a decision read it, to its end, without writing to it: its commit holds only
+/// while the stream is still at `version` (the count of its messages), or it fails whole with
+/// [`StoreError::Conflict`] and the message is decided again. A stream the commit appends to is
+/// checked by the append's expected version instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRead {
+    pub stream: StreamName,
+    pub version: u64,
+}
+
 /// A durable consumer: a name and a position in a category (`microservice:email` on
 /// `email:command`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -290,6 +300,9 @@ pub struct Commit {
     pub snapshots: Vec<Snapshot>,
     /// View rows the decision read: each must still be as read, or the commit fails whole.
     pub view_reads: Vec<ViewRead>,
+    /// Streams the decision read and does not append to: each must still be at the version
+    /// read, or the commit fails whole.
+    pub stream_reads: Vec<StreamRead>,
 }
 
 /// A stream's state as one version of a component's `project` folded its first `version` events.

@@ -11,7 +11,7 @@
 
 mod one;
 
-use self::one::view_reads;
+use self::one::{stream_reads, view_reads};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -33,7 +33,7 @@ use crate::seal;
 use crate::store::{
     CategoryFilter, Commit, Committed, ConsumerId, DeferredMessage, GroupSpec, Message,
     MessageStore, ParkedMessage, PartitionFilter, PartitionFrom, PartitionPosition, Settle,
-    StoreError, ViewRead, bounded_reason, now_ms,
+    StoreError, StreamAppend, StreamName, StreamRead, ViewRead, bounded_reason, now_ms,
 };
 use crate::wasm::{GuestError, ServiceComponent};
 
@@ -558,6 +558,7 @@ impl Consumer {
             }
         }
         commit.appends = group_appends(outgoing, |stream| decision.expected.get(stream).copied());
+        commit.stream_reads = stream_reads(&commit.appends, decision.expected);
         commit.view_reads = view_reads(decision.read_rows);
         // A message whose id is stored (the outcome of a replayed message) would be dropped, and
         // later messages of the page must not have seen it: the store refuses such a page,

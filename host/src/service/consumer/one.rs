@@ -90,7 +90,7 @@ impl Consumer {
         loop {
             deliveries += 1;
             if let Some(reason) = unopenable.take() {
-                self.park(message, settle, reason, deliveries, started)
+                self.park(message, settle, reason, deliveries, started, None)
                     .await?;
                 return Ok(());
             }
@@ -103,6 +103,15 @@ impl Consumer {
                 redactor.clone(),
             )
             .await;
+            // What a refusal rested on: its park is checked against it.
+            let mut refused_on = None;
+            let decided = decided.map_err(|decline| match decline {
+                Decline::Handler(error, read) => {
+                    refused_on = read;
+                    Decline::Guest(error)
+                }
+                other => other,
+            });
             let failure = match decided {
                 Ok(decision) => match self.outcome_commit(&message, decision, settle.clone()) {
                     Ok(mut commit) => {
@@ -164,11 +173,30 @@ impl Consumer {
                 Err(Decline::Guest(e @ GuestError::Transient(_))) => {
                     format!("{e} (gave up after {deliveries} deliveries)")
                 }
-                Err(Decline::Guest(e)) => e.to_string(),
+                Err(Decline::Guest(e) | Decline::Handler(e, _)) => e.to_string(),
             };
-            self.park(message, settle, redacted(failure), deliveries, started)
-                .await?;
-            return Ok(());
+            let checked = refused_on.filter(|_| started.elapsed() < CONFLICT_PATIENCE);
+            let checking = checked.is_some();
+            let parked = self
+                .park(
+                    message.clone(),
+                    settle.clone(),
+                    redacted(failure),
+                    deliveries,
+                    started,
+                    checked,
+                )
+                .await;
+            match parked {
+                Err(Interrupted::Store(StoreError::Conflict { .. })) if checking => {
+                    // The refusal rested on a stale state (a replica that lags): decided again.
+                    self.sleep(conflict_pause(conflicts)).await?;
+                    conflicts += 1;
+                    deliveries -= 1;
+                    continue;
+                }
+                parked => return parked,
+            }
         }
     }
 
@@ -181,23 +209,26 @@ impl Consumer {
         failure: String,
         deliveries: u32,
         started: std::time::Instant,
+        rested_on: Option<StreamRead>,
     ) -> Result<(), Interrupted> {
         let failure = bounded_reason(failure);
-        tracing::warn!(consumer = %self.id, id = %message.id, "parked: {failure}");
-        record(self.service(), 0, 1, started.elapsed());
+        let id = message.id.clone();
         self.store
             .commit(Commit {
                 settle: Some(settle),
                 park: vec![ParkedMessage {
                     consumer: self.id.clone(),
                     message,
-                    reason: failure,
+                    reason: failure.clone(),
                     attempts: deliveries,
                     parked_at_ms: now_ms(),
                 }],
+                stream_reads: rested_on.into_iter().collect(),
                 ..Commit::default()
             })
             .await?;
+        tracing::warn!(consumer = %self.id, id = %id, "parked: {failure}");
+        record(self.service(), 0, 1, started.elapsed());
         Ok(())
     }
 
@@ -231,19 +262,33 @@ impl Consumer {
             outcome,
             emails,
         )?;
+        let mut read = read_versions;
+        if let Some(entity) = entity {
+            read.insert(entity, version);
+        }
+        let appends = group_appends(checked.messages, |stream| read.get(stream).copied());
         Ok(Commit {
-            appends: group_appends(checked.messages, |stream| {
-                match entity.as_ref() == Some(stream) {
-                    true => Some(version),
-                    false => read_versions.get(stream).copied(),
-                }
-            }),
+            stream_reads: stream_reads(&appends, read),
+            appends,
             views: checked.views,
             settle: Some(settle),
             view_reads: view_reads(read_rows),
             ..Commit::default()
         })
     }
+}
+
+/// The streams a decision read (its entity, and those read through the host) that its commit
+/// does not append to: each checked at the version read. A no-op decided on a stale state, or a
+/// message parked for what a replica that lags did not yet show, is then decided again.
+pub(super) fn stream_reads(
+    appends: &[StreamAppend],
+    read: HashMap<StreamName, u64>,
+) -> Vec<StreamRead> {
+    read.into_iter()
+        .filter(|(stream, _)| !appends.iter().any(|a| a.stream == *stream))
+        .map(|(stream, version)| StreamRead { stream, version })
+        .collect()
 }
 
 /// The view rows a decision read from the store, as its commit checks them.

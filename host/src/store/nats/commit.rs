@@ -41,6 +41,12 @@ impl NatsStore {
                     seq.to_string().as_str(),
                 );
             }
+            if let Some(subject) = &outgoing.expect_subject {
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence-Subject",
+                    subject.as_str(),
+                );
+            }
             if outgoing.rollup {
                 headers.insert("Nats-Rollup", "sub");
             }
@@ -156,6 +162,9 @@ impl NatsStore {
                 if validate_table_name(&read.table).is_ok() {
                     subjects.push(self.view_subject(&read.table, &read.key));
                 }
+            }
+            for read in &commit.stream_reads {
+                subjects.push(self.message_subject(&read.stream));
             }
             // The sequence of each key shredded, to erase it by once the batch is stored.
             subjects.extend(commit.shred.iter().map(|id| self.seal_key_subject(id)));
@@ -297,6 +306,34 @@ impl NatsStore {
         let first_index = staged.plan.outgoing.len();
         let mut seen: HashMap<&str, &str> = HashMap::new();
         let time_ms = now_ms();
+        // The streams it read without writing, as they stand before this commit: one the batch
+        // already wrote is as staged (its append carries the check), another is checked by the
+        // server through a carrier.
+        for read in &commit.stream_reads {
+            let subject = self.message_subject(&read.stream);
+            let (actual, stored) = match staged.streams.get(&subject) {
+                Some(&(version, _)) => (version, None),
+                None => {
+                    let last = staged.fetched.get(&subject).and_then(Option::as_ref);
+                    let version = match last {
+                        Some(entry) => self.decode_message(entry)?.position + 1,
+                        None => 0,
+                    };
+                    (version, Some(last.map_or(0, |e| e.seq)))
+                }
+            };
+            if actual != read.version {
+                return Err(StoreError::Conflict {
+                    stream: read.stream.as_str().to_owned(),
+                    expected: read.version,
+                    actual,
+                });
+            }
+            let appended = commit.appends.iter().any(|a| a.stream == read.stream);
+            if let Some(seq) = stored.filter(|_| !appended) {
+                planned.check(self.check_subject(&subject), subject, seq);
+            }
+        }
         // Next version and batch index of the latest message of each stream this commit appends
         // to, continuing from the group's.
         let mut streams: HashMap<&str, (u64, Option<usize>)> = HashMap::new();
@@ -479,6 +516,24 @@ impl NatsStore {
                 });
             }
             read_rows.insert((read.table.clone(), read.key.clone()));
+        }
+        // A row only read, not written by the batch before it nor by this commit, is checked by
+        // the server through a carrier; one written has its put's expected sequence.
+        for (table, key) in &read_rows {
+            let subject = self.view_subject(table, key);
+            let written = staged.values.contains_key(&subject)
+                || commit
+                    .views
+                    .iter()
+                    .any(|w| w.table == *table && w.key == *key);
+            if !written {
+                let seq = staged
+                    .fetched
+                    .get(&subject)
+                    .and_then(Option::as_ref)
+                    .map_or(0, |e| e.seq);
+                planned.check(self.check_subject(&subject), subject, seq);
+            }
         }
         // View rows: a change applies when it is past the row's `lastUpdateSeq` before this
         // commit, or when the decision read the row (checked above); of the changes to one row

@@ -50,6 +50,7 @@ fn put(subject: String, payload: Vec<u8>, expect: Option<u64>) -> Outgoing {
         subject,
         payload,
         expect,
+        expect_subject: None,
         rollup: true,
         erases: None,
     }

@@ -36,6 +36,7 @@ impl NatsStore {
                 subject: subject.clone(),
                 payload: secret.to_bytes(),
                 expect: Some(0),
+                expect_subject: None,
                 rollup: false,
                 erases: None,
             };
@@ -43,6 +44,7 @@ impl NatsStore {
                 subject: keyed.clone(),
                 payload: b"1".to_vec(),
                 expect: None,
+                expect_subject: None,
                 rollup: true,
                 erases: None,
             };
@@ -77,6 +79,7 @@ impl NatsStore {
                     subject,
                     payload: FORMAT.as_bytes().to_vec(),
                     expect: Some(0),
+                    expect_subject: None,
                     rollup: false,
                     erases: None,
                 };

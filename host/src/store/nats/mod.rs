@@ -19,10 +19,15 @@
 //! | `NS.snap.<component hash>.<category>.<id>` | a stream's latest snapshot, `[version, state]` JSON, as the component with that content hash folded it (rolled up) |
 //! | `NS.meta.erased` | the sweep mark: every shredding marker up to this sequence has had its key erased (rolled up) |
 //! | `NS.meta.secret`, `NS.meta.keyed` | the namespace's secret (see `store::secret`), written once with the mark that it exists |
+//! | `NS.chk.<subject after NS>` | an empty read check (rolled up): carries the expectation on a stream or view row a decision read without writing |
 //!
 //! Checks ride on the batch: an expected stream version, a consumer's position and a claimed id
 //! are `Nats-Expected-Last-Subject-Sequence` headers, so a commit that raced another process is
-//! refused whole by the server, and is then checked again from scratch. Reads use direct gets;
+//! refused whole by the server, and is then checked again from scratch. A stream or view row a
+//! decision only read is checked the same way by the server, not by the direct get that read it
+//! (any replica answers one, and a replica that lags would pass a stale read): an empty message
+//! on `NS.chk.…` carries the expectation with `Nats-Expected-Last-Subject-Sequence-Subject`
+//! naming the subject read. Reads use direct gets;
 //! waiting uses one durable JetStream consumer per Ferry consumer.
 //!
 //! Shredding a key: the settle batch adds the empty marker, so `seal_key` answers `None` from
@@ -168,6 +173,9 @@ struct Outgoing {
     payload: Vec<u8>,
     /// `Nats-Expected-Last-Subject-Sequence`: the subject's last sequence must be this (0: empty).
     expect: Option<u64>,
+    /// `Nats-Expected-Last-Subject-Sequence-Subject`: the subject `expect` is about, when it is
+    /// not this message's own (a read check).
+    expect_subject: Option<String>,
     /// `Nats-Rollup: sub`: the subject keeps only this message.
     rollup: bool,
     /// `Ferry-Erases`: a shredding marker names the sequence of the key message it shreds, so

@@ -84,6 +84,11 @@ impl Staged {
                         .set(&subject, payload.clone(), expect, rollup, erases);
                     self.values.insert(subject, payload);
                 }
+                Op::Check {
+                    carrier,
+                    subject,
+                    expect,
+                } => self.plan.check(carrier, subject, expect),
             }
         }
         written
@@ -118,7 +123,7 @@ impl PlannedCommit {
         self.ops
             .iter()
             .filter_map(|op| match op {
-                Op::Claim { .. } => None,
+                Op::Claim { .. } | Op::Check { .. } => None,
                 Op::Message {
                     subject,
                     payload,
@@ -139,6 +144,15 @@ impl PlannedCommit {
             expect,
             rollup: true,
             erases: None,
+        });
+    }
+
+    /// A read check: `subject`'s last sequence must still be `expect` when the batch lands.
+    pub(super) fn check(&mut self, carrier: String, subject: String, expect: u64) {
+        self.ops.push(Op::Check {
+            carrier,
+            subject,
+            expect,
         });
     }
 
@@ -174,6 +188,12 @@ pub(super) enum Op {
         rollup: bool,
         erases: Option<u64>,
     },
+    /// An empty message on `carrier` (rolled up) whose expectation is about `subject`.
+    Check {
+        carrier: String,
+        subject: String,
+        expect: u64,
+    },
 }
 
 impl Plan {
@@ -182,7 +202,25 @@ impl Plan {
             subject,
             payload,
             expect: Some(0),
+            expect_subject: None,
             rollup: false,
+            erases: None,
+        });
+    }
+
+    /// A read check; one already in the batch for the same subject stands (the commits of a
+    /// group read the same stored state).
+    pub(super) fn check(&mut self, carrier: String, subject: String, expect: u64) {
+        if self.keyed.contains_key(&carrier) {
+            return;
+        }
+        self.keyed.insert(carrier.clone(), self.outgoing.len());
+        self.outgoing.push(Outgoing {
+            subject: carrier,
+            payload: Vec::new(),
+            expect: Some(expect),
+            expect_subject: Some(subject),
+            rollup: true,
             erases: None,
         });
     }
@@ -192,6 +230,7 @@ impl Plan {
             subject: subject.to_owned(),
             payload,
             expect,
+            expect_subject: None,
             rollup: false,
             erases: None,
         });
@@ -227,6 +266,7 @@ impl Plan {
                     subject: subject.to_owned(),
                     payload,
                     expect,
+                    expect_subject: None,
                     rollup,
                     erases,
                 });

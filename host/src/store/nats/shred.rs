@@ -95,6 +95,7 @@ impl NatsStore {
                 subject: mark_subject,
                 payload: to_json(&Mark { seq: done })?,
                 expect: None,
+                expect_subject: None,
                 rollup: true,
                 erases: None,
             };

@@ -48,6 +48,14 @@ impl NatsStore {
         self.subject(&format!("snap.{component}.{}", stream.as_str()))
     }
 
+    /// Where the read check of `subject` (a full subject of this namespace) is carried.
+    pub(super) fn check_subject(&self, subject: &str) -> String {
+        let rest = subject
+            .strip_prefix(&format!("{}.", self.inner.ns))
+            .unwrap_or(subject);
+        self.subject(&format!("chk.{rest}"))
+    }
+
     pub(super) fn seal_key_subject(&self, message_id: &str) -> String {
         self.subject(&format!("key.{}", token(message_id)))
     }

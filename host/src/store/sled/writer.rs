@@ -340,6 +340,17 @@ impl Writer {
                 });
             }
         }
+        // The streams it read without writing, likewise.
+        for read in &commit.stream_reads {
+            let actual = self.stream_version(read.stream.as_str())?;
+            if actual != read.version {
+                return Err(StoreError::Conflict {
+                    stream: read.stream.as_str().to_owned(),
+                    expected: read.version,
+                    actual,
+                });
+            }
+        }
         // Ids this commit writes, with their streams: the group's and the log's learn them only
         // once the commit holds.
         let mut own_ids: HashMap<&str, &str> = HashMap::new();
