@@ -80,7 +80,7 @@ fn fold_stored(
     );
     match folded {
         Ok(folded) => folded,
-        Err(Decline::Guest(e)) => panic!("the guest failed: {e}"),
+        Err(Decline::Guest(e) | Decline::Handler(e, _)) => panic!("the guest failed: {e}"),
         Err(Decline::Store(e)) => panic!("the store failed: {e}"),
     }
 }
