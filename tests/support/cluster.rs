@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::delay::DelayProxy;
 use super::nats::{NatsServer, free_port};
 
 pub struct NatsCluster {
@@ -25,11 +26,22 @@ pub fn member_name(index: usize) -> String {
 impl NatsCluster {
     /// Starts `size` clustered servers and waits until JetStream's meta leader sees every member.
     pub fn start(size: usize) -> Self {
+        Self::start_shaped(size, None)
+    }
+
+    /// The same, with every link between member `slow` and the others delayed by `delay` each
+    /// way (a [`DelayProxy`] on each route): a follower that learns of every write late, while
+    /// it stays connected and answers the reads sent to it.
+    pub fn start_with_delayed_member(size: usize, slow: usize, delay: Duration) -> Self {
+        Self::start_shaped(size, Some((slow, delay)))
+    }
+
+    fn start_shaped(size: usize, delayed: Option<(usize, Duration)>) -> Self {
         // A free port found by binding it may be taken by a parallel test before its server
         // binds it: start again on other ports.
         let mut tries = 0;
         loop {
-            match Self::try_start(size) {
+            match Self::try_start(size, delayed) {
                 Ok(cluster) => {
                     cluster.wait_until_formed();
                     return cluster;
@@ -43,7 +55,7 @@ impl NatsCluster {
         }
     }
 
-    fn try_start(size: usize) -> Result<Self, String> {
+    fn try_start(size: usize, delayed: Option<(usize, Duration)>) -> Result<Self, String> {
         let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let monitors: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let servers = (0..size)
@@ -52,10 +64,23 @@ impl NatsCluster {
                     .iter()
                     .enumerate()
                     .filter(|(other, _)| *other != index)
-                    .map(|(_, port)| format!("nats-route://127.0.0.1:{port}"))
+                    .map(|(other, port)| match delayed {
+                        // Through a proxy of this pair's own, both ends dialing explicitly.
+                        Some((member, delay)) if member == index || member == other => {
+                            let proxy = DelayProxy::start(*port, delay);
+                            format!("nats-route://127.0.0.1:{}", proxy.port)
+                        }
+                        _ => format!("nats-route://127.0.0.1:{port}"),
+                    })
                     .collect();
+                // With delayed links, no member dials what it learns from the others (their
+                // listening ports, which would bypass the proxies): only the routes given.
+                let advertise = match delayed {
+                    Some(_) => "\n  advertise: \"127.0.0.1:1\"",
+                    None => "",
+                };
                 let extra = format!(
-                    "server_name: {}\nping_interval: \"1s\"\nhttp: 127.0.0.1:{}\ncluster {{\n  name: ferry\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    "server_name: {}\nping_interval: \"1s\"\nhttp: 127.0.0.1:{}\ncluster {{\n  name: ferry\n  listen: 127.0.0.1:{}{advertise}\n  routes: [{}]\n}}\n",
                     member_name(index),
                     monitors[index],
                     routes[index],

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 pub mod billing;
 pub mod cluster;
+pub mod delay;
 pub mod http;
 pub mod lazyfs;
 pub mod leases;
