@@ -42,6 +42,9 @@ mod nats;
 #[allow(dead_code)]
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
+#[allow(dead_code)]
+#[path = "../tests/support/delay.rs"]
+mod delay;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
