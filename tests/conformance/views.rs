@@ -255,4 +255,23 @@ pub async fn refuses_a_commit_whose_view_row_changed_since_it_was_read(store: St
         Err(StoreError::ViewChanged { .. }) => {}
         other => panic!("expected the row to have changed, got {other:?}"),
     }
+    // A key past the bound names no row: read as absent, it holds (a handler looking up a
+    // 5 000-character username), and no subject is made of it.
+    let long = Commit {
+        appends: vec![StreamAppend {
+            stream: stream("deposit.14"),
+            expected_version: None,
+            messages: vec![msg("d14", "Deposited", json!({}))],
+        }],
+        view_reads: vec![ViewRead {
+            table: "totals".into(),
+            key: "k".repeat(5000),
+            value: None,
+        }],
+        ..Commit::default()
+    };
+    store
+        .commit(long)
+        .await
+        .expect("a read of a key no row can have");
 }

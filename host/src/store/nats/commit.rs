@@ -159,7 +159,7 @@ impl NatsStore {
                 }
             }
             for read in &commit.view_reads {
-                if validate_table_name(&read.table).is_ok() {
+                if validate_table_name(&read.table).is_ok() && view_key_fits(&read.key) {
                     subjects.push(self.view_subject(&read.table, &read.key));
                 }
             }
@@ -507,6 +507,17 @@ impl NatsStore {
         let mut read_rows = BTreeSet::new();
         for read in &commit.view_reads {
             validate_table_name(&read.table)?;
+            if !view_key_fits(&read.key) {
+                // A key past the bound names no row, now or ever: nothing to check at the
+                // server (and no subject could hold it).
+                if read.value.is_some() {
+                    return Err(StoreError::ViewChanged {
+                        table: read.table.clone(),
+                        key: shown(&read.key),
+                    });
+                }
+                continue;
+            }
             let current = staged.current(&self.view_subject(&read.table, &read.key));
             let row = current.as_ref().map(decode_row).transpose()?;
             if !read.holds(row.as_ref()) {
