@@ -55,7 +55,7 @@ fn registers_signs_in_and_renames_in_a_browser_across_a_service_restart() {
     let page = repo_root().join("examples/web/index.html");
     let policy = repo_root().join("examples/web/policy.toml");
     let secret = setup.dir.path().join("jwt-secret");
-    std::fs::write(&secret, random_hex(32)).expect("secret file");
+    support::write_private(&secret, random_hex(32).as_bytes());
     let operator = random_hex(16);
     let host = setup.start(&[
         "--http",

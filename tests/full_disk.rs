@@ -15,7 +15,7 @@ use serde_json::json;
 use support::http::{free_port, request, wait_for_listener};
 use support::{Setup, wait_until};
 
-const TOKEN: &str = "full-disk-operator";
+const TOKEN: &str = "full-disk-operator-token-of-32-bytes";
 
 /// An ext4 image mounted on a folder; unmounted when dropped.
 struct LoopMount {

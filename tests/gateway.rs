@@ -194,6 +194,67 @@ async fn refuses_bad_input_with_a_json_error_and_writes_nothing() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
+/// An open gateway is the developer's own: a request naming another `Host` (DNS rebinding: a
+/// name of the attacker's pointed at 127.0.0.1) or coming from another site's page (`Origin`,
+/// as a WebSocket opened by any page carries) is refused; loopback names and addresses, and a
+/// name the operator allowed, are answered. A configured gateway relies on credentials instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_gateway_answers_only_its_own_machine() {
+    let fixture = Fixture::new(false);
+    let with = |name: header::HeaderName, value: &str| {
+        let mut request = get("/health");
+        request
+            .headers_mut()
+            .insert(name, value.parse().expect("header"));
+        request
+    };
+    let open = GatewayConfig::default();
+    for (name, value, expected) in [
+        (
+            header::HOST,
+            "evil.example",
+            StatusCode::MISDIRECTED_REQUEST,
+        ),
+        (
+            header::HOST,
+            "evil.example:8080",
+            StatusCode::MISDIRECTED_REQUEST,
+        ),
+        (header::HOST, "127.0.0.1:8080", StatusCode::OK),
+        (header::HOST, "localhost:8080", StatusCode::OK),
+        (header::HOST, "[::1]:8080", StatusCode::OK),
+        (header::ORIGIN, "http://evil.example", StatusCode::FORBIDDEN),
+        (header::ORIGIN, "http://localhost:8080", StatusCode::OK),
+    ] {
+        let (status, body) = fixture.call(open.clone(), with(name.clone(), value)).await;
+        assert_eq!(status, expected, "{name}: {value}: {body}");
+    }
+    let mut upgrade = with(header::ORIGIN, "https://evil.example");
+    *upgrade.uri_mut() = "/ws".parse().expect("uri");
+    let (status, _) = fixture.call(open.clone(), upgrade).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a foreign page's WebSocket");
+    let allowed = GatewayConfig {
+        allowed_hosts: vec!["dev.example".into()],
+        ..GatewayConfig::default()
+    };
+    let (status, _) = fixture
+        .call(allowed, with(header::HOST, "dev.example:8080"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "a name the operator allowed");
+    let configured = GatewayConfig {
+        access: gateway::Access::operator("s3cret"),
+        ..GatewayConfig::default()
+    };
+    let (status, _) = fixture
+        .call(configured, with(header::HOST, "ferry.example"))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a configured gateway serves its names"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn needs_the_operator_token_for_reads_and_writes_when_one_is_set() {
     let fixture = Fixture::new(false);
@@ -324,7 +385,7 @@ async fn pushes_followed_streams_over_a_websocket_and_resumes_without_gaps() {
             let body = json!({"type": "Increment", "data": {"by": by}}).to_string();
             let mut stream = client.await.expect("connect");
             let request = format!(
-                "POST /streams/counter:command.w HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "POST /streams/counter:command.w HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())

@@ -454,6 +454,91 @@ async fn reads_show_sealed_fields_as_sealed_only() {
     }
 }
 
+/// A client guessing tokens spends its write allowance on every refusal; past it, even a right
+/// token is answered 429 until the client has waited, so guessing is as slow as writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_count_against_the_clients_limit() {
+    let fixture = Fixture::new().await;
+    let config = GatewayConfig {
+        limits: gateway::LimitSettings {
+            writes_per_second: 1,
+            write_burst: 3,
+            ..gateway::LimitSettings::default()
+        },
+        ..config()
+    };
+    let app = gateway::router(fixture.context.clone(), config);
+    let ask = |credential| request("GET", "/views/users/ann", None, credential);
+    for attempt in 0..4 {
+        let response = app
+            .clone()
+            .oneshot(ask(Credential::Wrong))
+            .await
+            .expect("answer");
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "guess {attempt}"
+        );
+    }
+    let response = app
+        .clone()
+        .oneshot(ask(Credential::Ann))
+        .await
+        .expect("answer");
+    assert_eq!(
+        response.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "held off, whatever it shows now"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let response = app
+        .clone()
+        .oneshot(ask(Credential::Ann))
+        .await
+        .expect("answer");
+    assert_ne!(
+        response.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "after waiting"
+    );
+}
+
+/// A request without a credential carries 16 KiB at most: anonymous writes are kept for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anonymous_request_carries_a_small_body_only() {
+    let fixture = Fixture::new().await;
+    let app = gateway::router(fixture.context.clone(), config());
+    let padding = "x".repeat(20 * 1024);
+    let body = json!({"type": "RegisterUser", "data": {"username": "big", "padding": padding}});
+    let response = app
+        .clone()
+        .oneshot(request(
+            "POST",
+            "/streams/user:command.big",
+            Some(&body),
+            Credential::None,
+        ))
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let response = app
+        .clone()
+        .oneshot(request(
+            "POST",
+            "/streams/user:command.big",
+            Some(&body),
+            Credential::Operator,
+        ))
+        .await
+        .expect("answer");
+    assert_eq!(
+        response.status(),
+        StatusCode::ACCEPTED,
+        "the operator's may be larger"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_greedy_client_is_slowed_down_and_the_operator_is_not() {
     let fixture = Fixture::new().await;
@@ -589,6 +674,76 @@ async fn a_user_follows_only_their_own_streams_and_only_while_the_token_lasts() 
     server.abort();
 }
 
+/// A WebSocket slot is not held for free: a message past the bound closes the connection, a
+/// peer that stops answering pings is dropped, and where anonymous clients may follow nothing
+/// (the example policy) a connection that presents no token is closed once its time is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_slots_are_bounded_in_size_silence_and_sign_in_time() {
+    let fixture = Fixture::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let config = GatewayConfig {
+        limits: gateway::LimitSettings {
+            websocket_idle: Duration::from_secs(3),
+            websocket_sign_in: Duration::from_secs(2),
+            ..gateway::LimitSettings::default()
+        },
+        ..config()
+    };
+    let server = gateway::serve(listener, fixture.context.clone(), config).expect("serve");
+    let signed_in = || async {
+        let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+            .await
+            .expect("connects");
+        let ann = token("ann", Duration::from_secs(600));
+        socket
+            .send(WsMessage::Text(json!({"token": ann}).to_string().into()))
+            .await
+            .expect("send");
+        socket
+    };
+
+    // 32 KiB where a follow or a token is a few hundred bytes.
+    let mut big = signed_in().await;
+    let padding = "x".repeat(32 * 1024);
+    let _ = big
+        .send(WsMessage::Text(
+            json!({"token": padding}).to_string().into(),
+        ))
+        .await;
+    assert!(next_text(&mut big).await.is_none(), "closed");
+
+    // Signed in but silent: the client's library answers pings only while it reads, and this
+    // one stops reading; after the idle time the server has dropped it.
+    let mut silent = signed_in().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let started = std::time::Instant::now();
+    assert!(next_text(&mut silent).await.is_none(), "dropped");
+    assert!(started.elapsed() < Duration::from_secs(2), "already gone");
+
+    // Anonymous, never signing in: closed after its two seconds, with 4401.
+    let (mut anonymous, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+        .await
+        .expect("connects");
+    let started = std::time::Instant::now();
+    let answer = next_text(&mut anonymous).await.expect("told why");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("present a token")),
+        "{answer}"
+    );
+    assert!(next_text(&mut anonymous).await.is_none(), "then closed");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    server.abort();
+}
+
 #[tokio::test]
 async fn an_open_gateway_is_refused_on_an_address_other_machines_reach() {
     let open = Access::open();
@@ -640,11 +795,101 @@ fn ferry_run_refuses_an_exposed_open_gateway_and_a_wrong_policy_file() {
     assert!(stderr.contains("line 2"), "{stderr}");
 }
 
+/// Tokens bound to this deployment: with an issuer and an audience configured, a token signed
+/// with the right key but naming another issuer or audience, or none, is refused; the right one
+/// is taken.
+#[test]
+fn tokens_for_another_issuer_or_audience_are_refused() {
+    let verifier = TokenVerifier::hs256(SECRET)
+        .expect("verifier")
+        .bound_to(Some("https://id.example"), Some("ferry-prod"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let signed = |claims: Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET).expect("key"),
+        )
+        .expect("encode")
+    };
+    let exp = now + 600;
+    for (what, claims) in [
+        (
+            "no issuer",
+            json!({"sub": "ann", "exp": exp, "aud": "ferry-prod"}),
+        ),
+        (
+            "no audience",
+            json!({"sub": "ann", "exp": exp, "iss": "https://id.example"}),
+        ),
+        (
+            "another issuer",
+            json!({"sub": "ann", "exp": exp, "iss": "https://evil.example", "aud": "ferry-prod"}),
+        ),
+        (
+            "another audience",
+            json!({"sub": "ann", "exp": exp, "iss": "https://id.example", "aud": "billing"}),
+        ),
+    ] {
+        assert!(
+            verifier.verify(&signed(claims)).is_err(),
+            "{what} is refused"
+        );
+    }
+    let right = json!({"sub": "ann", "exp": exp, "iss": "https://id.example", "aud": "ferry-prod"});
+    assert!(matches!(
+        verifier.verify(&signed(right)),
+        Ok(gateway::Caller::User { subject, .. }) if subject == "ann"
+    ));
+}
+
+/// Secrets others can read, a public key without an issuer and audience to bind tokens to, and
+/// an operator token too short to stand for everything are refused at start, each naming why.
+#[test]
+fn ferry_run_refuses_secrets_others_can_read_and_weak_or_unbound_credentials() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let setup = support::Setup::new(&[]);
+    let policy = support::repo_root().join("examples/web/policy.toml");
+    let policy = policy.display().to_string();
+    let secret = setup.dir.path().join("secret");
+    support::write_private(&secret, SECRET);
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let secret = secret.display().to_string();
+    let token_file = setup.dir.path().join("token");
+    support::write_private(&token_file, b"short");
+    let token_file = token_file.display().to_string();
+    let key = setup.dir.path().join("key.pem");
+    std::fs::write(&key, "not read").expect("write");
+    let key = key.display().to_string();
+    for (args, expected) in [
+        (
+            vec!["--http-policy", &policy, "--http-jwt-secret-file", &secret],
+            "chmod 600",
+        ),
+        (vec!["--http-token-file", &token_file], "at least 32"),
+        (vec!["--http-token", "0123456789"], "at least 32"),
+        (
+            vec!["--http-policy", &policy, "--http-jwt-public-key", &key],
+            "--http-jwt-issuer",
+        ),
+    ] {
+        let mut command = vec!["run", "--http", "127.0.0.1:0"];
+        command.extend(args.iter().copied());
+        let output = setup.ferry(&command);
+        assert!(!output.status.success(), "{args:?} must be refused");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn ferry_token_issues_a_token_the_gateway_accepts() {
     let setup = support::Setup::new(&[]);
     let secret = setup.dir.path().join("secret");
-    std::fs::write(&secret, SECRET).expect("write");
+    support::write_private(&secret, SECRET);
     let output = setup.ferry(&[
         "token",
         "--sub",

@@ -19,7 +19,7 @@ use support::http::{free_port, request, wait_for_listener};
 use support::nats::NatsServer;
 use support::{Host, Setup, wait_until};
 
-const TOKEN: &str = "hostile-test-operator";
+const TOKEN: &str = "hostile-test-operator-token-of-32-bytes";
 /// How long a normal command sent after a hostile one may take to be handled.
 const NEXT_HANDLED_WITHIN: Duration = Duration::from_secs(5);
 

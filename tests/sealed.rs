@@ -19,7 +19,7 @@ use support::nats::NatsServer;
 use support::{Host, Setup, types, wait_until};
 
 const WAIT: Duration = Duration::from_secs(90);
-const TOKEN: &str = "sealed-test-operator";
+const TOKEN: &str = "sealed-test-operator-token-of-32-bytes";
 
 /// Where the test's store lives: the data folder's sled, or a real nats-server.
 enum Backend {

@@ -383,6 +383,25 @@ pub async fn serve(
 }
 
 async fn serve_connection(connection: UnixStream, context: &Context) -> anyhow::Result<()> {
+    // Whoever connects is the operator: only the user the host runs as may (the socket is 0600
+    // in a 0700 folder; this holds even if someone loosens those).
+    let peer = connection.peer_cred().context("the peer's credentials")?;
+    if peer.uid() != crate::files::own_uid() {
+        tracing::warn!(
+            uid = peer.uid(),
+            "control socket: refused a connection from another user"
+        );
+        let (_, mut writer) = connection.into_split();
+        let refusal = Answer::Refused(format!(
+            "the control socket answers only user {}, not {}",
+            crate::files::own_uid(),
+            peer.uid()
+        ));
+        let mut text = serde_json::to_string(&refusal)?;
+        text.push('\n');
+        writer.write_all(text.as_bytes()).await?;
+        return Ok(());
+    }
     let (reader, mut writer) = connection.into_split();
     let mut lines = BufReader::new(reader.take(MAX_REQUEST_BYTES as u64)).lines();
     while let Some(line) = lines.next_line().await? {

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod control;
 pub mod dev;
+pub mod files;
 pub mod gateway;
 pub mod mail;
 pub mod reload;

@@ -12,6 +12,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = ferry::cli::Cli::parse();
+    // Before anything is created: the store, the maildir and the socket are the owner's only.
+    // (`ferry new` writes a service's sources, which keep the shell's umask.)
+    if !matches!(cli.command, ferry::cli::Command::New { .. }) {
+        ferry::files::keep_private();
+    }
     // `ferry test` starts and stops the service once per scenario, and parks the messages of
     // the scenarios that expect a failure: only errors are news there.
     let quiet = matches!(cli.command, ferry::cli::Command::Test { .. });

@@ -633,3 +633,10 @@ pub fn wait_until_or_explain(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Writes a file only its owner may read (0600), as Ferry asks of secret files.
+pub fn write_private(path: &Path, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, contents).expect("write a private file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+}

@@ -298,8 +298,7 @@ async fn open_store_with_cache(
     store: &StoreChoice,
     cache_bytes: u64,
 ) -> anyhow::Result<Arc<dyn MessageStore>> {
-    std::fs::create_dir_all(data)
-        .with_context(|| format!("cannot create the data folder {}", data.display()))?;
+    crate::files::private_folder(data).context("the data folder")?;
     Ok(match store {
         StoreChoice::Sled => Arc::new(SledStore::open_with_cache(store_dir(data), cache_bytes)?),
         StoreChoice::Nats(url) => Arc::new(NatsStore::connect(url).await?),

@@ -125,9 +125,26 @@ impl TokenVerifier {
         validation.leeway = DEFAULT_LEEWAY.as_secs();
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_nbf = true;
-        // Ferry names no audience; a token that names one is still Ferry's to judge by `sub`.
+        // Without --http-jwt-audience no audience is asked for (see `bound_to`).
         validation.validate_aud = false;
         Self { key, validation }
+    }
+
+    /// The same verifier, taking only tokens that name this issuer and this audience (each
+    /// when given): a token an identity provider signed for another application is refused.
+    pub fn bound_to(mut self, issuer: Option<&str>, audience: Option<&str>) -> Self {
+        let mut required = vec!["exp", "sub"];
+        if let Some(issuer) = issuer {
+            self.validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        if let Some(audience) = audience {
+            self.validation.set_audience(&[audience]);
+            self.validation.validate_aud = true;
+            required.push("aud");
+        }
+        self.validation.set_required_spec_claims(&required);
+        self
     }
 
     /// The same verifier with another clock skew allowance.
@@ -155,8 +172,7 @@ impl TokenVerifier {
 /// Reads a shared secret file; white space at either end is not part of the secret (so that
 /// `echo SECRET > FILE` works).
 pub fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+    let bytes = crate::files::read_private(path, "secret file")?;
     Ok(bytes.trim_ascii().to_vec())
 }
 
@@ -244,6 +260,15 @@ impl Access {
     /// Whether any access is configured (otherwise everything is open).
     pub fn is_configured(&self) -> bool {
         self.operator.is_some() || self.policy.is_some() || self.verifier.is_some()
+    }
+
+    /// Whether a client without a credential may follow anything: an open gateway, or a policy
+    /// with an anonymous `follow`.
+    pub fn anonymous_may_follow(&self) -> bool {
+        match &self.policy {
+            Some(policy) => policy.anonymous_follows(),
+            None => !self.is_configured(),
+        }
     }
 
     /// The caller a bearer token stands for (`None`: no credential presented).

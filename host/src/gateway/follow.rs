@@ -6,6 +6,11 @@
 //! message `{"token": T}` (also to renew it later); `Authorization: Bearer` works for other
 //! clients. Every follow is checked against the caller's rights; when the token expires the
 //! connection is closed, so a follow never outlives the right to it.
+//!
+//! A slot is not held for free: messages are bounded to what the protocol sends (a follow, a
+//! token), the server pings a third of the idle time apart and drops a peer it has not heard
+//! from for the idle time, and where anonymous clients may follow nothing a connection opened
+//! without a credential has a short while to present one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +74,10 @@ pub(super) async fn upgrade(
             "too many WebSocket connections; try again later".into(),
         ));
     };
+    let bound = gateway.limiter.settings.websocket_message_bytes;
     Ok(upgrade
+        .max_message_size(bound)
+        .max_frame_size(bound)
         .on_upgrade(move |socket| serve(gateway, caller, pass, socket))
         .into_response())
 }
@@ -97,8 +105,21 @@ async fn serve(
     let (mut sender, mut receiver) = socket.split();
     let (push, mut pushed) = tokio::sync::mpsc::channel::<String>(256);
     let mut followers = tokio::task::JoinSet::new();
-    let most = gateway.limiter.settings.follows_per_connection;
+    let settings = gateway.limiter.settings;
+    let most = settings.follows_per_connection;
+    let mut heard = tokio::time::Instant::now();
+    let mut pings = tokio::time::interval(settings.websocket_idle / 3);
+    pings.tick().await;
+    // Anonymous where anonymous may follow nothing: a token must come soon.
+    let mut sign_in_by = (caller == Caller::Anonymous && !gateway.access().anonymous_may_follow())
+        .then(|| tokio::time::Instant::now() + settings.websocket_sign_in);
     loop {
+        let sign_in = async {
+            match sign_in_by {
+                Some(by) => tokio::time::sleep_until(by).await,
+                None => std::future::pending().await,
+            }
+        };
         let expiry = async {
             match time_left(&caller) {
                 // A whole second past `exp`: `now_s` counts whole seconds.
@@ -107,8 +128,25 @@ async fn serve(
             }
         };
         tokio::select! {
+            _ = pings.tick() => {
+                if heard.elapsed() >= settings.websocket_idle {
+                    tracing::debug!("WebSocket peer silent for {:?}: dropped", settings.websocket_idle);
+                    break;
+                }
+                if sender.send(WsMessage::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+            }
+            () = sign_in => {
+                let _ = sender.send(error_text("present a token (`{\"token\": TOKEN}`) to follow anything here")).await;
+                let _ = close(&mut sender, Denied::Unauthenticated).await;
+                break;
+            }
             incoming = receiver.next() => {
+                // Anything from the peer (a pong too) shows it is there; an error (a message
+                // past the bound, among others) ends the connection.
                 let Some(Ok(message)) = incoming else { break };
+                heard = tokio::time::Instant::now();
                 let WsMessage::Text(text) = message else { continue };
                 if let Ok(present) = serde_json::from_str::<Present>(&text) {
                     match gateway.access().caller(Some(&present.token)) {
@@ -119,7 +157,12 @@ async fn serve(
                             let _ = sender.send(error_text("a connection keeps one subject; connect again for another")).await;
                             break;
                         }
-                        Ok(renewed) => caller = renewed,
+                        Ok(renewed) => {
+                            if renewed != Caller::Anonymous {
+                                sign_in_by = None;
+                            }
+                            caller = renewed;
+                        }
                         Err(denied) => {
                             let _ = sender.send(error_text(denied)).await;
                             let _ = close(&mut sender, denied).await;

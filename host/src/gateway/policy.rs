@@ -121,6 +121,11 @@ impl Policy {
         Self::parse(&text).with_context(|| format!("the policy file {} is wrong", path.display()))
     }
 
+    /// Whether anonymous clients may follow anything.
+    pub fn anonymous_follows(&self) -> bool {
+        !self.anonymous.follow.is_empty()
+    }
+
     /// Whether an anonymous client (`subject` None) or the user `subject` may do this.
     pub fn allows(&self, subject: Option<&str>, right: Right<'_>) -> bool {
         if self.anonymous.allows(None, right) {

@@ -136,19 +136,8 @@ impl SmtpRelay {
 
 /// `user:password` from the first line of a file that only its owner may read.
 fn read_credentials(path: &Path) -> anyhow::Result<(String, String)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read --mail-credentials {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(path)?.permissions().mode();
-        anyhow::ensure!(
-            mode & 0o077 == 0,
-            "--mail-credentials {} can be read by others (mode {:o}): chmod 600 it",
-            path.display(),
-            mode & 0o777
-        );
-    }
+    let bytes = crate::files::read_private(path, "SMTP credentials file")?;
+    let text = String::from_utf8(bytes).context("the SMTP credentials file is not UTF-8")?;
     let line = text.lines().next().unwrap_or_default();
     let (user, password) = line.split_once(':').with_context(|| {
         format!(
