@@ -15,6 +15,7 @@
 mod support;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry::store::{Commit, MessageStore, NatsStore, NewMessage, StreamName};
@@ -127,41 +128,29 @@ fn decisions_made_through_a_lagging_follower_end_as_the_commands_were_sent() {
         },
         || explain("registrations"),
     );
-    // Three waves, 100 ms apart: the slow member still hears of one when the next comes.
-    let mut most_behind = 0;
-    for name in ["X", "Y", "X"] {
-        for user in 0..USERS {
-            let change = json!({ "firstName": name, "lastName": "L" });
-            runtime
-                .block_on(store.commit(command(user, "ChangeName", change)))
-                .expect("send");
-        }
-        for _ in 0..2 {
-            std::thread::sleep(Duration::from_millis(50));
+    // How far the slow member falls behind a fast one, sampled all along the waves and until
+    // they are handled: the fault is there, not assumed.
+    let most_behind = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let sampling = || {
+        while !done.load(Ordering::Relaxed) {
             let (fast, slow) = (
                 cluster.member_last_sequence(0, NAMESPACE),
                 cluster.member_last_sequence(2, NAMESPACE),
             );
             if let (Some(fast), Some(slow)) = (fast, slow) {
-                most_behind = most_behind.max(fast.saturating_sub(slow));
+                most_behind.fetch_max(fast.saturating_sub(slow), Ordering::Relaxed);
             }
+            std::thread::sleep(Duration::from_millis(2));
         }
-    }
-    let sent = Instant::now();
-    wait_until_or_explain(
-        Duration::from_secs(60),
-        "every user's name changed three times",
-        || (0..USERS).all(|user| names(&runtime, &store, user).len() >= 3),
-        || {
-            let wrong: Vec<(usize, Vec<String>)> = (0..USERS)
-                .map(|user| (user, names(&runtime, &store, user)))
-                .filter(|(_, names)| names.len() < 3)
-                .take(5)
-                .collect();
-            explain(&format!("users not changed three times: {wrong:?}"))
-        },
-    );
-    let drained = sent.elapsed();
+    };
+    let drained = std::thread::scope(|scope| {
+        scope.spawn(sampling);
+        let drained = waves_handled(&runtime, &store, &explain);
+        done.store(true, Ordering::Relaxed);
+        drained
+    });
+    let most_behind = most_behind.load(Ordering::Relaxed);
     for user in 0..USERS {
         assert_eq!(
             names(&runtime, &store, user),
@@ -181,4 +170,38 @@ fn decisions_made_through_a_lagging_follower_end_as_the_commands_were_sent() {
         drained < Duration::from_secs(10),
         "the consumer caught up within 10 s of the last wave: {drained:?}"
     );
+}
+
+/// Sends the three waves, 100 ms apart (the slow member still hears of one when the next
+/// comes), and waits until every user's name changed three times; returns how long that took
+/// after the last wave was sent.
+fn waves_handled(
+    runtime: &tokio::runtime::Runtime,
+    store: &NatsStore,
+    explain: &dyn Fn(&str) -> String,
+) -> Duration {
+    for name in ["X", "Y", "X"] {
+        for user in 0..USERS {
+            let change = json!({ "firstName": name, "lastName": "L" });
+            runtime
+                .block_on(store.commit(command(user, "ChangeName", change)))
+                .expect("send");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = Instant::now();
+    wait_until_or_explain(
+        Duration::from_secs(60),
+        "every user's name changed three times",
+        || (0..USERS).all(|user| names(runtime, store, user).len() >= 3),
+        || {
+            let wrong: Vec<(usize, Vec<String>)> = (0..USERS)
+                .map(|user| (user, names(runtime, store, user)))
+                .filter(|(_, names)| names.len() < 3)
+                .take(5)
+                .collect();
+            explain(&format!("users not changed three times: {wrong:?}"))
+        },
+    );
+    sent.elapsed()
 }
