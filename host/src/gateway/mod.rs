@@ -2,7 +2,9 @@
 //!
 //! It turns requests into the same operator [`Request`]s the CLI sends, run by
 //! [`control::execute`], so validation and answers are the CLI's. Its own work: who may do what
-//! (`access`, `policy`), limits against abuse (`limits`), the mapping of errors to status codes,
+//! (`access`, `policy`), limits against abuse (`limits`), the guards every request passes
+//! (`guards`: an open gateway's own machine, failed authentications, anonymous bodies), the
+//! mapping of errors to status codes,
 //! `/metrics` (`metrics`) and the WebSocket followers (`follow`).
 //!
 //! Every handler asks [`Gateway::allow`] for its right before it reads or writes anything, so a
@@ -10,16 +12,17 @@
 
 mod access;
 mod follow;
+mod guards;
 mod limits;
 mod metrics;
 mod policy;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{
-    ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, Request as HttpRequest, State,
+    DefaultBodyLimit, FromRequestParts, Path, Query, Request as HttpRequest, State,
 };
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -83,14 +86,17 @@ pub fn router(context: Arc<Context>, config: GatewayConfig) -> Router {
     Router::new()
         .merge(timed.layer(middleware::from_fn_with_state(gateway.clone(), time_limit)))
         .merge(lasting)
-        .layer(middleware::from_fn_with_state(gateway.clone(), guessing))
         .layer(middleware::from_fn_with_state(
             gateway.clone(),
-            anonymous_body,
+            guards::guessing,
         ))
         .layer(middleware::from_fn_with_state(
             gateway.clone(),
-            same_machine,
+            guards::anonymous_body,
+        ))
+        .layer(middleware::from_fn_with_state(
+            gateway.clone(),
+            guards::same_machine,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(gateway)
@@ -304,12 +310,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
-        ))
+        Ok(Self(guards::client_address(&parts.extensions)))
     }
 }
 
@@ -324,120 +325,6 @@ fn bearer(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|token| Some(token.trim().to_owned()))
         .ok_or_else(|| Denied::Unauthenticated.into())
-}
-
-/// An open gateway (no access configuration) is for the developer's own machine: it answers
-/// only a request whose `Host` is a loopback name or address (or a name the operator allowed)
-/// and whose `Origin`, when a browser sends one, is such a host too. Without that, any web page
-/// reaches it: through DNS rebinding (a name of the attacker's that now points at 127.0.0.1) or
-/// by opening its WebSocket from the page's own origin.
-async fn same_machine(State(gateway): Shared, request: HttpRequest, next: Next) -> Response {
-    if gateway.access().is_configured() {
-        return next.run(request).await;
-    }
-    let allowed = |host: &str| {
-        local_host(host)
-            || gateway
-                .config
-                .allowed_hosts
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(host))
-    };
-    let headers = request.headers();
-    let host = headers
-        .get(header::HOST)
-        .map(|value| value.to_str().map(host_of).unwrap_or_default());
-    if let Some(host) = host
-        && !allowed(&host)
-    {
-        return ApiError(
-            StatusCode::MISDIRECTED_REQUEST,
-            "an open gateway answers only a loopback Host (or one given with --http-allowed-host)"
-                .into(),
-        )
-        .into_response();
-    }
-    let origin = headers.get(header::ORIGIN).map(|value| {
-        value
-            .to_str()
-            .ok()
-            .and_then(|o| o.split_once("://").map(|(_, rest)| host_of(rest)))
-            .unwrap_or_default()
-    });
-    if let Some(origin) = origin
-        && !allowed(&origin)
-    {
-        return ApiError(
-            StatusCode::FORBIDDEN,
-            "an open gateway answers only pages of its own machine (Origin)".into(),
-        )
-        .into_response();
-    }
-    next.run(request).await
-}
-
-/// Failed authentications count as the client's writes: one that keeps guessing tokens is
-/// answered 429, without its credential being looked at, until it has waited.
-async fn guessing(State(gateway): Shared, request: HttpRequest, next: Next) -> Response {
-    let client = client_of(&request);
-    if let Some(wait) = gateway.limiter.blocked(client) {
-        return ApiError::from(SlowDown(wait)).into_response();
-    }
-    let presented = request.headers().contains_key(header::AUTHORIZATION)
-        || request.uri().query().is_some_and(|q| q.contains("token="));
-    let response = next.run(request).await;
-    if presented && response.status() == StatusCode::UNAUTHORIZED {
-        gateway.limiter.failed_authentication(client);
-    }
-    response
-}
-
-/// A request without a credential may carry a small body only (a registration, a webhook
-/// call): anonymous writes are kept for ever.
-async fn anonymous_body(State(gateway): Shared, request: HttpRequest, next: Next) -> Response {
-    if request.method() != Method::POST
-        || request.headers().contains_key(header::AUTHORIZATION)
-        || !gateway.access().is_configured()
-    {
-        return next.run(request).await;
-    }
-    let limit = gateway.config.limits.anonymous_body_bytes;
-    let (parts, body) = request.into_parts();
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => next.run(HttpRequest::from_parts(parts, bytes.into())).await,
-        Err(_) => ApiError(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("a request without a credential may carry at most {limit} bytes"),
-        )
-        .into_response(),
-    }
-}
-
-/// The address a request came from (unspecified in-process).
-fn client_of(request: &HttpRequest) -> IpAddr {
-    request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
-}
-
-/// The host of a `Host` header or an origin's authority, without the port or brackets.
-fn host_of(authority: &str) -> String {
-    let authority = authority.trim().trim_end_matches('/');
-    let host = match authority.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or_default(),
-        None => authority
-            .rsplit_once(':')
-            .map_or(authority, |(host, _)| host),
-    };
-    host.to_ascii_lowercase()
-}
-
-/// `localhost`, a name under `.localhost`, or a loopback address.
-fn local_host(host: &str) -> bool {
-    host == "localhost"
-        || host.ends_with(".localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Answers a request that takes longer than the limit with 503, so that a slow client (or a
