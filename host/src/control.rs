@@ -391,7 +391,11 @@ async fn serve_connection(connection: UnixStream, context: &Context) -> anyhow::
             uid = peer.uid(),
             "control socket: refused a connection from another user"
         );
-        let (_, mut writer) = connection.into_split();
+        let (reader, mut writer) = connection.into_split();
+        // Its request is read (and dropped) first: closing on an unread request would fail the
+        // client's write (a broken pipe) before it reads why.
+        let mut lines = BufReader::new(reader.take(MAX_REQUEST_BYTES as u64)).lines();
+        let _ = lines.next_line().await;
         let refusal = Answer::Refused(format!(
             "the control socket answers only user {}, not {}",
             crate::files::own_uid(),
